@@ -1,0 +1,248 @@
+//! The typed extensions the layers exchange.
+//!
+//! Request extensions flow inward (auth → window → meter → service); response extensions flow
+//! outward (meter → envelope → logger). A layer that learns something an outer layer needs
+//! (the principal, the model, the rate-limit state, the credit receipt, the error code) puts
+//! it in the *response* extensions too, because an outer layer never sees the inner request.
+
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+
+use http::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use serde::Serialize;
+
+use crate::ids::{KeyId, OrgId};
+use crate::plan::Plan;
+
+/// Who is calling: set by `ApiKeyAuthLayer` on the request (and copied onto the response).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Principal {
+    /// The key's organization.
+    pub org: OrgId,
+    /// The key used.
+    pub key: KeyId,
+    /// The organization's active plan.
+    pub plan: Plan,
+}
+
+/// The request's id: the client's `X-Request-Id` when it sent a usable one, else a new UUID.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct RequestId(Arc<str>);
+
+/// The header carrying the request id in both directions.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+impl RequestId {
+    /// The longest client-supplied id that is echoed; longer ones are replaced.
+    pub const MAX_LEN: usize = 128;
+
+    /// A fresh random id.
+    pub fn generate() -> Self {
+        RequestId(Arc::from(uuid::Uuid::new_v4().hyphenated().to_string()))
+    }
+
+    /// Accepts a client-supplied id if it is 1–128 characters of `A–Z a–z 0–9 - _ . :`;
+    /// anything else could smuggle text into logs and headers, so it is refused.
+    pub fn parse(value: &str) -> Option<Self> {
+        let ok = !value.is_empty()
+            && value.len() <= Self::MAX_LEN
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+        ok.then(|| RequestId(Arc::from(value)))
+    }
+
+    /// The client's id from `X-Request-Id` when usable, else a new one.
+    pub fn from_headers_or_generate(headers: &HeaderMap) -> Self {
+        headers
+            .get(&X_REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .and_then(Self::parse)
+            .unwrap_or_else(Self::generate)
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The id as a header value.
+    pub fn to_header_value(&self) -> HeaderValue {
+        // Both constructors only admit visible ASCII.
+        HeaderValue::from_str(&self.0).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RequestId({})", self.0)
+    }
+}
+
+/// The state of the (org, model) window after a decision, on every response of a limited
+/// route (success and 429) and rendered as `RateLimit-*` headers and `_meta._rate_limits`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RateLimitInfo {
+    /// Requests allowed per window.
+    pub limit: u32,
+    /// Requests left in the window after this one.
+    pub remaining: u32,
+    /// Seconds (rounded up) until capacity next comes back, i.e. until the oldest counted
+    /// request leaves the window; 0 when the window is empty.
+    pub reset_secs: u64,
+    /// On a 429: seconds (rounded up, at least 1) until a request would be admitted.
+    pub retry_after_secs: Option<u64>,
+}
+
+/// `RateLimit-Limit`.
+pub static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+/// `RateLimit-Remaining`.
+pub static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+/// `RateLimit-Reset`.
+pub static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+
+impl RateLimitInfo {
+    /// Sets `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset`, and `Retry-After`
+    /// when the request was refused.
+    pub fn apply_headers(&self, headers: &mut HeaderMap) {
+        headers.insert(RATELIMIT_LIMIT.clone(), HeaderValue::from(self.limit));
+        headers.insert(
+            RATELIMIT_REMAINING.clone(),
+            HeaderValue::from(self.remaining),
+        );
+        headers.insert(RATELIMIT_RESET.clone(), HeaderValue::from(self.reset_secs));
+        if let Some(secs) = self.retry_after_secs {
+            headers.insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+    }
+}
+
+/// How a credit hold ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreditSettlement {
+    /// The response was a 2xx with a whole body: `used` credits were charged and the org's
+    /// balance after the charge is `balance` (`None` on an unlimited plan).
+    Charged {
+        /// Credits charged.
+        used: u64,
+        /// Balance after the charge; `None` on an unlimited plan.
+        balance: Option<u64>,
+    },
+    /// Nothing was charged (non-2xx, error, or the body did not complete).
+    Released,
+}
+
+/// The credit meter's receipt, in the response extensions. It is settled once, when the hold
+/// is committed (end of a 2xx body) or released; outer layers that buffer the body (the
+/// envelope) or wait for its end (the logger) read the settlement afterwards.
+#[derive(Clone)]
+pub struct CreditReceipt(Arc<ReceiptInner>);
+
+struct ReceiptInner {
+    cost: u64,
+    settled: OnceLock<CreditSettlement>,
+}
+
+impl CreditReceipt {
+    /// An unsettled receipt for a request of `cost` credits.
+    pub fn pending(cost: u64) -> Self {
+        CreditReceipt(Arc::new(ReceiptInner {
+            cost,
+            settled: OnceLock::new(),
+        }))
+    }
+
+    /// The route's cost.
+    pub fn cost(&self) -> u64 {
+        self.0.cost
+    }
+
+    /// Records how the hold ended; only the first settlement counts. Returns whether this
+    /// call settled it.
+    pub fn settle(&self, settlement: CreditSettlement) -> bool {
+        self.0.settled.set(settlement).is_ok()
+    }
+
+    /// The settlement, once there is one.
+    pub fn settlement(&self) -> Option<CreditSettlement> {
+        self.0.settled.get().copied()
+    }
+
+    /// Credits actually charged so far (0 until committed, 0 when released).
+    pub fn charged(&self) -> u64 {
+        match self.settlement() {
+            Some(CreditSettlement::Charged { used, .. }) => used,
+            _ => 0,
+        }
+    }
+}
+
+impl fmt::Debug for CreditReceipt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CreditReceipt")
+            .field("cost", &self.0.cost)
+            .field("settled", &self.settlement())
+            .finish()
+    }
+}
+
+/// Request marker set by a layer that will turn a 2xx response whose body is not JSON into an
+/// error (the response envelope). A credit meter that sees it checks the body is JSON before
+/// it charges, so a response the client receives as an error is never billed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct JsonBodyRequired;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_id_echoes_safe_values_only() {
+        let mut h = HeaderMap::new();
+        h.insert(&X_REQUEST_ID, HeaderValue::from_static("abc-123_x.y:z"));
+        assert_eq!(
+            RequestId::from_headers_or_generate(&h).as_str(),
+            "abc-123_x.y:z"
+        );
+        h.insert(&X_REQUEST_ID, HeaderValue::from_static("has space"));
+        let generated = RequestId::from_headers_or_generate(&h);
+        assert_ne!(generated.as_str(), "has space");
+        assert_eq!(generated.as_str().len(), 36);
+        assert!(RequestId::parse(&"a".repeat(129)).is_none());
+        assert!(RequestId::parse(&"a".repeat(128)).is_some());
+    }
+
+    #[test]
+    fn receipt_settles_once() {
+        let r = CreditReceipt::pending(2);
+        assert_eq!(r.charged(), 0);
+        assert!(r.settle(CreditSettlement::Charged {
+            used: 2,
+            balance: Some(8)
+        }));
+        assert!(!r.clone().settle(CreditSettlement::Released));
+        assert_eq!(r.charged(), 2);
+    }
+
+    #[test]
+    fn rate_limit_headers() {
+        let mut h = HeaderMap::new();
+        RateLimitInfo {
+            limit: 60,
+            remaining: 0,
+            reset_secs: 12,
+            retry_after_secs: Some(3),
+        }
+        .apply_headers(&mut h);
+        assert_eq!(h["ratelimit-limit"], "60");
+        assert_eq!(h["ratelimit-remaining"], "0");
+        assert_eq!(h["ratelimit-reset"], "12");
+        assert_eq!(h["retry-after"], "3");
+    }
+}
