@@ -49,3 +49,8 @@ pub use route::{CostTable, RouteMatch, RouteSpec, UpstreamTarget};
 
 /// The error type of boxed, type-erased failures (the same shape tower and hyper use).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The future type returned by backend traits (`KeyStore`, `WindowStore`, `Ledger`,
+/// `LogSink`, `Signer`, `SessionStore`): boxed so the traits stay object-safe and a gateway
+/// can pick its backends at run time (`Arc<dyn KeyStore>`).
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
