@@ -1,0 +1,1 @@
+//! The sandbox upstream (being written).
