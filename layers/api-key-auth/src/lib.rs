@@ -1,1 +1,86 @@
-//! placeholder
+//! API key authentication for tollgate: [`ApiKeyAuthLayer`] and the [`KeyStore`] behind it.
+//!
+//! Clients send `X-API-Key: sk_live_…`. For each request, in the contract's order (SPEC §2):
+//!
+//! 1. **Key** — missing, malformed, unknown or revoked → 401 `INVALID_API_KEY`. A key sent as
+//!    `Authorization` instead gets the same code with a message naming the right header.
+//! 2. **Subscription** — the key's org has no active plan → 402 `NO_SUBSCRIPTION`.
+//! 3. **Model ownership** — the route's model (`:id`) is not the org's, or does not exist →
+//!    401 `INVALID_API_KEY` with exactly the body of an unknown key, so ids cannot be probed.
+//!    Routes without a model (`/api/credits`, `/api/logs`) skip this.
+//!
+//! Routes come from a [`CostTable`](tollgate_core::CostTable) (the OnlyFans table unless set
+//! with [`ApiKeyAuthLayer::with_cost_table`]). Requests matching no route pass through
+//! untouched by default: deciding that a path is a 404 belongs to whatever routes, and the
+//! contract answers 404 before 401. [`UnmatchedRoutes::Authenticate`] requires a key there
+//! too.
+//!
+//! An admitted request reaches the inner service with a [`Principal`](tollgate_core::Principal)
+//! and the [`RouteMatch`](tollgate_core::RouteMatch) in its extensions and without its
+//! `X-API-Key` header; the response carries the `Principal` in its extensions (so do the 402
+//! and ownership rejections — a 402 carries the [`KeyGrant`] instead, as there is no plan).
+//! Store failures become 503 `SERVICE_UNAVAILABLE` / 500 `INTERNAL_ERROR` responses, never
+//! errors. Keys are `sk_live_` + 64 hex characters and are stored only as their SHA-256
+//! ([`key`]).
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use std::sync::Arc;
+//!
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::{BodyExt, Full};
+//! use tollgate_api_key_auth::{ApiKeyAuthLayer, KeyStore, MemoryKeyStore};
+//! use tollgate_core::{ModelId, OrgId, Plan, Principal};
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let store = Arc::new(MemoryKeyStore::new());
+//! let (org, model) = (OrgId::new(), ModelId::new());
+//! store.set_subscription(org, Some(Plan::Basic)).await?;
+//! store.add_model(org, model).await?;
+//! let key = store.create_key(org, "backend".to_owned()).await?;
+//!
+//! let app = ServiceBuilder::new()
+//!     .layer(ApiKeyAuthLayer::new(Arc::clone(&store)))
+//!     .service(service_fn(|req: Request<Full<Bytes>>| async move {
+//!         // The handler knows who is calling.
+//!         let plan = req.extensions().get::<Principal>().map(|p| p.plan.name());
+//!         Ok::<_, Infallible>(Response::new(Full::from(plan.unwrap_or("nobody"))))
+//!     }));
+//!
+//! let uri = format!("/api/models/{model}/users/me");
+//! let req = Request::get(&uri).header("x-api-key", &key.secret).body(Full::default())?;
+//! let res = app.clone().oneshot(req).await?;
+//! assert_eq!(res.status(), StatusCode::OK);
+//! assert_eq!(res.extensions().get::<Principal>().map(|p| p.org), Some(org));
+//! assert_eq!(res.into_body().collect().await?.to_bytes(), "basic");
+//!
+//! let res = app.oneshot(Request::get(&uri).body(Full::default())?).await?;
+//! assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+//! assert_eq!(
+//!     res.into_body().collect().await?.to_bytes(),
+//!     r#"{"error":"The API key is missing, unknown or revoked.","code":"INVALID_API_KEY"}"#
+//! );
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod key;
+mod store;
+
+mod future;
+mod layer;
+mod service;
+
+#[cfg(feature = "memory")]
+mod memory;
+
+pub use future::ResponseFuture;
+pub use key::{generate_key, GeneratedKey, KeyHash};
+pub use layer::{ApiKeyAuthLayer, UnmatchedRoutes};
+#[cfg(feature = "memory")]
+pub use memory::{MemoryKeyStore, LAST_USED_RESOLUTION_MS};
+pub use service::{ApiKeyAuth, WRONG_HEADER_MESSAGE, X_API_KEY};
+pub use store::{KeyGrant, KeyInfo, KeyStatus, KeyStore, NewKey};
