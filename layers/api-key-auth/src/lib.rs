@@ -36,7 +36,7 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-//! let store = Arc::new(MemoryKeyStore::new());
+//! let store = Arc::new(MemoryKeyStore::default());
 //! let (org, model) = (OrgId::new(), ModelId::new());
 //! store.set_subscription(org, Some(Plan::Basic)).await?;
 //! store.add_model(org, model).await?;

@@ -145,18 +145,13 @@ fn hash_collision() -> BackendError {
 }
 
 impl MemoryKeyStore {
-    /// An empty store on the system clock.
-    pub fn new() -> Self {
+    /// An empty store stamping key creation times with `clock` (the default store uses the
+    /// system clock).
+    pub fn new(clock: SharedClock) -> Self {
         MemoryKeyStore {
-            clock: SystemClock::shared(),
+            clock,
             state: RwLock::new(State::default()),
         }
-    }
-
-    /// Uses `clock` for key creation times.
-    pub fn with_clock(mut self, clock: SharedClock) -> Self {
-        self.clock = clock;
-        self
     }
 
     // Nothing panics while a guard is held, but a poisoned lock must not take the gateway
@@ -222,7 +217,7 @@ impl MemoryKeyStore {
 
 impl Default for MemoryKeyStore {
     fn default() -> Self {
-        Self::new()
+        Self::new(SystemClock::shared())
     }
 }
 
