@@ -1,0 +1,225 @@
+//! [`ResponseFuture`]: hold → inner call → settle or hand the hold to the body.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tollgate_core::{ErrorCode, Rejection};
+use tower_service::Service;
+
+use crate::body::MeterBody;
+use crate::ledger::HoldOutcome;
+use crate::settle::{HoldCall, SettleCall, Ticket};
+
+pin_project! {
+    /// The response future of [`CreditMeter`](crate::CreditMeter).
+    ///
+    /// Dropping it at any point settles nothing twice and charges nothing: a hold being
+    /// granted or already granted is released.
+    pub struct ResponseFuture<S, ReqBody>
+    where
+        S: Service<Request<ReqBody>>,
+    {
+        #[pin]
+        state: State<S, ReqBody>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, ReqBody>
+    where
+        S: Service<Request<ReqBody>>,
+    {
+        Reject { rejection: Option<Rejection> },
+        Check {
+            hold: HoldCall,
+            cost: u64,
+            json_required: bool,
+            service: Option<S>,
+            request: Option<Request<ReqBody>>,
+        },
+        Inner {
+            #[pin]
+            future: S::Future,
+            // `None`: a free route, passed through without metering.
+            metering: Option<(Ticket, bool)>,
+        },
+        Releasing {
+            call: SettleCall,
+            outcome: Option<Result<S::Response, S::Error>>,
+        },
+        Done,
+    }
+}
+
+impl<S, ReqBody> ResponseFuture<S, ReqBody>
+where
+    S: Service<Request<ReqBody>>,
+{
+    pub(crate) fn reject(rejection: Rejection) -> Self {
+        ResponseFuture {
+            state: State::Reject {
+                rejection: Some(rejection),
+            },
+        }
+    }
+
+    pub(crate) fn unmetered(future: S::Future) -> Self {
+        ResponseFuture {
+            state: State::Inner {
+                future,
+                metering: None,
+            },
+        }
+    }
+
+    pub(crate) fn check(
+        hold: HoldCall,
+        cost: u64,
+        json_required: bool,
+        service: S,
+        request: Request<ReqBody>,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Check {
+                hold,
+                cost,
+                json_required,
+                service: Some(service),
+                request: Some(request),
+            },
+        }
+    }
+}
+
+impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body<Data = Bytes>,
+{
+    type Output = Result<Response<MeterBody<ResBody>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Reject { rejection } => {
+                    let rejection = rejection
+                        .take()
+                        .unwrap_or_else(|| Rejection::new(ErrorCode::InternalError));
+                    this.state.set(State::Done);
+                    return Poll::Ready(Ok(rejection.into_response()));
+                }
+                StateProj::Check {
+                    hold,
+                    cost,
+                    json_required,
+                    service,
+                    request,
+                } => {
+                    let outcome = std::task::ready!(hold.poll_outcome(cx));
+                    let granted = match outcome {
+                        Ok(HoldOutcome::Held(h)) => Some(h),
+                        Ok(HoldOutcome::Unlimited) => None,
+                        Ok(HoldOutcome::Insufficient { .. }) => {
+                            this.state.set(State::Reject {
+                                rejection: Some(Rejection::new(ErrorCode::InsufficientCredits)),
+                            });
+                            continue;
+                        }
+                        Ok(HoldOutcome::NoSubscription) => {
+                            this.state.set(State::Reject {
+                                rejection: Some(Rejection::new(ErrorCode::NoSubscription)),
+                            });
+                            continue;
+                        }
+                        Err(err) => {
+                            tracing::error!(error = %err, "the credit ledger failed to place a hold");
+                            this.state.set(State::Reject {
+                                rejection: Some(err.rejection()),
+                            });
+                            continue;
+                        }
+                    };
+                    let receipt = tollgate_core::CreditReceipt::pending(*cost);
+                    let ticket = Ticket::new(hold.ledger().clone(), receipt, granted);
+                    let (Some(mut service), Some(request)) = (service.take(), request.take())
+                    else {
+                        // Unreachable by construction; the ticket's drop releases the hold.
+                        this.state.set(State::Reject {
+                            rejection: Some(Rejection::new(ErrorCode::InternalError)),
+                        });
+                        continue;
+                    };
+                    let metering = Some((ticket, *json_required));
+                    let future = service.call(request);
+                    this.state.set(State::Inner { future, metering });
+                }
+                StateProj::Inner { future, metering } => {
+                    let result = std::task::ready!(future.poll(cx));
+                    let Some((ticket, json_required)) = metering.take() else {
+                        this.state.set(State::Done);
+                        return Poll::Ready(result.map(|res| res.map(MeterBody::plain)));
+                    };
+                    match result {
+                        Ok(mut res) if res.status().is_success() => {
+                            res.extensions_mut().insert(ticket.receipt().clone());
+                            this.state.set(State::Done);
+                            return Poll::Ready(Ok(
+                                res.map(|body| MeterBody::metered(body, ticket, json_required))
+                            ));
+                        }
+                        mut outcome => {
+                            if let Ok(res) = &mut outcome {
+                                res.extensions_mut().insert(ticket.receipt().clone());
+                            }
+                            this.state.set(State::Releasing {
+                                call: ticket.release(),
+                                outcome: Some(outcome),
+                            });
+                        }
+                    }
+                }
+                StateProj::Releasing { call, outcome } => {
+                    std::task::ready!(call.poll_settle(cx));
+                    let outcome = outcome.take();
+                    this.state.set(State::Done);
+                    return Poll::Ready(match outcome {
+                        Some(result) => result.map(|res| res.map(MeterBody::plain)),
+                        None => Ok(Rejection::new(ErrorCode::InternalError).into_response()),
+                    });
+                }
+                StateProj::Done => {
+                    // Polled after completion: answer instead of panicking.
+                    return Poll::Ready(Ok(
+                        Rejection::new(ErrorCode::InternalError).into_response()
+                    ));
+                }
+            }
+        }
+    }
+}
+
+impl<S, ReqBody> fmt::Debug for ResponseFuture<S, ReqBody>
+where
+    S: Service<Request<ReqBody>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Reject { .. } => "reject",
+            State::Check { .. } => "check",
+            State::Inner { .. } => "inner",
+            State::Releasing { .. } => "releasing",
+            State::Done => "done",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
+    }
+}

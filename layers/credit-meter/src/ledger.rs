@@ -1,0 +1,351 @@
+//! The [`Ledger`] trait: balances, holds and the append-only ledger of every balance change.
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::Serialize;
+use tollgate_core::time::rfc3339_from_ms;
+use tollgate_core::{BackendError, BoxFuture, OrgId, Plan, RequestId};
+
+/// The largest balance (and single amount) a ledger accepts: the range of a signed 64-bit
+/// integer, so every balance change fits a ledger row's `i64` deltas (and a PostgreSQL
+/// `bigint`).
+pub const MAX_CREDITS: u64 = i64::MAX as u64;
+
+/// The id of a credit hold, unique within a ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct HoldId(pub u64);
+
+impl fmt::Display for HoldId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+/// Credits set aside for one request in flight: they count against the org's available
+/// balance until the hold is committed (charged) or released.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    /// The hold's id.
+    pub id: HoldId,
+    /// The org whose credits are held.
+    pub org: OrgId,
+    /// Credits held (the route's cost).
+    pub amount: u64,
+}
+
+/// The answer to [`Ledger::hold`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HoldOutcome {
+    /// The credits are held; commit or release the hold exactly once.
+    Held(Hold),
+    /// The org is on an unlimited plan: nothing is held and nothing will be charged.
+    Unlimited,
+    /// `balance − held` is below the amount asked for.
+    Insufficient {
+        /// Credits that could have been held (`balance − held`).
+        available: u64,
+    },
+    /// The org was never subscribed or has cancelled.
+    NoSubscription,
+}
+
+/// An org's credit account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Account {
+    /// The org.
+    pub org: OrgId,
+    /// The active plan; `None` when the org cancelled.
+    pub plan: Option<Plan>,
+    /// Plan credits left in this period (reset to the plan's monthly credits at each renewal).
+    pub plan_credits: u64,
+    /// Top-up credits left (kept until spent).
+    pub topup_credits: u64,
+    /// Credits held by requests in flight.
+    pub held: u64,
+    /// Start of the current billing period (ms since the epoch).
+    pub period_start_ms: u64,
+    /// End of the current billing period (ms since the epoch): the next renewal.
+    pub period_end_ms: u64,
+}
+
+impl Account {
+    /// Whether the org's plan never runs out of credits.
+    pub fn is_unlimited(&self) -> bool {
+        self.plan.is_some_and(Plan::is_unlimited)
+    }
+
+    /// `plan_credits + topup_credits`; `None` on an unlimited plan.
+    pub fn balance(&self) -> Option<u64> {
+        (!self.is_unlimited()).then(|| self.plan_credits.saturating_add(self.topup_credits))
+    }
+
+    /// What a new hold may take: `balance − held`; `None` on an unlimited plan.
+    pub fn available(&self) -> Option<u64> {
+        self.balance().map(|b| b.saturating_sub(self.held))
+    }
+
+    /// The body of `GET /api/credits` (SPEC §8).
+    pub fn credits_view(&self) -> CreditsView {
+        CreditsView {
+            plan: self.plan,
+            balance: self.balance(),
+            plan_credits: self.plan_credits,
+            topup_credits: self.topup_credits,
+            period_end: self.plan.map(|_| rfc3339_from_ms(self.period_end_ms)),
+        }
+    }
+}
+
+/// `GET /api/credits`: `{plan, balance, plan_credits, topup_credits, period_end}`; `balance` is
+/// null on an unlimited plan, `plan` and `period_end` are null when the org has cancelled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CreditsView {
+    /// The active plan.
+    pub plan: Option<Plan>,
+    /// `plan_credits + topup_credits`; null on an unlimited plan.
+    pub balance: Option<u64>,
+    /// Plan credits left in this period.
+    pub plan_credits: u64,
+    /// Top-up credits left.
+    pub topup_credits: u64,
+    /// End of the current period, RFC 3339.
+    pub period_end: Option<String>,
+}
+
+/// What changed an org's balance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    /// A committed hold: a 2xx response delivered whole.
+    Charge,
+    /// Credits bought (admin top-up).
+    TopUp,
+    /// A new billing period: plan credits reset to the plan's monthly credits.
+    Renewal,
+    /// Subscribed or changed plan: a new period starts with the plan's monthly credits.
+    PlanChange,
+    /// Support set the balance (plan credits = balance, top-ups = 0).
+    Adjustment,
+    /// The subscription was cancelled: plan credits are gone, top-ups stay.
+    Cancel,
+}
+
+/// One row of the append-only ledger. Replaying `delta_plan` and `delta_topup` from zero gives
+/// `balance_after` (= plan credits + top-up credits) after every row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LedgerEntry {
+    /// When the change happened (ms since the epoch; a renewal is dated at its period
+    /// boundary).
+    pub at_ms: u64,
+    /// The org.
+    pub org: OrgId,
+    /// What changed the balance.
+    pub kind: EntryKind,
+    /// Change of the plan credits.
+    pub delta_plan: i64,
+    /// Change of the top-up credits.
+    pub delta_topup: i64,
+    /// Plan credits + top-up credits after the change.
+    pub balance_after: u64,
+    /// The request that was charged (charges only).
+    pub request_id: Option<String>,
+}
+
+/// Where credits live: balances, holds and the ledger of every change.
+///
+/// Object-safe (`Arc<dyn Ledger>`); every async method returns a [`BoxFuture`]. Holds must be
+/// atomic: two holds racing for the last credits cannot both succeed.
+pub trait Ledger: Send + Sync + 'static {
+    /// Holds `amount` credits of `org` for one request (renewing the period first if it is
+    /// over). `request_id` is recorded on the charge row if the hold is committed.
+    fn hold(
+        &self,
+        org: OrgId,
+        amount: u64,
+        request_id: Option<RequestId>,
+    ) -> BoxFuture<Result<HoldOutcome, BackendError>>;
+
+    /// Charges a hold (plan credits first, then top-ups). Returns the balance after the
+    /// charge, `None` on an unlimited plan. Committing an unknown or already settled hold
+    /// charges nothing and fails.
+    fn commit(&self, hold: Hold) -> BoxFuture<Result<Option<u64>, BackendError>>;
+
+    /// Gives a hold's credits back without charging. Releasing twice is harmless.
+    fn release(&self, hold: Hold) -> BoxFuture<Result<(), BackendError>>;
+
+    /// Releases without waiting (for `Drop`): in-memory ledgers release at once, remote ones
+    /// queue the release; holds also expire on their own ([`Ledger::sweep_expired_holds`]).
+    fn release_detached(&self, hold: Hold);
+
+    /// Subscribes `org` to `plan` or changes its plan: a new period starts now, plan credits
+    /// become the plan's monthly credits, top-ups are kept.
+    fn subscribe(&self, org: OrgId, plan: Plan) -> BoxFuture<Result<Account, BackendError>>;
+
+    /// Cancels the subscription (plan credits are dropped, top-ups kept). `false` when the org
+    /// is unknown or had no active subscription.
+    fn cancel(&self, org: OrgId) -> BoxFuture<Result<bool, BackendError>>;
+
+    /// Adds top-up credits. `None`: unknown org.
+    fn top_up(&self, org: OrgId, amount: u64) -> BoxFuture<Result<Option<Account>, BackendError>>;
+
+    /// Support adjustment: plan credits = `balance`, top-up credits = 0. `None`: unknown org.
+    fn set_balance(
+        &self,
+        org: OrgId,
+        balance: u64,
+    ) -> BoxFuture<Result<Option<Account>, BackendError>>;
+
+    /// The org's account, renewed first if its period is over. `None`: unknown org.
+    fn account(&self, org: OrgId) -> BoxFuture<Result<Option<Account>, BackendError>>;
+
+    /// The org's ledger rows, oldest first.
+    fn entries(&self, org: OrgId) -> BoxFuture<Result<Vec<LedgerEntry>, BackendError>>;
+
+    /// Renews every account whose period is over (the periodic job). Returns how many
+    /// accounts were renewed.
+    fn renew_due(&self) -> BoxFuture<Result<usize, BackendError>>;
+
+    /// Releases holds older than the hold TTL (left by a crashed or stuck process). Returns
+    /// how many were released.
+    fn sweep_expired_holds(&self) -> BoxFuture<Result<usize, BackendError>>;
+
+    /// Holds currently open (a gauge for `/metrics`).
+    fn open_holds(&self) -> u64;
+}
+
+impl<T: Ledger + ?Sized> Ledger for Arc<T> {
+    fn hold(
+        &self,
+        org: OrgId,
+        amount: u64,
+        request_id: Option<RequestId>,
+    ) -> BoxFuture<Result<HoldOutcome, BackendError>> {
+        (**self).hold(org, amount, request_id)
+    }
+
+    fn commit(&self, hold: Hold) -> BoxFuture<Result<Option<u64>, BackendError>> {
+        (**self).commit(hold)
+    }
+
+    fn release(&self, hold: Hold) -> BoxFuture<Result<(), BackendError>> {
+        (**self).release(hold)
+    }
+
+    fn release_detached(&self, hold: Hold) {
+        (**self).release_detached(hold)
+    }
+
+    fn subscribe(&self, org: OrgId, plan: Plan) -> BoxFuture<Result<Account, BackendError>> {
+        (**self).subscribe(org, plan)
+    }
+
+    fn cancel(&self, org: OrgId) -> BoxFuture<Result<bool, BackendError>> {
+        (**self).cancel(org)
+    }
+
+    fn top_up(&self, org: OrgId, amount: u64) -> BoxFuture<Result<Option<Account>, BackendError>> {
+        (**self).top_up(org, amount)
+    }
+
+    fn set_balance(
+        &self,
+        org: OrgId,
+        balance: u64,
+    ) -> BoxFuture<Result<Option<Account>, BackendError>> {
+        (**self).set_balance(org, balance)
+    }
+
+    fn account(&self, org: OrgId) -> BoxFuture<Result<Option<Account>, BackendError>> {
+        (**self).account(org)
+    }
+
+    fn entries(&self, org: OrgId) -> BoxFuture<Result<Vec<LedgerEntry>, BackendError>> {
+        (**self).entries(org)
+    }
+
+    fn renew_due(&self) -> BoxFuture<Result<usize, BackendError>> {
+        (**self).renew_due()
+    }
+
+    fn sweep_expired_holds(&self) -> BoxFuture<Result<usize, BackendError>> {
+        (**self).sweep_expired_holds()
+    }
+
+    fn open_holds(&self) -> u64 {
+        (**self).open_holds()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn account(plan: Option<Plan>, plan_credits: u64, topup: u64, held: u64) -> Account {
+        Account {
+            org: OrgId::new(),
+            plan,
+            plan_credits,
+            topup_credits: topup,
+            held,
+            period_start_ms: 1_675_150_502_748,
+            period_end_ms: 1_677_569_702_748,
+        }
+    }
+
+    #[test]
+    fn balance_and_available() {
+        let a = account(Some(Plan::Basic), 10, 5, 3);
+        assert_eq!(a.balance(), Some(15));
+        assert_eq!(a.available(), Some(12));
+        let over = account(Some(Plan::Free), 1, 0, 4);
+        assert_eq!(over.available(), Some(0));
+        let unlimited = account(Some(Plan::Enterprise), 0, 7, 0);
+        assert_eq!(unlimited.balance(), None);
+        assert_eq!(unlimited.available(), None);
+    }
+
+    #[test]
+    fn credits_view_has_the_contract_shape() {
+        let a = account(Some(Plan::Basic), 990, 50, 0);
+        assert_eq!(
+            serde_json::to_value(a.credits_view()).unwrap(),
+            serde_json::json!({
+                "plan": "basic",
+                "balance": 1040,
+                "plan_credits": 990,
+                "topup_credits": 50,
+                "period_end": "2023-02-28T07:35:02.748Z"
+            })
+        );
+        let e = account(Some(Plan::Enterprise), 0, 0, 0);
+        assert_eq!(
+            serde_json::to_value(e.credits_view()).unwrap()["balance"],
+            serde_json::Value::Null
+        );
+        let cancelled = account(None, 0, 20, 0);
+        assert_eq!(
+            serde_json::to_value(cancelled.credits_view()).unwrap(),
+            serde_json::json!({
+                "plan": null,
+                "balance": 20,
+                "plan_credits": 0,
+                "topup_credits": 20,
+                "period_end": null
+            })
+        );
+    }
+
+    #[test]
+    fn entry_kinds_serialize_in_snake_case() {
+        assert_eq!(
+            serde_json::to_string(&EntryKind::TopUp).unwrap(),
+            "\"top_up\""
+        );
+        assert_eq!(
+            serde_json::to_string(&EntryKind::PlanChange).unwrap(),
+            "\"plan_change\""
+        );
+    }
+}

@@ -1,0 +1,564 @@
+//! [`MemoryLedger`]: a real in-memory [`Ledger`] for one process (tests, the demo gateway,
+//! single-replica deployments).
+//!
+//! Each org has its own book behind its own mutex, so holds and charges of one org are atomic
+//! with respect to each other while different orgs never contend. Every operation that can
+//! change a balance first renews the org's period if it is over, so a request right after the
+//! period end already sees the new plan credits.
+//!
+//! **Expired holds.** A hold older than the hold TTL (default 5 minutes, longer than any
+//! sane upstream timeout) is released by [`Ledger::sweep_expired_holds`]. If the request it
+//! belonged to later succeeds after all, its commit re-checks the balance: it is charged only
+//! if `balance − held` still covers it (the credits were given back and may have been held by
+//! another request meanwhile), otherwise the commit fails and nothing is charged, so the
+//! balance can never go below zero and a hold is never charged twice. A swept hold is
+//! remembered for one more TTL; a commit arriving later still charges nothing.
+//!
+//! **Admin changes under holds.** If support lowers a balance, the plan changes or the org
+//! cancels while holds are open, a later commit charges at most what is left (plan credits
+//! first) and the rows record exactly what was taken.
+//!
+//! The ledger rows are kept in memory for the life of the process (append-only).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::ready;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::Duration;
+
+use tollgate_core::time::add_one_month_ms;
+use tollgate_core::{
+    BackendError, BoxFuture, Clock, OrgId, Plan, RequestId, SharedClock, SystemClock,
+};
+
+use crate::ledger::{
+    Account, EntryKind, Hold, HoldId, HoldOutcome, Ledger, LedgerEntry, MAX_CREDITS,
+};
+
+/// The default hold TTL: 5 minutes, well above the default upstream timeout (30 s).
+pub const DEFAULT_HOLD_TTL: Duration = Duration::from_secs(5 * 60);
+
+/// An in-memory [`Ledger`]. Share it with `Arc` (`Arc<MemoryLedger>` is a `Ledger` too).
+pub struct MemoryLedger {
+    clock: SharedClock,
+    hold_ttl_ms: u64,
+    books: RwLock<HashMap<OrgId, Arc<Mutex<Book>>>>,
+    next_hold: AtomicU64,
+    open_holds: AtomicU64,
+}
+
+struct HoldRecord {
+    amount: u64,
+    request_id: Option<RequestId>,
+    expires_at_ms: u64,
+}
+
+struct SweptHold {
+    amount: u64,
+    request_id: Option<RequestId>,
+    forget_at_ms: u64,
+}
+
+/// One org's account, open holds and ledger rows.
+struct Book {
+    org: OrgId,
+    plan: Option<Plan>,
+    plan_credits: u64,
+    topup_credits: u64,
+    held: u64,
+    period_start_ms: u64,
+    period_end_ms: u64,
+    holds: HashMap<HoldId, HoldRecord>,
+    swept: HashMap<HoldId, SweptHold>,
+    entries: Vec<LedgerEntry>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere while holding the lock cannot leave a book half-updated (every update
+    // is a few plain assignments), so a poisoned lock is still safe to use.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// `new − old` as a ledger delta. Both are at most [`MAX_CREDITS`], so it always fits.
+fn delta(new: u64, old: u64) -> i64 {
+    let d = i128::from(new) - i128::from(old);
+    i64::try_from(d).unwrap_or(if d < 0 { i64::MIN } else { i64::MAX })
+}
+
+fn out_of_range(what: &str, value: u64) -> BackendError {
+    BackendError::other(format!(
+        "{what} {value} is out of range: balances are limited to {MAX_CREDITS} credits"
+    ))
+}
+
+impl Book {
+    fn new(org: OrgId) -> Self {
+        Book {
+            org,
+            plan: None,
+            plan_credits: 0,
+            topup_credits: 0,
+            held: 0,
+            period_start_ms: 0,
+            period_end_ms: 0,
+            holds: HashMap::new(),
+            swept: HashMap::new(),
+            entries: Vec::new(),
+        }
+    }
+
+    fn balance(&self) -> u64 {
+        self.plan_credits.saturating_add(self.topup_credits)
+    }
+
+    fn is_unlimited(&self) -> bool {
+        self.plan.is_some_and(Plan::is_unlimited)
+    }
+
+    fn account(&self) -> Account {
+        Account {
+            org: self.org,
+            plan: self.plan,
+            plan_credits: self.plan_credits,
+            topup_credits: self.topup_credits,
+            held: self.held,
+            period_start_ms: self.period_start_ms,
+            period_end_ms: self.period_end_ms,
+        }
+    }
+
+    fn record(
+        &mut self,
+        at_ms: u64,
+        kind: EntryKind,
+        delta_plan: i64,
+        delta_topup: i64,
+        request_id: Option<RequestId>,
+    ) {
+        let entry = LedgerEntry {
+            at_ms,
+            org: self.org,
+            kind,
+            delta_plan,
+            delta_topup,
+            balance_after: self.balance(),
+            request_id: request_id.map(|id| id.as_str().to_owned()),
+        };
+        self.entries.push(entry);
+    }
+
+    /// Starts every period that has ended by `now`; returns how many.
+    fn renew(&mut self, now: u64) -> usize {
+        let Some(plan) = self.plan else { return 0 };
+        let fresh = plan.monthly_credits().unwrap_or(0);
+        let mut renewed = 0;
+        while now >= self.period_end_ms {
+            let start = self.period_end_ms;
+            let end = add_one_month_ms(start);
+            if end <= start {
+                // Past the end of the calendar: there is no next period.
+                break;
+            }
+            let d = delta(fresh, self.plan_credits);
+            self.period_start_ms = start;
+            self.period_end_ms = end;
+            self.plan_credits = fresh;
+            // Dated at the boundary: that is when the new period (and its credits) began.
+            self.record(start, EntryKind::Renewal, d, 0, None);
+            renewed += 1;
+        }
+        renewed
+    }
+
+    /// Takes `amount` (at most the balance): plan credits first, then top-ups.
+    fn charge(&mut self, now: u64, amount: u64, request_id: Option<RequestId>) {
+        let amount = amount.min(self.balance());
+        if amount == 0 {
+            return;
+        }
+        let from_plan = amount.min(self.plan_credits);
+        let from_topup = amount - from_plan;
+        self.plan_credits -= from_plan;
+        self.topup_credits -= from_topup;
+        self.record(
+            now,
+            EntryKind::Charge,
+            delta(0, from_plan),
+            delta(0, from_topup),
+            request_id,
+        );
+    }
+}
+
+impl MemoryLedger {
+    /// An empty ledger reading time from `clock`, with the [default hold
+    /// TTL](DEFAULT_HOLD_TTL).
+    pub fn new(clock: impl Clock) -> Self {
+        MemoryLedger {
+            clock: Arc::new(clock),
+            hold_ttl_ms: DEFAULT_HOLD_TTL.as_millis() as u64,
+            books: RwLock::new(HashMap::new()),
+            next_hold: AtomicU64::new(1),
+            open_holds: AtomicU64::new(0),
+        }
+    }
+
+    /// How long a hold may stay open before the sweeper releases it. Keep it longer than the
+    /// slowest response (upstream timeout plus body) so live requests are never swept.
+    pub fn with_hold_ttl(mut self, ttl: Duration) -> Self {
+        self.hold_ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        self
+    }
+
+    /// The hold TTL.
+    pub fn hold_ttl(&self) -> Duration {
+        Duration::from_millis(self.hold_ttl_ms)
+    }
+
+    fn now(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    fn book(&self, org: OrgId) -> Option<Arc<Mutex<Book>>> {
+        self.books
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&org)
+            .cloned()
+    }
+
+    fn book_or_new(&self, org: OrgId) -> Arc<Mutex<Book>> {
+        if let Some(book) = self.book(org) {
+            return book;
+        }
+        let mut books = self.books.write().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(
+            books
+                .entry(org)
+                .or_insert_with(|| Arc::new(Mutex::new(Book::new(org)))),
+        )
+    }
+
+    fn all_books(&self) -> Vec<Arc<Mutex<Book>>> {
+        self.books
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn hold_now(&self, org: OrgId, amount: u64, request_id: Option<RequestId>) -> HoldOutcome {
+        let Some(book) = self.book(org) else {
+            return HoldOutcome::NoSubscription;
+        };
+        let now = self.now();
+        let mut b = lock(&book);
+        b.renew(now);
+        match b.plan {
+            None => HoldOutcome::NoSubscription,
+            Some(plan) if plan.is_unlimited() => HoldOutcome::Unlimited,
+            Some(_) => {
+                let available = b.balance().saturating_sub(b.held);
+                if available < amount {
+                    return HoldOutcome::Insufficient { available };
+                }
+                let id = HoldId(self.next_hold.fetch_add(1, Ordering::Relaxed));
+                b.held += amount;
+                b.holds.insert(
+                    id,
+                    HoldRecord {
+                        amount,
+                        request_id,
+                        expires_at_ms: now.saturating_add(self.hold_ttl_ms),
+                    },
+                );
+                self.open_holds.fetch_add(1, Ordering::Relaxed);
+                HoldOutcome::Held(Hold { id, org, amount })
+            }
+        }
+    }
+
+    fn commit_now(&self, hold: &Hold) -> Result<Option<u64>, BackendError> {
+        let unknown = || {
+            BackendError::other(format!(
+                "hold {} of org {} is unknown or already settled; nothing was charged",
+                hold.id, hold.org
+            ))
+        };
+        let book = self.book(hold.org).ok_or_else(unknown)?;
+        let now = self.now();
+        let mut b = lock(&book);
+        b.renew(now);
+        if let Some(rec) = b.holds.remove(&hold.id) {
+            b.held = b.held.saturating_sub(rec.amount);
+            self.open_holds.fetch_sub(1, Ordering::Relaxed);
+            if b.is_unlimited() {
+                // Upgraded to an unlimited plan while the request was in flight.
+                return Ok(None);
+            }
+            if rec.amount > b.balance() {
+                tracing::warn!(
+                    org = %hold.org,
+                    hold = %hold.id,
+                    amount = rec.amount,
+                    balance = b.balance(),
+                    "the balance was lowered while the hold was open; charging what is left"
+                );
+            }
+            b.charge(now, rec.amount, rec.request_id);
+            return Ok(Some(b.balance()));
+        }
+        if let Some(swept) = b.swept.remove(&hold.id) {
+            if b.is_unlimited() {
+                return Ok(None);
+            }
+            let available = b.balance().saturating_sub(b.held);
+            if available < swept.amount {
+                return Err(BackendError::other(format!(
+                    "hold {} of org {} expired and was released, and the {} credits it held \
+                     are no longer available; nothing was charged",
+                    hold.id, hold.org, swept.amount
+                )));
+            }
+            tracing::warn!(
+                org = %hold.org,
+                hold = %hold.id,
+                "committing a hold that had expired and was released; charged after re-checking the balance"
+            );
+            b.charge(now, swept.amount, swept.request_id);
+            return Ok(Some(b.balance()));
+        }
+        Err(unknown())
+    }
+
+    fn release_now(&self, hold: &Hold) {
+        let Some(book) = self.book(hold.org) else {
+            return;
+        };
+        let mut b = lock(&book);
+        if let Some(rec) = b.holds.remove(&hold.id) {
+            b.held = b.held.saturating_sub(rec.amount);
+            self.open_holds.fetch_sub(1, Ordering::Relaxed);
+        } else {
+            // Already swept: forget it so a stray commit cannot charge it later.
+            b.swept.remove(&hold.id);
+        }
+    }
+
+    fn subscribe_now(&self, org: OrgId, plan: Plan) -> Account {
+        let book = self.book_or_new(org);
+        let now = self.now();
+        let mut b = lock(&book);
+        b.renew(now);
+        let fresh = plan.monthly_credits().unwrap_or(0);
+        let d = delta(fresh, b.plan_credits);
+        b.plan = Some(plan);
+        b.plan_credits = fresh;
+        b.period_start_ms = now;
+        b.period_end_ms = add_one_month_ms(now);
+        b.record(now, EntryKind::PlanChange, d, 0, None);
+        b.account()
+    }
+
+    fn cancel_now(&self, org: OrgId) -> bool {
+        let Some(book) = self.book(org) else {
+            return false;
+        };
+        let now = self.now();
+        let mut b = lock(&book);
+        b.renew(now);
+        if b.plan.is_none() {
+            return false;
+        }
+        let d = delta(0, b.plan_credits);
+        b.plan = None;
+        b.plan_credits = 0;
+        b.record(now, EntryKind::Cancel, d, 0, None);
+        true
+    }
+
+    fn top_up_now(&self, org: OrgId, amount: u64) -> Result<Option<Account>, BackendError> {
+        let Some(book) = self.book(org) else {
+            return Ok(None);
+        };
+        let now = self.now();
+        let mut b = lock(&book);
+        b.renew(now);
+        if b.balance()
+            .checked_add(amount)
+            .is_none_or(|total| total > MAX_CREDITS)
+        {
+            return Err(out_of_range("top-up of", amount));
+        }
+        if amount > 0 {
+            b.topup_credits += amount;
+            b.record(now, EntryKind::TopUp, 0, delta(amount, 0), None);
+        }
+        Ok(Some(b.account()))
+    }
+
+    fn set_balance_now(&self, org: OrgId, balance: u64) -> Result<Option<Account>, BackendError> {
+        if balance > MAX_CREDITS {
+            return Err(out_of_range("balance", balance));
+        }
+        let Some(book) = self.book(org) else {
+            return Ok(None);
+        };
+        let now = self.now();
+        let mut b = lock(&book);
+        b.renew(now);
+        let dp = delta(balance, b.plan_credits);
+        let dt = delta(0, b.topup_credits);
+        b.plan_credits = balance;
+        b.topup_credits = 0;
+        b.record(now, EntryKind::Adjustment, dp, dt, None);
+        Ok(Some(b.account()))
+    }
+
+    fn account_now(&self, org: OrgId) -> Option<Account> {
+        let book = self.book(org)?;
+        let now = self.now();
+        let mut b = lock(&book);
+        b.renew(now);
+        Some(b.account())
+    }
+
+    fn renew_due_now(&self) -> usize {
+        let now = self.now();
+        self.all_books()
+            .iter()
+            .filter(|book| lock(book).renew(now) > 0)
+            .count()
+    }
+
+    fn sweep_now(&self) -> usize {
+        let now = self.now();
+        let mut swept = 0;
+        for book in self.all_books() {
+            let mut b = lock(&book);
+            b.swept.retain(|_, s| s.forget_at_ms > now);
+            let expired: Vec<HoldId> = b
+                .holds
+                .iter()
+                .filter(|(_, h)| h.expires_at_ms <= now)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in expired {
+                if let Some(rec) = b.holds.remove(&id) {
+                    b.held = b.held.saturating_sub(rec.amount);
+                    self.open_holds.fetch_sub(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        org = %b.org,
+                        hold = %id,
+                        amount = rec.amount,
+                        "released an expired credit hold"
+                    );
+                    b.swept.insert(
+                        id,
+                        SweptHold {
+                            amount: rec.amount,
+                            request_id: rec.request_id,
+                            forget_at_ms: now.saturating_add(self.hold_ttl_ms),
+                        },
+                    );
+                    swept += 1;
+                }
+            }
+        }
+        swept
+    }
+}
+
+impl Default for MemoryLedger {
+    /// An empty ledger on the system clock.
+    fn default() -> Self {
+        MemoryLedger::new(SystemClock)
+    }
+}
+
+impl fmt::Debug for MemoryLedger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryLedger")
+            .field("hold_ttl_ms", &self.hold_ttl_ms)
+            .field(
+                "orgs",
+                &self
+                    .books
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .len(),
+            )
+            .field("open_holds", &self.open_holds())
+            .finish()
+    }
+}
+
+impl Ledger for MemoryLedger {
+    fn hold(
+        &self,
+        org: OrgId,
+        amount: u64,
+        request_id: Option<RequestId>,
+    ) -> BoxFuture<Result<HoldOutcome, BackendError>> {
+        Box::pin(ready(Ok(self.hold_now(org, amount, request_id))))
+    }
+
+    fn commit(&self, hold: Hold) -> BoxFuture<Result<Option<u64>, BackendError>> {
+        Box::pin(ready(self.commit_now(&hold)))
+    }
+
+    fn release(&self, hold: Hold) -> BoxFuture<Result<(), BackendError>> {
+        self.release_now(&hold);
+        Box::pin(ready(Ok(())))
+    }
+
+    fn release_detached(&self, hold: Hold) {
+        self.release_now(&hold);
+    }
+
+    fn subscribe(&self, org: OrgId, plan: Plan) -> BoxFuture<Result<Account, BackendError>> {
+        Box::pin(ready(Ok(self.subscribe_now(org, plan))))
+    }
+
+    fn cancel(&self, org: OrgId) -> BoxFuture<Result<bool, BackendError>> {
+        Box::pin(ready(Ok(self.cancel_now(org))))
+    }
+
+    fn top_up(&self, org: OrgId, amount: u64) -> BoxFuture<Result<Option<Account>, BackendError>> {
+        Box::pin(ready(self.top_up_now(org, amount)))
+    }
+
+    fn set_balance(
+        &self,
+        org: OrgId,
+        balance: u64,
+    ) -> BoxFuture<Result<Option<Account>, BackendError>> {
+        Box::pin(ready(self.set_balance_now(org, balance)))
+    }
+
+    fn account(&self, org: OrgId) -> BoxFuture<Result<Option<Account>, BackendError>> {
+        Box::pin(ready(Ok(self.account_now(org))))
+    }
+
+    fn entries(&self, org: OrgId) -> BoxFuture<Result<Vec<LedgerEntry>, BackendError>> {
+        let entries = self
+            .book(org)
+            .map(|book| lock(&book).entries.clone())
+            .unwrap_or_default();
+        Box::pin(ready(Ok(entries)))
+    }
+
+    fn renew_due(&self) -> BoxFuture<Result<usize, BackendError>> {
+        Box::pin(ready(Ok(self.renew_due_now())))
+    }
+
+    fn sweep_expired_holds(&self) -> BoxFuture<Result<usize, BackendError>> {
+        Box::pin(ready(Ok(self.sweep_now())))
+    }
+
+    fn open_holds(&self) -> u64 {
+        self.open_holds.load(Ordering::Relaxed)
+    }
+}
