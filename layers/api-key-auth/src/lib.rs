@@ -17,11 +17,15 @@
 //!
 //! An admitted request reaches the inner service with a [`Principal`](tollgate_core::Principal)
 //! and the [`RouteMatch`](tollgate_core::RouteMatch) in its extensions and without its
-//! `X-API-Key` header; the response carries the `Principal` in its extensions (so do the 402
-//! and ownership rejections — a 402 carries the [`KeyGrant`] instead, as there is no plan).
-//! Store failures become 503 `SERVICE_UNAVAILABLE` / 500 `INTERNAL_ERROR` responses, never
-//! errors. Keys are `sk_live_` + 64 hex characters and are stored only as their SHA-256
-//! ([`key`]).
+//! `X-API-Key` header; its response gets the `Principal` in its extensions, for the layers
+//! outside (the request logger). Rejections issued after the key was identified say whose it
+//! was too: the ownership 401 carries the `Principal`, and the 402 carries the [`KeyGrant`]
+//! (a `Principal` needs a plan, which that org lacks). Store failures become 503
+//! `SERVICE_UNAVAILABLE` / 500 `INTERNAL_ERROR` responses, never errors.
+//!
+//! Keys are `sk_live_` + 64 lowercase hex characters (32 random bytes) and are stored only as
+//! their SHA-256 plus a 12-character display prefix ([`key`]). [`MemoryKeyStore`] is a
+//! complete in-process store (cargo feature `memory`, on by default).
 //!
 //! ```
 //! use std::convert::Infallible;

@@ -1,6 +1,8 @@
 //! The 401/402 rules of SPEC §2 as a client sees them: status, headers, exact JSON bodies, and
 //! what reaches the inner service.
 
+#![cfg(feature = "memory")]
+
 mod common;
 
 use std::convert::Infallible;

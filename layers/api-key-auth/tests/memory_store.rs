@@ -1,6 +1,8 @@
 //! The memory `KeyStore`: key administration as the admin API uses it, secrecy, and
 //! correctness under concurrent use.
 
+#![cfg(feature = "memory")]
+
 mod common;
 
 use std::collections::HashSet;

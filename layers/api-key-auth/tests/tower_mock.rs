@@ -1,6 +1,8 @@
 //! The layer as a tower middleware: readiness, what the inner service receives, and a slow
 //! store, driven step by step with `tower-test` and `tokio-test`.
 
+#![cfg(feature = "memory")]
+
 mod common;
 
 use std::sync::Arc;
