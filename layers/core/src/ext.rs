@@ -25,6 +25,26 @@ pub struct Principal {
     pub plan: Plan,
 }
 
+/// Which org and key a request was identified as, even when it was then refused for lack of
+/// a subscription (a [`Principal`] needs a plan). The auth layer puts it on every response of
+/// an identified key, so the request logger can attribute refused requests too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Identity {
+    /// The key's organization.
+    pub org: OrgId,
+    /// The key used.
+    pub key: KeyId,
+}
+
+impl From<Principal> for Identity {
+    fn from(p: Principal) -> Self {
+        Identity {
+            org: p.org,
+            key: p.key,
+        }
+    }
+}
+
 /// The request's id: the client's `X-Request-Id` when it sent a usable one, else a new UUID.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct RequestId(Arc<str>);

@@ -80,6 +80,9 @@ impl UpstreamTarget {
     }
 }
 
+/// What a match captured: the model id and the numeric parameters (segment index, value).
+type Captures = (Option<ModelId>, Vec<(usize, u64)>);
+
 /// One priced route.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteSpec {
@@ -136,7 +139,7 @@ impl RouteSpec {
         self.segments.contains(&Segment::Model)
     }
 
-    fn matches(&self, method: &Method, path: &str) -> Option<(Option<ModelId>, Vec<(usize, u64)>)> {
+    fn matches(&self, method: &Method, path: &str) -> Option<Captures> {
         if method != self.method {
             return None;
         }
