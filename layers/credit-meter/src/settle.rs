@@ -99,6 +99,9 @@ pub(crate) struct Ticket {
     ledger: Arc<dyn Ledger>,
     receipt: CreditReceipt,
     hold: Option<Hold>,
+    /// Cleared once a commit or release has been started: the ticket's drop then has
+    /// nothing left to do.
+    armed: bool,
 }
 
 impl Ticket {
@@ -107,6 +110,7 @@ impl Ticket {
             ledger,
             receipt,
             hold,
+            armed: true,
         }
     }
 
@@ -117,6 +121,7 @@ impl Ticket {
     /// Charges the request: commits the hold (on an unlimited plan there is nothing to
     /// commit and the receipt says `balance: None`).
     pub(crate) fn commit(mut self) -> SettleCall {
+        self.armed = false;
         let op = match self.hold.take() {
             Some(hold) => SettleOp::Commit {
                 fut: self.ledger.commit(hold.clone()),
@@ -132,6 +137,7 @@ impl Ticket {
 
     /// Gives the credits back.
     pub(crate) fn release(mut self) -> SettleCall {
+        self.armed = false;
         let op = match self.hold.take() {
             Some(hold) => SettleOp::Release {
                 fut: self.ledger.release(hold.clone()),
@@ -145,6 +151,9 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
         if let Some(hold) = self.hold.take() {
             self.ledger.release_detached(hold);
         }
