@@ -8,7 +8,9 @@ use std::task::{ready, Context, Poll};
 
 use http::{Request, Response};
 use pin_project_lite::pin_project;
-use tollgate_core::{BackendError, BoxFuture, ErrorCode, GateBody, ModelId, Principal, Rejection};
+use tollgate_core::{
+    BackendError, BoxFuture, ErrorCode, GateBody, Identity, ModelId, Principal, Rejection,
+};
 use tower_service::Service;
 
 use crate::layer::Config;
@@ -118,6 +120,9 @@ where
     if let Some(extra) = extra {
         response.extensions_mut().insert(extra);
     }
+    if let Some(principal) = response.extensions().get::<Principal>().copied() {
+        response.extensions_mut().insert(Identity::from(principal));
+    }
     response
 }
 
@@ -168,11 +173,16 @@ where
                                     );
                                     // No plan, so no `Principal`: the grant tells outer
                                     // layers whose key it was.
+                                    let mut response = reject(
+                                        Rejection::new(ErrorCode::NoSubscription),
+                                        Some(grant),
+                                    );
+                                    response.extensions_mut().insert(Identity {
+                                        org: grant.org,
+                                        key: grant.key,
+                                    });
                                     State::Respond {
-                                        response: Some(reject(
-                                            Rejection::new(ErrorCode::NoSubscription),
-                                            Some(grant),
-                                        )),
+                                        response: Some(response),
                                     }
                                 }
                                 (Some(principal), Some(model)) => State::Ownership {
@@ -224,6 +234,7 @@ where
                     let mut response = ready!(future.poll(cx))?.map(GateBody::inner);
                     if let Some(principal) = principal {
                         response.extensions_mut().insert(*principal);
+                        response.extensions_mut().insert(Identity::from(*principal));
                     }
                     return Poll::Ready(Ok(response));
                 }

@@ -203,6 +203,13 @@ async fn no_subscription_is_402() {
             plan: None
         })
     );
+    assert_eq!(
+        answer.extensions.get::<tollgate_core::Identity>(),
+        Some(&tollgate_core::Identity {
+            org: fx.org,
+            key: fx.key.id
+        })
+    );
     assert_eq!(echo.calls(), 0);
 }
 
