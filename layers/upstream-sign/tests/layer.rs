@@ -707,3 +707,24 @@ async fn rules_rotation_does_not_touch_requests_in_flight() {
     assert!(verify(&old, &seen) && !verify(&new, &seen));
     assert!(verify(&new, &seen_after) && !verify(&old, &seen_after));
 }
+
+#[tokio::test]
+async fn readiness_is_the_clients() {
+    let f = Fixture::new();
+    let (mut svc, mut handle) = mock::spawn_layer::<UpReq, UpRes, _>(f.layer());
+    handle.allow(0);
+    tokio_test::assert_pending!(svc.poll_ready());
+    handle.allow(1);
+    tokio_test::assert_ready_ok!(svc.poll_ready());
+    let fut = svc.call(f.request(Method::GET, "http://h/api2/v2/users/me"));
+    let call = tokio::spawn(fut);
+    let (seen, reply) = handle.next_request().await.unwrap();
+    assert!(seen.headers().contains_key("sign"));
+    reply.send_response(upstream(200, "application/json", "{}"));
+    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::OK);
+
+    // An error from the client's `poll_ready` is passed on as it is.
+    handle.send_error("pool closed");
+    let err = tokio_test::assert_ready_err!(svc.poll_ready());
+    assert_eq!(err.to_string(), "pool closed");
+}
