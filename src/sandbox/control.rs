@@ -89,7 +89,10 @@ fn parse_fault(body: &Bytes) -> Result<Fault, Answer> {
     let mode = match obj.get("mode").and_then(Value::as_str) {
         Some("fail") => {
             let status = uint(&obj, "status")?.unwrap_or(500);
-            match u16::try_from(status).ok().and_then(|s| StatusCode::from_u16(s).ok()) {
+            match u16::try_from(status)
+                .ok()
+                .and_then(|s| StatusCode::from_u16(s).ok())
+            {
                 Some(status) if status.is_server_error() => FaultMode::Fail(status),
                 _ => {
                     return Err(error(
@@ -99,9 +102,9 @@ fn parse_fault(body: &Bytes) -> Result<Fault, Answer> {
                 }
             }
         }
-        Some("stall") => {
-            FaultMode::Stall(Duration::from_millis(uint(&obj, "stall_ms")?.unwrap_or(5_000)))
-        }
+        Some("stall") => FaultMode::Stall(Duration::from_millis(
+            uint(&obj, "stall_ms")?.unwrap_or(5_000),
+        )),
         Some("throttle") => FaultMode::Throttle {
             retry_after_secs: uint(&obj, "retry_after")?.unwrap_or(30),
         },
@@ -174,7 +177,7 @@ pub(crate) fn handle(shared: &std::sync::Arc<Shared>, parts: &Parts, body: &Byte
         .trim_start_matches("/_sandbox")
         .trim_matches('/');
     let segments: Vec<&str> = route.split('/').collect();
-    let result = match (&parts.method, segments.as_slice()) {
+    match (&parts.method, segments.as_slice()) {
         (&Method::POST, ["accounts"]) => {
             let account = sandbox.add_account();
             Answer::json(StatusCode::CREATED, &json!(account))
@@ -211,8 +214,8 @@ pub(crate) fn handle(shared: &std::sync::Arc<Shared>, parts: &Parts, body: &Byte
             ok(json!({"reset": true}))
         }
         (&Method::GET, ["rules"]) => {
-            let rules = serde_json::from_str::<Value>(&sandbox.rules().to_json())
-                .unwrap_or(Value::Null);
+            let rules =
+                serde_json::from_str::<Value>(&sandbox.rules().to_json()).unwrap_or(Value::Null);
             ok(rules)
         }
         (&Method::PUT | &Method::POST, ["rules"]) => {
@@ -229,6 +232,5 @@ pub(crate) fn handle(shared: &std::sync::Arc<Shared>, parts: &Parts, body: &Byte
             }
         }
         _ => error(StatusCode::NOT_FOUND, "no such sandbox control"),
-    };
-    result
+    }
 }

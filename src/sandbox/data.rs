@@ -17,8 +17,8 @@ const CREATOR_NAMES: [&str; 10] = [
     "Luna", "Mia", "Ava", "Chloe", "Sofia", "Ivy", "Nora", "Ruby", "Jade", "Stella",
 ];
 const FAN_NAMES: [&str; 16] = [
-    "Alex", "Jordan", "Taylor", "Sam", "Chris", "Morgan", "Jamie", "Riley", "Casey", "Drew",
-    "Max", "Robin", "Kai", "Noah", "Leo", "Eli",
+    "Alex", "Jordan", "Taylor", "Sam", "Chris", "Morgan", "Jamie", "Riley", "Casey", "Drew", "Max",
+    "Robin", "Kai", "Noah", "Leo", "Eli",
 ];
 const FAN_LINES: [&str; 8] = [
     "hey, how was your day?",
@@ -206,9 +206,21 @@ impl Profile {
         };
         let price = self.price_cents;
         let subscribes = price * months;
-        let tips = if rng.chance(40) { rng.between(5, 200) * 100 } else { 0 };
-        let messages = if rng.chance(50) { rng.between(1, 30) * 499 } else { 0 };
-        let posts = if rng.chance(20) { rng.between(1, 10) * 999 } else { 0 };
+        let tips = if rng.chance(40) {
+            rng.between(5, 200) * 100
+        } else {
+            0
+        };
+        let messages = if rng.chance(50) {
+            rng.between(1, 30) * 499
+        } else {
+            0
+        };
+        let posts = if rng.chance(20) {
+            rng.between(1, 10) * 999
+        } else {
+            0
+        };
         let duration = format!("{months} month{}", if months == 1 { "" } else { "s" });
         let subscribed_on_data = json!({
             "price": money(price),
@@ -342,7 +354,9 @@ impl Profile {
         let indexes: Vec<u64> = if ascending {
             // Messages after the cursor, oldest first.
             let from = match cursor {
-                Some(c) if c >= chat.base_id => ((c - chat.base_id) / MESSAGE_ID_STEP + 1).min(chat.count),
+                Some(c) if c >= chat.base_id => {
+                    ((c - chat.base_id) / MESSAGE_ID_STEP + 1).min(chat.count)
+                }
                 _ => 0,
             };
             (from..chat.count).collect()
@@ -404,9 +418,7 @@ impl Profile {
         let mut rng = Rng::new(&[self.seed, 4]);
         let count = rng.between(40, 200);
         let gap = secs(rng.between(2, 12)) * 3_600;
-        (0..count)
-            .map(|i| Transaction::new(self, i, gap))
-            .collect()
+        (0..count).map(|i| Transaction::new(self, i, gap)).collect()
     }
 
     /// `GET payouts/transactions?limit&marker&startDate`.
@@ -855,7 +867,10 @@ mod tests {
         let page = page.as_array().unwrap();
         assert_eq!(page.len(), 3);
         assert_eq!(page[0]["id"].as_u64(), Some(p.fan_id(2)));
-        assert_eq!(page[0]["subscribedOnData"]["subscribes"][0]["isCurrent"], true);
+        assert_eq!(
+            page[0]["subscribedOnData"]["subscribes"][0]["isCurrent"],
+            true
+        );
         let expired = p.subscribers(&q("type=expired&limit=1")).unwrap();
         assert_eq!(expired[0]["subscribedOn"], false);
     }

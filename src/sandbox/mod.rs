@@ -292,11 +292,7 @@ impl Sandbox {
     /// `x-bc`, `user-agent` and `accept`.
     pub fn signed_headers(&self, account: &SandboxAccount, path_and_query: &str) -> HeaderMap {
         let rules = self.shared.current_rules();
-        let signature = rules.sign_at(
-            path_and_query,
-            &account.user_id,
-            self.shared.clock.now_ms(),
-        );
+        let signature = rules.sign_at(path_and_query, &account.user_id, self.shared.clock.now_ms());
         let mut headers = HeaderMap::new();
         let pairs = [
             ("sign", signature.sign.as_str()),

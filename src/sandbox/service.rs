@@ -156,7 +156,8 @@ impl Answer {
         res.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static(self.content_type));
         if let Some(secs) = self.retry_after {
-            res.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
+            res.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(secs));
         }
         res
     }
@@ -401,8 +402,7 @@ fn endpoint(shared: &Shared, parts: &Parts, body: &Bytes, user_id: &str) -> Answ
             Some(_) => Answer::not_found("Message not found"),
             None => Answer::not_found("Not found."),
         },
-        (&Method::GET, ["subscriptions", "subscribers"]) => match profile().subscribers(&query)
-        {
+        (&Method::GET, ["subscriptions", "subscribers"]) => match profile().subscribers(&query) {
             Some(list) => ok(list),
             None => Answer::bad_request("Wrong subscribers type."),
         },
