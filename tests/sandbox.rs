@@ -975,3 +975,42 @@ async fn shutdown_stops_the_server() {
     s.server.shutdown().await;
     assert!(TcpStream::connect(addr).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_and_faults_are_exact_under_concurrent_connections() {
+    let s = std::sync::Arc::new(Setup::new().await);
+    s.sandbox
+        .inject(Fault::fail(StatusCode::SERVICE_UNAVAILABLE).times(37));
+    let tasks: Vec<_> = (0..8)
+        .map(|c| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut conn = s.conn().await;
+                let mut failed = 0;
+                for i in 0..25 {
+                    let pq = format!("/api2/v2/chats/{}/messages?limit=2", c * 100 + i);
+                    match conn.send(s.get(&pq)).await.status {
+                        StatusCode::OK => {}
+                        StatusCode::SERVICE_UNAVAILABLE => failed += 1,
+                        other => panic!("unexpected {other}"),
+                    }
+                }
+                failed
+            })
+        })
+        .collect();
+    let mut failed = 0;
+    for task in tasks {
+        failed += task.await.unwrap();
+    }
+    assert_eq!(failed, 37);
+    assert!(s.sandbox.pending_faults().is_empty());
+    assert_eq!(s.sandbox.requests_received(), 200);
+    assert_eq!(s.sandbox.path_counts().len(), 200);
+    let recorded = s.sandbox.recorded_requests();
+    assert_eq!(recorded.len(), 200);
+    assert_eq!(
+        recorded.iter().filter(|r| r.fault == Some("fail")).count(),
+        37
+    );
+}
