@@ -1,4 +1,5 @@
 //! `RequestLoggerLayer` behaviour: one exact row per request, ids, channel limits, flushing.
+#![cfg(feature = "memory")]
 
 use std::convert::Infallible;
 use std::pin::Pin;

@@ -1,6 +1,7 @@
 //! The `tracing` side of `RequestLoggerLayer`: a span per request, one event at its end, no
 //! secrets. Alone in its test binary: `tracing` caches per call site whether anyone listens,
 //! so tests without a subscriber running in parallel would hide these call sites.
+#![cfg(feature = "memory")]
 
 use std::convert::Infallible;
 use std::io;
