@@ -9,7 +9,7 @@ use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
-use tollgate_core::{CreditReceipt, ErrorCode, ModelId, Principal, RequestId};
+use tollgate_core::{CreditReceipt, ErrorCode, Identity, ModelId, Principal, RequestId};
 use tracing::Span;
 
 use crate::layer::Shared;
@@ -30,7 +30,9 @@ pub(crate) struct LogGuard {
     model: Option<ModelId>,
     status: u16,
     code: Option<ErrorCode>,
-    principal: Option<Principal>,
+    // Who called: the auth layer's `Identity` (set even when the org was then refused for
+    // lack of a subscription), else a `Principal` put there by someone else.
+    identity: Option<Identity>,
     receipt: Option<CreditReceipt>,
 }
 
@@ -58,7 +60,7 @@ impl LogGuard {
             // Until a response arrives, the request counts as abandoned by the client.
             status: STATUS_CLIENT_CLOSED,
             code: None,
-            principal: None,
+            identity: None,
             receipt: None,
         }
     }
@@ -73,7 +75,10 @@ impl LogGuard {
         let ext = res.extensions();
         self.status = res.status().as_u16();
         self.code = ext.get::<ErrorCode>().copied();
-        self.principal = ext.get::<Principal>().copied();
+        self.identity = ext
+            .get::<Identity>()
+            .copied()
+            .or_else(|| ext.get::<Principal>().copied().map(Identity::from));
         self.receipt = ext.get::<CreditReceipt>().cloned();
     }
 
@@ -87,8 +92,8 @@ impl LogGuard {
         LogRecord {
             time_ms: self.time_ms,
             request_id: self.request_id.as_str().to_owned(),
-            org_id: self.principal.map(|p| p.org),
-            key_id: self.principal.map(|p| p.key),
+            org_id: self.identity.map(|p| p.org),
+            key_id: self.identity.map(|p| p.key),
             model_id: self.model,
             method: self.method.clone(),
             route: self.route.clone(),

@@ -842,3 +842,36 @@ fn a_worker_can_be_spawned_by_the_caller() {
     let row = one_row(&sink, "own-worker");
     assert_eq!((row.org_id, row.key_id), (Some(org), Some(key)));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_but_identified_caller_is_attributed_through_identity() {
+    let clock = ManualClock::new(T0);
+    let sink = Arc::new(MemoryLogSink::new(clock.clone()));
+    let layer = RequestLoggerLayer::new(sink.clone()).with_clock(clock.clone());
+    let handle = layer.handle();
+    // The auth layer refuses an org without a subscription: no `Principal` (no plan), but
+    // the `Identity` of the key it recognised.
+    let svc = ServiceBuilder::new().layer(layer).service(service_fn(
+        |_req: Request<Full<Bytes>>| async move {
+            let mut res: Response<Full<Bytes>> =
+                Rejection::new(ErrorCode::NoSubscription).into_response();
+            res.extensions_mut().insert(tollgate_core::Identity {
+                org: principal().org,
+                key: principal().key,
+            });
+            Ok::<_, Infallible>(res)
+        },
+    ));
+    let res = svc
+        .oneshot(get(&stats_path(), Some("no-sub-1")))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::PAYMENT_REQUIRED);
+    let _ = res.into_body().collect().await.unwrap();
+    handle.flush().await;
+    let row = one_row(&sink, "no-sub-1");
+    assert_eq!(row.org_id, Some(principal().org));
+    assert_eq!(row.key_id, Some(principal().key));
+    assert_eq!(row.code, Some(ErrorCode::NoSubscription));
+    assert_eq!(row.credits, 0);
+}
