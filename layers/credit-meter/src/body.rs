@@ -22,8 +22,11 @@ pin_project! {
     /// body reaches its end: the commit completes *before* this body reports its own end,
     /// so a layer outside that waits for the end of the body finds the
     /// [`CreditReceipt`](tollgate_core::CreditReceipt) settled. A body error or dropping the
-    /// body before its end releases the hold instead. Until the hold is settled,
-    /// [`Body::is_end_stream`] is `false`, so servers keep polling to the end.
+    /// body before its end releases the hold instead. The body is complete when the inner
+    /// body ends, says [`Body::is_end_stream`], or has delivered the exact length it
+    /// announced; the commit then runs before the last bytes are yielded, because a server
+    /// that knows the length stops polling right after them. Until the hold is settled,
+    /// [`Body::is_end_stream`] is `false`.
     ///
     /// When the request carried [`JsonBodyRequired`](tollgate_core::JsonBodyRequired), the
     /// 2xx body is buffered and charged only if it is valid JSON; it is then yielded as one
@@ -39,15 +42,17 @@ pin_project! {
 }
 
 enum Meter<E> {
-    /// Not metered: the body is passed on as it is.
+    /// Not metered (or already settled): the inner body is passed on as it is.
     Off,
-    /// Reading the inner body; `buffer` is `Some` when it must be checked for JSON.
+    /// Reading the inner body. `buffer` is `Some` when it must be checked for JSON;
+    /// `remaining` counts down the exact length the body announced, if it did.
     Streaming {
         ticket: Ticket,
         buffer: Option<BytesMut>,
         trailers: Option<HeaderMap>,
+        remaining: Option<u64>,
     },
-    /// The inner body ended (or failed); the hold is being committed or released.
+    /// The inner body is complete (or failed); the hold is being committed or released.
     Settling {
         call: SettleCall,
         tail: Tail<E>,
@@ -57,15 +62,47 @@ enum Meter<E> {
     Done,
 }
 
+/// What is yielded after the settlement, in order: an error, or the held-back data and
+/// trailers; then the rest of the inner body unless it already ended.
 struct Tail<E> {
+    error: Option<E>,
     data: Option<Bytes>,
     trailers: Option<HeaderMap>,
-    error: Option<E>,
+    inner_done: bool,
 }
 
 impl<E> Tail<E> {
     fn len(&self) -> u64 {
         self.data.as_ref().map_or(0, |d| d.len() as u64)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.error.is_none() && self.data.is_none() && self.trailers.is_none()
+    }
+}
+
+/// The inner body is complete: commits (or, for a buffered body that is not JSON, releases)
+/// and returns the data still to be yielded.
+fn finish(
+    ticket: Ticket,
+    buffer: Option<BytesMut>,
+    last: Option<Bytes>,
+) -> (SettleCall, Option<Bytes>) {
+    match buffer {
+        None => (ticket.commit(), last),
+        Some(mut buf) => {
+            if let Some(last) = last {
+                buf.extend_from_slice(&last);
+            }
+            let data = buf.freeze();
+            // A 2xx the envelope will turn into a 502 is not billed.
+            let call = if is_json(&data) {
+                ticket.commit()
+            } else {
+                ticket.release()
+            };
+            (call, (!data.is_empty()).then_some(data))
+        }
     }
 }
 
@@ -87,12 +124,14 @@ impl<B: Body> MeterBody<B> {
     }
 
     pub(crate) fn metered(body: B, ticket: Ticket, json_required: bool) -> Self {
+        let remaining = body.size_hint().exact();
         MeterBody {
             inner: GateBody::inner(body),
             meter: Meter::Streaming {
                 ticket,
                 buffer: json_required.then(BytesMut::new),
                 trailers: None,
+                remaining,
             },
         }
     }
@@ -130,68 +169,95 @@ where
                     ticket,
                     mut buffer,
                     mut trailers,
+                    mut remaining,
                 } => match this.inner.as_mut().poll_frame(cx) {
                     Poll::Pending => {
                         *this.meter = Meter::Streaming {
                             ticket,
                             buffer,
                             trailers,
+                            remaining,
                         };
                         return Poll::Pending;
                     }
-                    Poll::Ready(Some(Ok(frame))) => {
-                        let Some(buf) = buffer.as_mut() else {
+                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                        Ok(data) => {
+                            if let Some(r) = remaining.as_mut() {
+                                *r = r.saturating_sub(data.len() as u64);
+                            }
+                            // Settle *before* yielding the last bytes: a server that knows
+                            // the length (or sees `is_end_stream`) stops polling right after
+                            // them and drops the body.
+                            if this.inner.is_end_stream() || remaining == Some(0) {
+                                let (call, data) = finish(ticket, buffer, Some(data));
+                                *this.meter = Meter::Settling {
+                                    call,
+                                    tail: Tail {
+                                        error: None,
+                                        data,
+                                        trailers,
+                                        inner_done: false,
+                                    },
+                                };
+                                continue;
+                            }
+                            let frame = match buffer.as_mut() {
+                                Some(buf) => {
+                                    buf.extend_from_slice(&data);
+                                    None
+                                }
+                                None => Some(Frame::data(data)),
+                            };
                             *this.meter = Meter::Streaming {
                                 ticket,
                                 buffer,
                                 trailers,
+                                remaining,
                             };
-                            return Poll::Ready(Some(Ok(frame)));
-                        };
-                        match frame.into_data() {
-                            Ok(data) => buf.extend_from_slice(&data),
-                            Err(frame) => {
+                            if let Some(frame) = frame {
+                                return Poll::Ready(Some(Ok(frame)));
+                            }
+                        }
+                        Err(frame) => {
+                            let frame = if buffer.is_some() {
                                 if let Ok(more) = frame.into_trailers() {
                                     trailers.get_or_insert_with(HeaderMap::new).extend(more);
                                 }
+                                None
+                            } else {
+                                Some(frame)
+                            };
+                            *this.meter = Meter::Streaming {
+                                ticket,
+                                buffer,
+                                trailers,
+                                remaining,
+                            };
+                            if let Some(frame) = frame {
+                                return Poll::Ready(Some(Ok(frame)));
                             }
                         }
-                        *this.meter = Meter::Streaming {
-                            ticket,
-                            buffer,
-                            trailers,
-                        };
-                    }
+                    },
                     Poll::Ready(Some(Err(error))) => {
                         *this.meter = Meter::Settling {
                             call: ticket.release(),
                             tail: Tail {
+                                error: Some(error),
                                 data: None,
                                 trailers: None,
-                                error: Some(error),
+                                inner_done: true,
                             },
                         };
                     }
                     Poll::Ready(None) => {
-                        let (call, data) = match buffer {
-                            None => (ticket.commit(), None),
-                            Some(buf) => {
-                                let data = buf.freeze();
-                                // A 2xx the envelope will turn into a 502 is not billed.
-                                let call = if is_json(&data) {
-                                    ticket.commit()
-                                } else {
-                                    ticket.release()
-                                };
-                                (call, (!data.is_empty()).then_some(data))
-                            }
-                        };
+                        let (call, data) = finish(ticket, buffer, None);
                         *this.meter = Meter::Settling {
                             call,
                             tail: Tail {
+                                error: None,
                                 data,
                                 trailers,
-                                error: None,
+                                inner_done: true,
                             },
                         };
                     }
@@ -205,16 +271,22 @@ where
                 }
                 Meter::Tail(mut tail) => {
                     let frame = if let Some(error) = tail.error.take() {
-                        Some(Err(error))
+                        Err(error)
                     } else if let Some(data) = tail.data.take() {
-                        Some(Ok(Frame::data(data)))
+                        Ok(Frame::data(data))
+                    } else if let Some(trailers) = tail.trailers.take() {
+                        Ok(Frame::trailers(trailers))
                     } else {
-                        tail.trailers.take().map(|t| Ok(Frame::trailers(t)))
+                        // Anything the inner body still has (trailers) passes through.
+                        *this.meter = if tail.inner_done {
+                            Meter::Done
+                        } else {
+                            Meter::Off
+                        };
+                        continue;
                     };
-                    if frame.is_some() {
-                        *this.meter = Meter::Tail(tail);
-                    }
-                    return Poll::Ready(frame);
+                    *this.meter = Meter::Tail(tail);
+                    return Poll::Ready(Some(frame));
                 }
                 Meter::Done => return Poll::Ready(None),
             }
@@ -226,7 +298,7 @@ where
             Meter::Off => self.inner.is_end_stream(),
             // Not over until the hold is settled: the server must poll once more.
             Meter::Streaming { .. } | Meter::Settling { .. } => false,
-            Meter::Tail(t) => t.error.is_none() && t.data.is_none() && t.trailers.is_none(),
+            Meter::Tail(t) => t.is_empty() && (t.inner_done || self.inner.is_end_stream()),
             Meter::Done => true,
         }
     }

@@ -50,7 +50,8 @@ pin_project! {
             // `None`: a free route, passed through without metering.
             metering: Option<(Ticket, bool)>,
         },
-        Releasing {
+        // Settling before answering: non-2xx, errors, and 2xx whose body is already complete.
+        Settling {
             call: SettleCall,
             outcome: Option<Result<S::Response, S::Error>>,
         },
@@ -170,6 +171,21 @@ where
                     match result {
                         Ok(mut res) if res.status().is_success() => {
                             res.extensions_mut().insert(ticket.receipt().clone());
+                            let body = res.body();
+                            if body.is_end_stream() || body.size_hint().exact() == Some(0) {
+                                // Complete already (e.g. 204): a server would not poll it at
+                                // all, so settle now. Empty is not JSON.
+                                let call = if json_required {
+                                    ticket.release()
+                                } else {
+                                    ticket.commit()
+                                };
+                                this.state.set(State::Settling {
+                                    call,
+                                    outcome: Some(Ok(res)),
+                                });
+                                continue;
+                            }
                             this.state.set(State::Done);
                             return Poll::Ready(Ok(
                                 res.map(|body| MeterBody::metered(body, ticket, json_required))
@@ -179,14 +195,14 @@ where
                             if let Ok(res) = &mut outcome {
                                 res.extensions_mut().insert(ticket.receipt().clone());
                             }
-                            this.state.set(State::Releasing {
+                            this.state.set(State::Settling {
                                 call: ticket.release(),
                                 outcome: Some(outcome),
                             });
                         }
                     }
                 }
-                StateProj::Releasing { call, outcome } => {
+                StateProj::Settling { call, outcome } => {
                     std::task::ready!(call.poll_settle(cx));
                     let outcome = outcome.take();
                     this.state.set(State::Done);
@@ -215,7 +231,7 @@ where
             State::Reject { .. } => "reject",
             State::Check { .. } => "check",
             State::Inner { .. } => "inner",
-            State::Releasing { .. } => "releasing",
+            State::Settling { .. } => "settling",
             State::Done => "done",
         };
         f.debug_struct("ResponseFuture")

@@ -682,3 +682,30 @@ async fn a_ledger_that_is_down_is_503_and_not_forwarded() {
     );
     assert_eq!(calls.load(Ordering::SeqCst), 0);
 }
+
+#[tokio::test]
+async fn an_empty_2xx_is_settled_before_the_response_is_handed_on() {
+    let (_clock, ledger) = manual_ledger();
+    let org = org_with(&ledger, Plan::Basic, Some(10)).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = meter_over(&ledger, &calls, || status(StatusCode::NO_CONTENT, ""));
+
+    // Nobody polls an empty body, so the charge cannot wait for its end.
+    let res = svc
+        .clone()
+        .oneshot(request(&users_me(), org, "r-1"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    assert_eq!(receipt(&res).settlement(), charged(1, Some(9)));
+    assert!(res.body().is_end_stream());
+    assert_eq!(ledger.open_holds(), 0);
+
+    // An empty body is not JSON: with the envelope's marker it is not billed.
+    let mut req = request(&users_me(), org, "r-2");
+    req.extensions_mut().insert(JsonBodyRequired);
+    let res = svc.oneshot(req).await.unwrap();
+    assert_eq!(receipt(&res).settlement(), Some(CreditSettlement::Released));
+    assert_eq!(balance(&ledger, org).await, 9);
+    assert_eq!(ledger.open_holds(), 0);
+}

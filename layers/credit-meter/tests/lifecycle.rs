@@ -153,7 +153,7 @@ async fn the_commit_happens_only_at_the_end_of_the_body() {
 }
 
 #[tokio::test]
-async fn a_complete_looking_body_is_not_over_until_it_is_charged() {
+async fn a_full_body_is_charged_before_its_last_bytes_are_yielded() {
     let (_clock, ledger) = manual_ledger();
     let org = org_with(&ledger, Plan::Basic, Some(10)).await;
     let (mut svc, mut handle) =
@@ -167,16 +167,52 @@ async fn a_complete_looking_body_is_not_over_until_it_is_charged() {
     let r = receipt(&res);
     let mut body = res.into_body();
     assert!(!body.is_end_stream());
-    assert_eq!(body.size_hint().exact(), Some(2));
+    assert_eq!(body.size_hint().exact(), Some(2), "Content-Length is kept");
+    assert_eq!(r.settlement(), None);
+    // A server that knows the length stops polling after the last byte, so the charge is
+    // made before that byte is handed over.
     let data = body.frame().await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(data, "{}");
-    // A `Full` body is at its end now, but the meter's body is not: a server that stops
-    // at `is_end_stream` would otherwise drop it and the charge would be lost.
-    assert!(!body.is_end_stream());
-    assert_eq!(r.settlement(), None);
-    assert!(body.frame().await.is_none());
     assert_eq!(r.settlement(), charged(1, Some(9)));
     assert!(body.is_end_stream());
+    assert!(body.frame().await.is_none());
+    assert_eq!(ledger.open_holds(), 0);
+}
+
+#[tokio::test]
+async fn a_body_of_announced_length_is_complete_at_its_last_byte() {
+    let (_clock, ledger) = manual_ledger();
+    let org = org_with(&ledger, Plan::Basic, Some(10)).await;
+    let (mut svc, mut handle) =
+        mock::spawn_layer::<Req, Response<ChannelBody>, _>(CreditMeterLayer::new(ledger.clone()));
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(request(&users_me(), org, "r-1")));
+    assert_pending!(fut.poll());
+    let (_req, send) = handle.next_request().await.unwrap();
+    let (tx, body) = channel_body();
+    send.send_response(Response::new(body.with_exact_len(5)));
+    let res = assert_ready_ok!(fut.poll());
+    let r = receipt(&res);
+    let mut body = res.into_body();
+    assert_eq!(body.size_hint().exact(), Some(5));
+
+    tx.send(Ok(Bytes::from_static(b"[1,"))).unwrap();
+    assert_eq!(
+        body.frame().await.unwrap().unwrap().into_data().unwrap(),
+        "[1,"
+    );
+    assert_eq!(r.settlement(), None);
+    assert_eq!(body.size_hint().exact(), Some(2));
+    // The channel never says it is at its end, but all announced bytes are here.
+    tx.send(Ok(Bytes::from_static(b"2]"))).unwrap();
+    assert_eq!(
+        body.frame().await.unwrap().unwrap().into_data().unwrap(),
+        "2]"
+    );
+    assert_eq!(r.settlement(), charged(1, Some(9)));
+    drop(tx);
+    assert!(body.frame().await.is_none());
+    assert_eq!(ledger.open_holds(), 0);
 }
 
 #[tokio::test]
@@ -257,6 +293,7 @@ struct SlowLedger {
     inner: Arc<MemoryLedger>,
     delay: Duration,
     granted: Arc<AtomicUsize>,
+    fail_commits: bool,
 }
 
 impl SlowLedger {
@@ -265,6 +302,7 @@ impl SlowLedger {
             inner: inner.clone(),
             delay: Duration::from_millis(50),
             granted: Arc::new(AtomicUsize::new(0)),
+            fail_commits: false,
         }
     }
 }
@@ -288,9 +326,14 @@ impl Ledger for SlowLedger {
         })
     }
     fn commit(&self, hold: Hold) -> BoxFuture<Result<Option<u64>, BackendError>> {
-        let (inner, delay) = (self.inner.clone(), self.delay);
+        let (inner, delay, fail) = (self.inner.clone(), self.delay, self.fail_commits);
         Box::pin(async move {
             tokio::time::sleep(delay).await;
+            if fail {
+                return Err(BackendError::unavailable(
+                    "connection reset by the database",
+                ));
+            }
             inner.commit(hold).await
         })
     }
@@ -385,11 +428,8 @@ async fn a_body_dropped_while_its_commit_is_in_flight_still_settles_it() {
     let r = receipt(&res);
     let mut body = task::spawn(res.into_body());
     let mut frame = task::spawn(body.frame());
-    assert!(assert_ready!(frame.poll()).unwrap().is_ok());
+    assert_pending!(frame.poll()); // the whole body arrived; the commit is in flight
     drop(frame);
-    let mut end = task::spawn(body.frame());
-    assert_pending!(end.poll()); // the whole body arrived; the commit is in flight
-    drop(end);
     drop(body);
     assert_eq!(r.settlement(), None);
 
@@ -421,4 +461,33 @@ async fn a_non_2xx_waits_for_its_release_before_answering() {
     assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
     assert_eq!(receipt(&res).settlement(), Some(CreditSettlement::Released));
     assert_eq!(memory.open_holds(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_commit_delivers_the_body_uncharged_and_the_hold_expires() {
+    let clock = tollgate_core::TokioClock::starting_at(T0);
+    let memory = Arc::new(MemoryLedger::new(clock).with_hold_ttl(Duration::from_secs(60)));
+    let org = org_with(&memory, Plan::Basic, Some(5)).await;
+    let mut flaky = SlowLedger::new(&memory);
+    flaky.fail_commits = true;
+    let (mut svc, mut handle) =
+        mock::spawn_layer::<Req, Response<Full<Bytes>>, _>(CreditMeterLayer::new(flaky));
+    assert_ready_ok!(svc.poll_ready());
+    let fut = svc.call(request(&users_me(), org, "r-1"));
+    let answer = async {
+        let (_req, send) = handle.next_request().await.unwrap();
+        send.send_response(ok_json(r#"{"id":1}"#));
+    };
+    let (res, ()) = tokio::join!(fut, answer);
+    let res = res.unwrap();
+    let r = receipt(&res);
+    // The client gets its data; the request is not billed.
+    assert_eq!(body_bytes(res.into_body()).await, r#"{"id":1}"#);
+    assert_eq!(r.settlement(), Some(CreditSettlement::Released));
+    assert_eq!(balance(&memory, org).await, 5);
+    // The ledger may or may not have applied it; the hold stays until it expires.
+    assert_eq!(memory.open_holds(), 1);
+    tokio::time::advance(Duration::from_secs(61)).await;
+    assert_eq!(memory.sweep_expired_holds().await.unwrap(), 1);
+    assert_eq!(account(&memory, org).await.available(), Some(5));
 }

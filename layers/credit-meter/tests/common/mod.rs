@@ -1,7 +1,6 @@
 //! Helpers shared by the credit meter's integration tests.
 #![allow(dead_code)]
 
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -137,6 +136,15 @@ pub fn replay(rows: &[LedgerEntry]) -> (u64, u64) {
 #[derive(Debug)]
 pub struct ChannelBody {
     rx: mpsc::UnboundedReceiver<Result<Bytes, std::io::Error>>,
+    exact_len: Option<u64>,
+}
+
+impl ChannelBody {
+    /// Announces an exact length (as a body with a `Content-Length` does).
+    pub fn with_exact_len(mut self, len: u64) -> Self {
+        self.exact_len = Some(len);
+        self
+    }
 }
 
 pub fn channel_body() -> (
@@ -144,7 +152,13 @@ pub fn channel_body() -> (
     ChannelBody,
 ) {
     let (tx, rx) = mpsc::unbounded_channel();
-    (tx, ChannelBody { rx })
+    (
+        tx,
+        ChannelBody {
+            rx,
+            exact_len: None,
+        },
+    )
 }
 
 impl Body for ChannelBody {
@@ -155,15 +169,23 @@ impl Body for ChannelBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        self.rx
-            .poll_recv(cx)
-            .map(|item| item.map(|r| r.map(Frame::data)))
+        let polled = self.rx.poll_recv(cx);
+        if let Poll::Ready(Some(Ok(data))) = &polled {
+            if let Some(len) = self.exact_len.as_mut() {
+                *len = len.saturating_sub(data.len() as u64);
+            }
+        }
+        polled.map(|item| item.map(|r| r.map(Frame::data)))
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self.exact_len {
+            Some(len) => http_body::SizeHint::with_exact(len),
+            None => http_body::SizeHint::default(),
+        }
     }
 }
 
-/// A clock that cannot be wound back, for asserting it is not consulted.
 pub fn now(clock: &ManualClock) -> u64 {
     clock.now_ms()
 }
-
-pub type Infallibly<T> = Result<T, Infallible>;
