@@ -199,9 +199,7 @@ impl Config {
         for (var, value) in &values {
             let bad = |why: &str| ConfigError(format!("{var}: {why} (got {value:?})"));
             match *var {
-                "TOLLGATE_BIND" => {
-                    c.bind = value.parse().map_err(|_| bad("expected host:port"))?
-                }
+                "TOLLGATE_BIND" => c.bind = value.parse().map_err(|_| bad("expected host:port"))?,
                 "TOLLGATE_ADMIN_TOKEN" => c.admin_token = Some(value.clone()),
                 "DATABASE_URL" => c.database_url = Some(value.clone()),
                 "REDIS_URL" => c.redis_url = Some(value.clone()),
@@ -235,7 +233,8 @@ impl Config {
                         .ok_or_else(|| bad("expected a positive number of bytes"))?
                 }
                 "TOLLGATE_SESSION_KEY" => {
-                    c.session_key = Some(parse_key(value).ok_or_else(|| bad("expected 64 hex digits"))?)
+                    c.session_key =
+                        Some(parse_key(value).ok_or_else(|| bad("expected 64 hex digits"))?)
                 }
                 "TOLLGATE_DEMO" => {
                     c.demo = match value.as_str() {
@@ -282,7 +281,10 @@ pub fn parse_burst(value: &str) -> Result<[u32; 4], String> {
         let (name, n) = part
             .split_once('=')
             .ok_or_else(|| format!("expected plan=number, got {part:?}"))?;
-        let plan: Plan = name.trim().parse().map_err(|e: tollgate_core::PlanParseError| e.to_string())?;
+        let plan: Plan = name
+            .trim()
+            .parse()
+            .map_err(|e: tollgate_core::PlanParseError| e.to_string())?;
         let n: u32 = n
             .trim()
             .parse()
@@ -339,8 +341,17 @@ mod tests {
     #[test]
     fn flags_win_over_environment() {
         let c = Config::from_sources(
-            &env(&[("TOLLGATE_BIND", "127.0.0.1:9000"), ("TOLLGATE_WINDOW_MS", "500")]),
-            &args(&["--bind", "127.0.0.1:9100", "--burst=basic=3", "--rate-limit-failure", "closed"]),
+            &env(&[
+                ("TOLLGATE_BIND", "127.0.0.1:9000"),
+                ("TOLLGATE_WINDOW_MS", "500"),
+            ]),
+            &args(&[
+                "--bind",
+                "127.0.0.1:9100",
+                "--burst=basic=3",
+                "--rate-limit-failure",
+                "closed",
+            ]),
         )
         .unwrap();
         assert_eq!(c.bind.to_string(), "127.0.0.1:9100");
@@ -376,8 +387,7 @@ mod tests {
         }
         let err = Config::from_sources(&HashMap::new(), &args(&["--nope"])).unwrap_err();
         assert!(err.0.contains("unknown argument"));
-        let err =
-            Config::from_sources(&env(&[("DATABASE_URL", "postgres://x")]), &[]).unwrap_err();
+        let err = Config::from_sources(&env(&[("DATABASE_URL", "postgres://x")]), &[]).unwrap_err();
         assert!(err.0.contains("TOLLGATE_SESSION_KEY"));
     }
 

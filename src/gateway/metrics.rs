@@ -67,14 +67,22 @@ impl Metrics {
     /// Counts a failed call to a backend (`postgres`, `redis`, `upstream`, `signer`, …).
     pub fn record_backend_error(&self, backend: &'static str) {
         {
-            let map = self.backend_errors.read().unwrap_or_else(|e| e.into_inner());
+            let map = self
+                .backend_errors
+                .read()
+                .unwrap_or_else(|e| e.into_inner());
             if let Some(c) = map.get(backend) {
                 c.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         }
-        let mut map = self.backend_errors.write().unwrap_or_else(|e| e.into_inner());
-        map.entry(backend).or_default().fetch_add(1, Ordering::Relaxed);
+        let mut map = self
+            .backend_errors
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        map.entry(backend)
+            .or_default()
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Total requests counted for `(route, code)`.
@@ -89,7 +97,9 @@ impl Metrics {
     /// The Prometheus text format.
     pub fn render(&self, gauges: Gauges) -> String {
         let mut out = String::with_capacity(4096);
-        out.push_str("# HELP tollgate_requests_total Requests answered, by route template and code.\n");
+        out.push_str(
+            "# HELP tollgate_requests_total Requests answered, by route template and code.\n",
+        );
         out.push_str("# TYPE tollgate_requests_total counter\n");
         {
             let map = self.requests.read().unwrap_or_else(|e| e.into_inner());
@@ -129,7 +139,10 @@ impl Metrics {
         let _ = writeln!(out, "tollgate_request_duration_seconds_count {count}");
 
         let gauge = |out: &mut String, name: &str, help: &str, kind: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
         };
         gauge(
             &mut out,
@@ -154,14 +167,20 @@ impl Metrics {
         );
         out.push_str("# HELP tollgate_backend_errors_total Failed calls to a backend.\n");
         out.push_str("# TYPE tollgate_backend_errors_total counter\n");
-        let map = self.backend_errors.read().unwrap_or_else(|e| e.into_inner());
+        let map = self
+            .backend_errors
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
         let mut rows: Vec<_> = map
             .iter()
             .map(|(b, v)| (*b, v.load(Ordering::Relaxed)))
             .collect();
         rows.sort();
         for (backend, n) in rows {
-            let _ = writeln!(out, "tollgate_backend_errors_total{{backend=\"{backend}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "tollgate_backend_errors_total{{backend=\"{backend}\"}} {n}"
+            );
         }
         out
     }
@@ -193,7 +212,9 @@ mod tests {
         assert!(text.contains(
             "tollgate_requests_total{route=\"/api/models/:id/users/me\",code=\"OK\"} 2\n"
         ));
-        assert!(text.contains("tollgate_requests_total{route=\"unmatched\",code=\"NOT_FOUND\"} 1\n"));
+        assert!(
+            text.contains("tollgate_requests_total{route=\"unmatched\",code=\"NOT_FOUND\"} 1\n")
+        );
         assert!(text.contains("tollgate_request_duration_seconds_bucket{le=\"0.001\"} 2\n"));
         assert!(text.contains("tollgate_request_duration_seconds_bucket{le=\"0.05\"} 3\n"));
         assert!(text.contains("tollgate_request_duration_seconds_bucket{le=\"+Inf\"} 3\n"));

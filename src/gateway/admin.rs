@@ -1,0 +1,409 @@
+//! The admin API (SPEC §5): organizations, subscriptions, credits, keys and models, behind
+//! `Authorization: Bearer <TOLLGATE_ADMIN_TOKEN>`.
+
+use bytes::Bytes;
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, Full, Limited};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use tollgate_api_key_auth::{KeyInfo, KeyStatus};
+use tollgate_core::time::rfc3339_from_ms;
+use tollgate_core::{BackendError, BoxError, ErrorCode, KeyId, ModelId, OrgId, Plan, Rejection};
+use tollgate_upstream_sign::{ModelRecord, Session};
+
+use super::state::AppState;
+
+/// The most an admin request body may hold.
+const ADMIN_BODY_LIMIT: usize = 64 * 1024;
+
+type AdminResult = Result<Response<Full<Bytes>>, Rejection>;
+
+fn json_response(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut res = Response::new(Full::new(Bytes::from(body)));
+    *res.status_mut() = status;
+    res.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res
+}
+
+fn ok(value: &impl Serialize) -> AdminResult {
+    Ok(json_response(StatusCode::OK, value))
+}
+
+fn created(value: &impl Serialize) -> AdminResult {
+    Ok(json_response(StatusCode::CREATED, value))
+}
+
+fn invalid(message: impl Into<String>) -> Rejection {
+    Rejection::new(ErrorCode::InvalidRequest).with_message(message.into())
+}
+
+fn not_found(what: &str) -> Rejection {
+    Rejection::new(ErrorCode::NotFound).with_message(format!("No such {what}."))
+}
+
+fn backend(e: BackendError) -> Rejection {
+    tracing::error!(error = %e, "admin API backend failure");
+    e.rejection()
+}
+
+/// Compares the presented token with the configured one without leaking, through timing,
+/// how much of it matched.
+fn token_matches(presented: &[u8], expected: &[u8]) -> bool {
+    if presented.len() != expected.len() {
+        return false;
+    }
+    presented
+        .iter()
+        .zip(expected)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
+}
+
+/// Answers one admin request.
+pub async fn handle<B>(state: &AppState, req: Request<B>) -> Response<Full<Bytes>>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    match route(state, req).await {
+        Ok(res) => res,
+        Err(rejection) => rejection.into_response(),
+    }
+}
+
+async fn route<B>(state: &AppState, req: Request<B>) -> AdminResult
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let Some(expected) = state.config.admin_token.as_deref() else {
+        return Err(Rejection::new(ErrorCode::NotFound));
+    };
+    let presented = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .unwrap_or_default();
+    if !token_matches(presented, expected.as_bytes()) {
+        return Err(Rejection::new(ErrorCode::Unauthorized));
+    }
+
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let segments: Vec<&str> = path
+        .strip_prefix("/admin/")
+        .unwrap_or_default()
+        .split('/')
+        .collect();
+    let body = read_json(req).await;
+
+    match (&method, segments.as_slice()) {
+        (&Method::POST, ["orgs"]) => create_org(state, body?).await,
+        (&Method::GET, ["orgs", org]) => ok(&org_view(state, org_id(org)?).await?),
+        (&Method::PUT, ["orgs", org, "subscription"]) => {
+            subscribe(state, org_id(org)?, body?).await
+        }
+        (&Method::DELETE, ["orgs", org, "subscription"]) => cancel(state, org_id(org)?).await,
+        (&Method::POST, ["orgs", org, "credits"]) => top_up(state, org_id(org)?, body?).await,
+        (&Method::PUT, ["orgs", org, "credits"]) => set_balance(state, org_id(org)?, body?).await,
+        (&Method::POST, ["orgs", org, "keys"]) => create_key(state, org_id(org)?, body?).await,
+        (&Method::GET, ["orgs", org, "keys"]) => list_keys(state, org_id(org)?).await,
+        (&Method::POST, ["keys", key, "revoke"]) => revoke_key(state, key_id(key)?).await,
+        (&Method::POST, ["keys", key, "rotate"]) => rotate_key(state, key_id(key)?).await,
+        (&Method::POST, ["orgs", org, "models"]) => add_model(state, org_id(org)?, body?).await,
+        (&Method::GET, ["orgs", org, "models"]) => list_models(state, org_id(org)?).await,
+        (&Method::POST, ["models", model, "reconnect"]) => {
+            reconnect(state, model_id(model)?, body?).await
+        }
+        _ => Err(Rejection::new(ErrorCode::NotFound)),
+    }
+}
+
+async fn read_json<B>(req: Request<B>) -> Result<Value, Rejection>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let bytes = Limited::new(req.into_body(), ADMIN_BODY_LIMIT)
+        .collect()
+        .await
+        .map_err(|_| {
+            Rejection::new(ErrorCode::PayloadTooLarge)
+                .with_message("The admin request body is too large or unreadable.")
+        })?
+        .to_bytes();
+    if bytes.is_empty() {
+        return Ok(Value::Null);
+    }
+    serde_json::from_slice(&bytes).map_err(|e| invalid(format!("The body is not valid JSON: {e}.")))
+}
+
+fn org_id(text: &str) -> Result<OrgId, Rejection> {
+    text.parse().map_err(|_| not_found("organization"))
+}
+
+fn key_id(text: &str) -> Result<KeyId, Rejection> {
+    text.parse().map_err(|_| not_found("key"))
+}
+
+fn model_id(text: &str) -> Result<ModelId, Rejection> {
+    text.parse().map_err(|_| not_found("model"))
+}
+
+fn string_field(body: &Value, field: &str) -> Result<String, Rejection> {
+    match body.get(field) {
+        Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.clone()),
+        Some(Value::String(_)) => Err(invalid(format!("`{field}` must not be empty."))),
+        Some(_) => Err(invalid(format!("`{field}` must be a string."))),
+        None => Err(invalid(format!("`{field}` is required."))),
+    }
+}
+
+fn count_field(body: &Value, field: &str) -> Result<u64, Rejection> {
+    match body.get(field) {
+        Some(Value::Number(n)) => match (n.as_u64(), n.as_i64()) {
+            (Some(v), _) => Ok(v),
+            (None, Some(_)) => Err(invalid(format!("`{field}` must not be negative."))),
+            _ => Err(invalid(format!("`{field}` must be a whole number."))),
+        },
+        Some(_) => Err(invalid(format!("`{field}` must be a number."))),
+        None => Err(invalid(format!("`{field}` is required."))),
+    }
+}
+
+fn session_field(body: &Value) -> Result<Session, Rejection> {
+    let session = body
+        .get("session")
+        .ok_or_else(|| invalid("`session` is required."))?;
+    if !session.is_object() {
+        return Err(invalid(
+            "`session` must be an object {cookie, user_id, x_bc, user_agent}.",
+        ));
+    }
+    let field = |name: &str| {
+        string_field(session, name).map_err(|_| {
+            invalid(format!(
+                "`session.{name}` is required and must be a non-empty string."
+            ))
+        })
+    };
+    let session = Session {
+        cookie: field("cookie")?,
+        user_id: field("user_id")?,
+        x_bc: field("x_bc")?,
+        user_agent: field("user_agent")?,
+    };
+    // Session material ends up in upstream headers: refuse what could never be sent.
+    for (name, value) in [
+        ("cookie", &session.cookie),
+        ("user_id", &session.user_id),
+        ("x_bc", &session.x_bc),
+        ("user_agent", &session.user_agent),
+    ] {
+        if HeaderValue::from_str(value).is_err() {
+            return Err(invalid(format!(
+                "`session.{name}` contains characters not allowed in an HTTP header."
+            )));
+        }
+    }
+    Ok(session)
+}
+
+async fn require_org(state: &AppState, org: OrgId) -> Result<String, Rejection> {
+    state
+        .orgs
+        .name(org)
+        .await
+        .map_err(backend)?
+        .ok_or_else(|| not_found("organization"))
+}
+
+#[derive(Serialize)]
+struct OrgView {
+    id: OrgId,
+    name: String,
+    plan: Option<Plan>,
+    status: &'static str,
+    balance: Option<u64>,
+    period_end: Option<String>,
+}
+
+async fn org_view(state: &AppState, org: OrgId) -> Result<OrgView, Rejection> {
+    let name = require_org(state, org).await?;
+    let account = state.ledger.account(org).await.map_err(backend)?;
+    let (plan, balance, period_end) = match &account {
+        Some(a) => (
+            a.plan,
+            a.balance(),
+            a.plan.map(|_| rfc3339_from_ms(a.period_end_ms)),
+        ),
+        None => (None, Some(0), None),
+    };
+    Ok(OrgView {
+        id: org,
+        name,
+        plan,
+        status: if plan.is_some() { "active" } else { "inactive" },
+        balance,
+        period_end,
+    })
+}
+
+async fn create_org(state: &AppState, body: Value) -> AdminResult {
+    let name = string_field(&body, "name")?;
+    let id = state.orgs.create(name.clone()).await.map_err(backend)?;
+    created(&json!({"id": id, "name": name}))
+}
+
+async fn subscribe(state: &AppState, org: OrgId, body: Value) -> AdminResult {
+    require_org(state, org).await?;
+    let plan: Plan = string_field(&body, "plan")?
+        .parse()
+        .map_err(|e: tollgate_core::PlanParseError| invalid(format!("{e}.")))?;
+    state.ledger.subscribe(org, plan).await.map_err(backend)?;
+    state
+        .keys
+        .set_subscription(org, Some(plan))
+        .await
+        .map_err(backend)?;
+    ok(&org_view(state, org).await?)
+}
+
+async fn cancel(state: &AppState, org: OrgId) -> AdminResult {
+    require_org(state, org).await?;
+    state
+        .keys
+        .set_subscription(org, None)
+        .await
+        .map_err(backend)?;
+    state.ledger.cancel(org).await.map_err(backend)?;
+    ok(&org_view(state, org).await?)
+}
+
+async fn top_up(state: &AppState, org: OrgId, body: Value) -> AdminResult {
+    require_org(state, org).await?;
+    let amount = count_field(&body, "amount")?;
+    if amount == 0 {
+        return Err(invalid("`amount` must be positive."));
+    }
+    let account = state
+        .ledger
+        .top_up(org, amount)
+        .await
+        .map_err(backend)?
+        .ok_or_else(|| not_found("organization"))?;
+    ok(&json!({"balance": account.balance()}))
+}
+
+async fn set_balance(state: &AppState, org: OrgId, body: Value) -> AdminResult {
+    require_org(state, org).await?;
+    let balance = count_field(&body, "balance")?;
+    let account = state
+        .ledger
+        .set_balance(org, balance)
+        .await
+        .map_err(backend)?
+        .ok_or_else(|| not_found("organization"))?;
+    ok(&json!({"balance": account.balance()}))
+}
+
+async fn create_key(state: &AppState, org: OrgId, body: Value) -> AdminResult {
+    require_org(state, org).await?;
+    let name = string_field(&body, "name")?;
+    let key = state.keys.create_key(org, name).await.map_err(backend)?;
+    created(&json!({"id": key.id, "key": key.secret}))
+}
+
+fn key_view(k: &KeyInfo) -> Value {
+    json!({
+        "id": k.id,
+        "name": k.name,
+        "prefix": k.prefix,
+        "status": match k.status { KeyStatus::Active => "active", KeyStatus::Revoked => "revoked" },
+        "created_at": rfc3339_from_ms(k.created_at_ms),
+        "last_used_at": k.last_used_at_ms.map(rfc3339_from_ms),
+    })
+}
+
+async fn list_keys(state: &AppState, org: OrgId) -> AdminResult {
+    require_org(state, org).await?;
+    let keys = state.keys.list_keys(org).await.map_err(backend)?;
+    ok(&keys.iter().map(key_view).collect::<Vec<_>>())
+}
+
+async fn revoke_key(state: &AppState, key: KeyId) -> AdminResult {
+    if !state.keys.revoke_key(key).await.map_err(backend)? {
+        return Err(not_found("key"));
+    }
+    let info = state.keys.key_info(key).await.map_err(backend)?;
+    ok(&info
+        .as_ref()
+        .map(key_view)
+        .unwrap_or(json!({"id": key, "status": "revoked"})))
+}
+
+async fn rotate_key(state: &AppState, key: KeyId) -> AdminResult {
+    let new = state
+        .keys
+        .rotate_key(key)
+        .await
+        .map_err(backend)?
+        .ok_or_else(|| not_found("key"))?;
+    ok(&json!({"id": new.id, "key": new.secret}))
+}
+
+fn model_view(m: &ModelRecord) -> Value {
+    json!({"id": m.id, "name": m.name, "status": m.status})
+}
+
+async fn add_model(state: &AppState, org: OrgId, body: Value) -> AdminResult {
+    require_org(state, org).await?;
+    let name = string_field(&body, "name")?;
+    let session = session_field(&body)?;
+    let record = state
+        .sessions
+        .connect(org, name, session)
+        .await
+        .map_err(backend)?;
+    state
+        .keys
+        .add_model(org, record.id)
+        .await
+        .map_err(backend)?;
+    created(&model_view(&record))
+}
+
+async fn list_models(state: &AppState, org: OrgId) -> AdminResult {
+    require_org(state, org).await?;
+    let models = state.sessions.list(org).await.map_err(backend)?;
+    ok(&models.iter().map(model_view).collect::<Vec<_>>())
+}
+
+async fn reconnect(state: &AppState, model: ModelId, body: Value) -> AdminResult {
+    let session = session_field(&body)?;
+    let record = state
+        .sessions
+        .reconnect(model, session)
+        .await
+        .map_err(backend)?
+        .ok_or_else(|| not_found("model"))?;
+    ok(&model_view(&record))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_matches;
+
+    #[test]
+    fn token_comparison() {
+        assert!(token_matches(b"abc", b"abc"));
+        assert!(!token_matches(b"abd", b"abc"));
+        assert!(!token_matches(b"ab", b"abc"));
+        assert!(!token_matches(b"", b"abc"));
+    }
+}

@@ -1,0 +1,194 @@
+//! The gateway's top-level service: health, metrics and admin endpoints, and the customer API
+//! behind the layers in the SPEC §9 order.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use tower::util::BoxCloneService;
+use tower::ServiceExt;
+use tower_service::Service;
+
+use tollgate_core::{BoxError, BoxFuture, CostTable, ErrorCode, Rejection};
+
+use super::state::AppState;
+
+/// The response body of every gateway response.
+pub type GatewayBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// The customer API as one type-erased service.
+pub type ApiService<B> = BoxCloneService<Request<B>, Response<GatewayBody>, Infallible>;
+
+/// Requests whose headers add up to more than this get a 431 (hyper itself refuses far larger
+/// ones before we see them).
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// Boxes any body into [`GatewayBody`].
+pub fn boxed<B>(body: B) -> GatewayBody
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
+
+/// Boxes a response's body into [`GatewayBody`].
+pub fn box_response<B>(res: Response<B>) -> Response<GatewayBody>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    res.map(boxed)
+}
+
+fn full_response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<GatewayBody> {
+    let mut res = Response::new(boxed(Full::new(body.into())));
+    *res.status_mut() = status;
+    res.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    res
+}
+
+fn rejection(r: Rejection) -> Response<GatewayBody> {
+    r.into_response::<Full<Bytes>>().map(boxed)
+}
+
+/// The top-level service.
+pub struct App<B> {
+    state: Arc<AppState>,
+    api: ApiService<B>,
+    table: CostTable,
+}
+
+impl<B> Clone for App<B> {
+    fn clone(&self) -> Self {
+        App {
+            state: Arc::clone(&self.state),
+            api: self.api.clone(),
+            table: self.table.clone(),
+        }
+    }
+}
+
+impl<B> std::fmt::Debug for App<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").finish_non_exhaustive()
+    }
+}
+
+impl<B> App<B> {
+    /// The top-level service over the state and the customer API stack.
+    pub fn new(state: Arc<AppState>, api: ApiService<B>) -> Self {
+        App {
+            state,
+            api,
+            table: CostTable::onlyfans(),
+        }
+    }
+}
+
+impl<B> Service<Request<B>> for App<B>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<GatewayBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<GatewayBody>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let state = Arc::clone(&self.state);
+        let header_bytes: usize = req
+            .headers()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum();
+        if header_bytes > MAX_HEADER_BYTES {
+            return Box::pin(std::future::ready(Ok(rejection(
+                Rejection::new(ErrorCode::InvalidRequest)
+                    .with_status(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+                    .with_message("The request headers are too large."),
+            ))));
+        }
+        let path = req.uri().path();
+        if path == "/api" || path.starts_with("/api/") {
+            let started = Instant::now();
+            let route = self
+                .table
+                .lookup(req.method(), path)
+                .map(|m| m.template().to_owned())
+                .unwrap_or_else(|| "unmatched".to_owned());
+            let api = self.api.clone();
+            return Box::pin(async move {
+                let res = api.oneshot(req).await?;
+                let code = res
+                    .extensions()
+                    .get::<ErrorCode>()
+                    .map_or("OK", |c| c.as_str());
+                state
+                    .metrics
+                    .record_request(&route, code, started.elapsed());
+                Ok(res)
+            });
+        }
+        match (req.method(), path) {
+            (&Method::GET, "/healthz") => Box::pin(std::future::ready(Ok(full_response(
+                StatusCode::OK,
+                "application/json",
+                r#"{"status":"ok"}"#,
+            )))),
+            (&Method::GET, "/readyz") => Box::pin(async move { Ok(readiness(&state).await) }),
+            (&Method::GET, "/metrics") => {
+                let text = state.metrics.render(state.gauges());
+                Box::pin(std::future::ready(Ok(full_response(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4",
+                    text,
+                ))))
+            }
+            (_, p) if p == "/admin" || p.starts_with("/admin/") => {
+                Box::pin(async move { Ok(super::admin::handle(&state, req).await.map(boxed)) })
+            }
+            _ => Box::pin(std::future::ready(Ok(rejection(Rejection::new(
+                ErrorCode::NotFound,
+            ))))),
+        }
+    }
+}
+
+/// `/readyz`: every backend answers a cheap query.
+async fn readiness(state: &AppState) -> Response<GatewayBody> {
+    let probe = tollgate_core::OrgId::new();
+    let ledger = state.ledger.account(probe).await.is_ok();
+    let keys = state.keys.list_keys(probe).await.is_ok();
+    let sessions = state.sessions.list(probe).await.is_ok();
+    let ready = ledger && keys && sessions;
+    let body = serde_json::json!({
+        "status": if ready { "ready" } else { "unavailable" },
+        "backends": {"ledger": ledger, "keys": keys, "sessions": sessions},
+    });
+    full_response(
+        if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        "application/json",
+        body.to_string(),
+    )
+}

@@ -1,0 +1,208 @@
+//! The customer routes the gateway answers itself: `GET /api/credits` and `GET /api/logs`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use serde_json::json;
+
+use tollgate_core::time::{ms_from_rfc3339, rfc3339_from_ms};
+use tollgate_core::{ErrorCode, ModelId, Principal, Rejection, RouteMatch};
+use tollgate_request_logger::{ExportFormat, LogCursor, LogQuery, LogRecord};
+
+use super::state::AppState;
+
+/// Rows per export response unless `limit` says otherwise.
+pub const DEFAULT_EXPORT_LIMIT: usize = 1_000;
+/// The most rows one export response carries; `X-Next-Cursor` continues.
+pub const MAX_EXPORT_LIMIT: usize = 10_000;
+/// Rows fetched from the sink per page.
+const PAGE: usize = 500;
+
+/// The header carrying the cursor of the next export page.
+pub static X_NEXT_CURSOR: HeaderName = HeaderName::from_static("x-next-cursor");
+
+/// Answers `/api/credits` or `/api/logs` for the authenticated caller.
+pub async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response<Full<Bytes>> {
+    let Some(principal) = req.extensions().get::<Principal>().copied() else {
+        return Rejection::new(ErrorCode::InvalidApiKey).into_response();
+    };
+    let template = req
+        .extensions()
+        .get::<RouteMatch>()
+        .map(|m| m.template().to_owned())
+        .unwrap_or_default();
+    let result = match template.as_str() {
+        "/api/credits" => credits(&state, principal).await,
+        "/api/logs" => logs(&state, principal, req.uri().query().unwrap_or("")).await,
+        _ => Err(Rejection::new(ErrorCode::NotFound)),
+    };
+    result.unwrap_or_else(Rejection::into_response)
+}
+
+async fn credits(
+    state: &AppState,
+    principal: Principal,
+) -> Result<Response<Full<Bytes>>, Rejection> {
+    let account = state
+        .ledger
+        .account(principal.org)
+        .await
+        .map_err(|e| e.rejection())?
+        .ok_or_else(|| Rejection::new(ErrorCode::NoSubscription))?;
+    let body = json!({
+        "plan": account.plan,
+        "balance": account.balance(),
+        "plan_credits": account.plan_credits,
+        "topup_credits": account.topup_credits,
+        "period_end": rfc3339_from_ms(account.period_end_ms),
+    });
+    let mut res = Response::new(Full::new(Bytes::from(body.to_string())));
+    res.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Ok(res)
+}
+
+fn bad(message: String) -> Rejection {
+    Rejection::new(ErrorCode::InvalidRequest).with_message(message)
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Parses `from`/`to` as RFC 3339 or as milliseconds since the epoch.
+fn instant(name: &str, value: &str) -> Result<u64, Rejection> {
+    value
+        .parse::<u64>()
+        .ok()
+        .or_else(|| ms_from_rfc3339(value))
+        .ok_or_else(|| {
+            bad(format!(
+                "`{name}` must be an RFC 3339 time or milliseconds since the epoch."
+            ))
+        })
+}
+
+async fn logs(
+    state: &AppState,
+    principal: Principal,
+    query: &str,
+) -> Result<Response<Full<Bytes>>, Rejection> {
+    let mut params = HashMap::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let k = percent_decode(k).ok_or_else(|| bad("The query string is not valid.".into()))?;
+        let v = percent_decode(v).ok_or_else(|| bad("The query string is not valid.".into()))?;
+        params.insert(k, v);
+    }
+    let mut q = LogQuery {
+        org: principal.org,
+        from_ms: None,
+        to_ms: None,
+        model: None,
+        status: None,
+        cursor: None,
+        limit: PAGE,
+    };
+    let mut format = ExportFormat::Ndjson;
+    let mut limit = DEFAULT_EXPORT_LIMIT;
+    for (k, v) in &params {
+        match k.as_str() {
+            "from" => q.from_ms = Some(instant("from", v)?),
+            "to" => q.to_ms = Some(instant("to", v)?),
+            "model" => {
+                q.model = Some(
+                    v.parse::<ModelId>()
+                        .map_err(|_| bad("`model` must be a model id (UUID).".into()))?,
+                )
+            }
+            "status" => {
+                q.status = Some(
+                    v.parse::<u16>()
+                        .ok()
+                        .filter(|s| (100..=599).contains(s))
+                        .ok_or_else(|| bad("`status` must be an HTTP status code.".into()))?,
+                )
+            }
+            "format" => {
+                format = v
+                    .parse::<ExportFormat>()
+                    .map_err(|_| bad("`format` must be ndjson or csv.".into()))?
+            }
+            "cursor" => {
+                LogCursor::decode(v)
+                    .ok_or_else(|| bad("`cursor` is not a cursor this API gave out.".into()))?;
+                q.cursor = Some(v.clone())
+            }
+            "limit" => {
+                limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_EXPORT_LIMIT).contains(n))
+                    .ok_or_else(|| {
+                        bad(format!("`limit` must be between 1 and {MAX_EXPORT_LIMIT}."))
+                    })?
+            }
+            other => return Err(bad(format!("Unknown parameter `{other}`."))),
+        }
+    }
+
+    let mut rows: Vec<LogRecord> = Vec::new();
+    let next = loop {
+        q.limit = PAGE.min(limit - rows.len());
+        let page = state
+            .logs
+            .query(q.clone())
+            .await
+            .map_err(|e| e.rejection())?;
+        rows.extend(page.records);
+        if rows.len() >= limit || page.next_cursor.is_none() {
+            break page.next_cursor;
+        }
+        q.cursor = page.next_cursor;
+    };
+
+    let mut out = Vec::with_capacity(rows.len() * 256);
+    if format == ExportFormat::Csv {
+        out.extend_from_slice(tollgate_request_logger::CSV_HEADER.as_bytes());
+    }
+    for r in &rows {
+        out.extend_from_slice(format.render(r).as_bytes());
+    }
+    let mut res = Response::new(Full::new(Bytes::from(out)));
+    *res.status_mut() = StatusCode::OK;
+    res.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
+    if let Some(cursor) = next.filter(|_| rows.len() >= limit) {
+        if let Ok(v) = HeaderValue::from_str(&cursor) {
+            res.headers_mut().insert(X_NEXT_CURSOR.clone(), v);
+        }
+    }
+    Ok(res)
+}

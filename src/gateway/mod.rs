@@ -1,0 +1,437 @@
+//! The turnkey gateway: the six layers in front of the OnlyFans web API (or the sandbox), the
+//! admin API, `/api/credits`, `/api/logs`, `/healthz`, `/readyz` and `/metrics`.
+//!
+//! [`start`] builds everything from a [`Config`], binds the listener and serves until
+//! [`RunningGateway::shutdown`]; `examples/gateway.rs` is a thin `main` over it.
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod local;
+pub mod metrics;
+pub mod orgs;
+pub mod proxy;
+pub mod state;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tower::util::BoxCloneService;
+use tower::{Layer, ServiceBuilder, ServiceExt};
+use tower_service::Service;
+
+use tollgate_api_key_auth::{ApiKeyAuthLayer, KeyStore, MemoryKeyStore};
+use tollgate_core::{
+    BoxError, CostTable, ErrorCode, KeyId, ModelId, OrgId, Plan, Rejection, SharedClock,
+    SystemClock,
+};
+use tollgate_credit_meter::{CreditMeterLayer, Ledger, MemoryLedger};
+use tollgate_request_logger::{LogSink, MemoryLogSink, RequestLoggerLayer};
+use tollgate_response_envelope::ResponseEnvelopeLayer;
+use tollgate_sliding_window::{MemoryWindowStore, PerModelSlidingWindowLayer};
+use tollgate_upstream_sign::{
+    sandbox_rules, MemorySessionStore, RemoteSigner, RulesSigner, Session, SessionStore, Signer,
+    UpstreamSignLayer,
+};
+
+use crate::sandbox::{Sandbox, SandboxServer};
+
+pub use app::{App, GatewayBody};
+pub use config::{Config, ConfigError, RateLimitFailure};
+pub use orgs::{MemoryOrgStore, OrgStore};
+pub use state::{AppState, Backends};
+
+/// How long graceful shutdown waits for requests in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The demo tenant seeded in demo mode.
+#[derive(Clone)]
+pub struct Demo {
+    /// The demo organization (basic plan).
+    pub org: OrgId,
+    /// The demo model, connected to a sandbox account.
+    pub model: ModelId,
+    /// The demo key's id.
+    pub key_id: KeyId,
+    /// The demo key's secret.
+    pub key: String,
+}
+
+impl std::fmt::Debug for Demo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Demo")
+            .field("org", &self.org)
+            .field("model", &self.model)
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A gateway serving on a socket.
+pub struct RunningGateway {
+    addr: SocketAddr,
+    state: Arc<AppState>,
+    demo: Option<Demo>,
+    sandbox: Option<(Sandbox, SandboxServer)>,
+    shutdown: watch::Sender<bool>,
+    server: JoinHandle<()>,
+    jobs: Vec<JoinHandle<()>>,
+    /// Re-reads `TOLLGATE_SIGN_RULES`; stops when dropped.
+    _rules_watcher: Option<tollgate_upstream_sign::RulesWatcher>,
+}
+
+impl std::fmt::Debug for RunningGateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningGateway")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RunningGateway {
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://<addr>`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The demo tenant, in demo mode.
+    pub fn demo(&self) -> Option<&Demo> {
+        self.demo.as_ref()
+    }
+
+    /// The in-process sandbox upstream, when no upstream was configured.
+    pub fn sandbox(&self) -> Option<&Sandbox> {
+        self.sandbox.as_ref().map(|(s, _)| s)
+    }
+
+    /// The shared state (backends, counters).
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// A ready-to-paste curl line for the demo model.
+    pub fn demo_curl(&self) -> Option<String> {
+        self.demo.as_ref().map(|d| {
+            format!(
+                "curl -s {}/api/models/{}/users/me -H 'X-API-Key: {}'",
+                self.base_url(),
+                d.model,
+                d.key
+            )
+        })
+    }
+
+    /// Stops accepting, lets requests in flight finish (credit holds settle with them),
+    /// flushes the log queue and stops the background jobs.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.server.await;
+        self.state.logger.flush().await;
+        for job in &self.jobs {
+            job.abort();
+        }
+        if let Some((_, server)) = self.sandbox {
+            server.shutdown().await;
+        }
+    }
+}
+
+/// Memory backends sharing one clock.
+pub fn memory_backends(clock: SharedClock) -> Backends {
+    Backends {
+        keys: Arc::new(MemoryKeyStore::new(clock.clone())),
+        ledger: Arc::new(MemoryLedger::new(clock.clone())),
+        windows: Arc::new(MemoryWindowStore::new(clock.clone())),
+        sessions: Arc::new(MemorySessionStore::new()),
+        logs: Arc::new(MemoryLogSink::new(clock)),
+        orgs: Arc::new(MemoryOrgStore::new()),
+    }
+}
+
+/// Builds the gateway from `config` and serves it.
+pub async fn start(config: Config) -> Result<RunningGateway, BoxError> {
+    if config.database_url.is_some() {
+        return Err("DATABASE_URL is set, but this build has no PostgreSQL backend yet; unset it to run on memory backends".into());
+    }
+    if config.redis_url.is_some() {
+        return Err("REDIS_URL is set, but this build has no Redis window store yet; unset it to use the in-process limiter".into());
+    }
+    let clock = SystemClock::shared();
+    let backends = memory_backends(clock.clone());
+    start_with(config, backends, clock).await
+}
+
+/// Builds the gateway on the given backends and serves it.
+pub async fn start_with(
+    config: Config,
+    backends: Backends,
+    clock: SharedClock,
+) -> Result<RunningGateway, BoxError> {
+    let mut rules_watcher = None;
+
+    // The upstream: configured, or the sandbox in-process.
+    let (upstream, sandbox) = match &config.upstream {
+        Some(url) => (url.clone(), None),
+        None => {
+            let sandbox = Sandbox::new(sandbox_rules());
+            let server = sandbox.bind("127.0.0.1:0").await?;
+            (server.base_url(), Some((sandbox, server)))
+        }
+    };
+
+    // The signer: remote, a rules file (watched), or the sandbox rules.
+    let signer: Arc<dyn Signer> = if let Some(url) = &config.signer_url {
+        Arc::new(RemoteSigner::new(url, config.signer_timeout)?)
+    } else if let Some(path) = &config.sign_rules {
+        let (signer, watcher) = RulesSigner::watch(path.clone(), Duration::from_secs(1))?;
+        rules_watcher = Some(watcher);
+        Arc::new(signer)
+    } else {
+        Arc::new(RulesSigner::new(sandbox_rules()))
+    };
+
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .build();
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .build(https);
+    let signed = UpstreamSignLayer::new(signer, backends.sessions.clone()).layer(client);
+    let proxy = proxy::Proxy::new(
+        signed,
+        &upstream,
+        config.body_limit,
+        config.upstream_timeout,
+    );
+
+    let logger_layer = RequestLoggerLayer::new(backends.logs.clone());
+    let logger = logger_layer.handle();
+    let state = Arc::new(AppState {
+        config: config.clone(),
+        keys: backends.keys.clone(),
+        ledger: backends.ledger.clone(),
+        windows: backends.windows.clone(),
+        sessions: backends.sessions.clone(),
+        logs: backends.logs.clone(),
+        orgs: backends.orgs.clone(),
+        metrics: metrics::Metrics::default(),
+        logger,
+    });
+
+    let mut window =
+        PerModelSlidingWindowLayer::new(backends.windows.clone()).with_window(config.window);
+    for plan in Plan::ALL {
+        window = window.with_burst(plan, config.burst_for(plan));
+    }
+
+    let upstream_stack = ServiceBuilder::new()
+        .map_response(app::box_response)
+        .layer(ResponseEnvelopeLayer::new())
+        .layer(ApiKeyAuthLayer::new(backends.keys.clone()))
+        .layer(window)
+        .layer(CreditMeterLayer::new(backends.ledger.clone()))
+        .service(proxy);
+    let local_state = Arc::clone(&state);
+    let local_stack = ServiceBuilder::new()
+        .map_response(app::box_response)
+        .layer(ApiKeyAuthLayer::new(backends.keys.clone()))
+        .service(tower::service_fn(move |req: Request<Incoming>| {
+            local::handle(Arc::clone(&local_state), req).map(Ok::<_, Infallible>)
+        }));
+    let dispatch = Dispatch {
+        table: CostTable::onlyfans(),
+        upstream: BoxCloneService::new(upstream_stack),
+        local: BoxCloneService::new(local_stack),
+    };
+    let api = ServiceBuilder::new()
+        .map_response(app::box_response)
+        .layer(logger_layer)
+        .service(dispatch);
+    let app = App::new(Arc::clone(&state), BoxCloneService::new(api));
+
+    let demo = if config.demo {
+        let sandbox = sandbox.as_ref().map(|(s, _)| s);
+        Some(seed_demo(&state, sandbox).await?)
+    } else {
+        None
+    };
+
+    let jobs = spawn_jobs(&state, clock);
+
+    let listener = TcpListener::bind(config.bind).await?;
+    let addr = listener.local_addr()?;
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let server = tokio::spawn(serve(listener, app, shutdown_rx));
+    tracing::info!(%addr, upstream = %upstream, demo = config.demo, "tollgate gateway listening");
+
+    Ok(RunningGateway {
+        addr,
+        state,
+        demo,
+        sandbox,
+        shutdown,
+        server,
+        jobs,
+        _rules_watcher: rules_watcher,
+    })
+}
+
+/// Sends each `/api` request to the stack its route needs: proxied routes through the
+/// envelope, auth, window and meter; the gateway's own routes through auth only.
+#[derive(Clone)]
+struct Dispatch {
+    table: CostTable,
+    upstream: BoxCloneService<Request<Incoming>, Response<GatewayBody>, Infallible>,
+    local: BoxCloneService<Request<Incoming>, Response<GatewayBody>, Infallible>,
+}
+
+impl Service<Request<Incoming>> for Dispatch {
+    type Response = Response<GatewayBody>;
+    type Error = Infallible;
+    type Future = tollgate_core::BoxFuture<Result<Response<GatewayBody>, Infallible>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        match self.table.resolve(&mut req) {
+            None => Box::pin(std::future::ready(Ok(Rejection::new(ErrorCode::NotFound)
+                .into_response::<Full<Bytes>>()
+                .map(app::boxed)))),
+            Some(m) if m.route().upstream().is_some() => {
+                Box::pin(self.upstream.clone().oneshot(req))
+            }
+            Some(_) => Box::pin(self.local.clone().oneshot(req)),
+        }
+    }
+}
+
+async fn serve(listener: TcpListener, app: App<Incoming>, mut shutdown: watch::Receiver<bool>) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off, keep serving.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(30))
+                    .max_buf_size(256 * 1024)
+                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::info!("all connections drained"),
+        _ = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!("gave up waiting for connections to drain"),
+    }
+}
+
+fn spawn_jobs(state: &Arc<AppState>, _clock: SharedClock) -> Vec<JoinHandle<()>> {
+    let renew = {
+        let ledger = state.ledger.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tick.tick().await;
+                match ledger.renew_due().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(renewed = n, "renewed subscriptions"),
+                    Err(e) => tracing::warn!(error = %e, "renewal job failed"),
+                }
+                if let Err(e) = ledger.sweep_expired_holds().await {
+                    tracing::warn!(error = %e, "hold sweeper failed");
+                }
+            }
+        })
+    };
+    let purge = {
+        let logs = state.logs.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                tick.tick().await;
+                let cutoff = SystemClock
+                    .now_ms()
+                    .saturating_sub(tollgate_request_logger::RETENTION.as_millis() as u64);
+                if let Err(e) = logs.purge_older_than(cutoff).await {
+                    tracing::warn!(error = %e, "log purge failed");
+                }
+            }
+        })
+    };
+    vec![renew, purge]
+}
+
+async fn seed_demo(state: &AppState, sandbox: Option<&Sandbox>) -> Result<Demo, BoxError> {
+    let org = state.orgs.create("Demo Org".to_owned()).await?;
+    state.ledger.subscribe(org, Plan::Basic).await?;
+    state.keys.set_subscription(org, Some(Plan::Basic)).await?;
+    let session = match sandbox {
+        Some(sandbox) => {
+            let account = sandbox.add_account();
+            Session {
+                cookie: account.cookie,
+                user_id: account.user_id,
+                x_bc: account.x_bc,
+                user_agent: account.user_agent,
+            }
+        }
+        None => return Err("demo mode needs the in-process sandbox upstream (unset TOLLGATE_UPSTREAM or TOLLGATE_DEMO)".into()),
+    };
+    let model = state
+        .sessions
+        .connect(org, "Demo Model".to_owned(), session)
+        .await?;
+    state.keys.add_model(org, model.id).await?;
+    let key = state.keys.create_key(org, "demo".to_owned()).await?;
+    Ok(Demo {
+        org,
+        model: model.id,
+        key_id: key.id,
+        key: key.secret,
+    })
+}
+
+use tollgate_core::Clock as _;

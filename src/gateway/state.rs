@@ -1,0 +1,77 @@
+//! What every part of the gateway shares: configuration, backends, counters.
+
+use std::sync::Arc;
+
+use tollgate_api_key_auth::KeyStore;
+use tollgate_credit_meter::Ledger;
+use tollgate_request_logger::{LogSink, LoggerHandle};
+use tollgate_sliding_window::WindowStore;
+use tollgate_upstream_sign::SessionStore;
+
+use super::config::Config;
+use super::metrics::{Gauges, Metrics};
+use super::orgs::OrgStore;
+
+/// The backends a gateway runs on.
+#[derive(Clone)]
+pub struct Backends {
+    /// Keys, subscriptions (for auth) and model ownership.
+    pub keys: Arc<dyn KeyStore>,
+    /// Credits: holds, balances, the ledger.
+    pub ledger: Arc<dyn Ledger>,
+    /// Sliding windows.
+    pub windows: Arc<dyn WindowStore>,
+    /// Models and their upstream sessions.
+    pub sessions: Arc<dyn SessionStore>,
+    /// Request logs.
+    pub logs: Arc<dyn LogSink>,
+    /// Organizations.
+    pub orgs: Arc<dyn OrgStore>,
+}
+
+impl std::fmt::Debug for Backends {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backends").finish_non_exhaustive()
+    }
+}
+
+/// Shared state of a running gateway.
+pub struct AppState {
+    /// The configuration it was started with.
+    pub config: Config,
+    /// Keys, subscriptions and model ownership.
+    pub keys: Arc<dyn KeyStore>,
+    /// Credits.
+    pub ledger: Arc<dyn Ledger>,
+    /// Sliding windows.
+    pub windows: Arc<dyn WindowStore>,
+    /// Models and sessions.
+    pub sessions: Arc<dyn SessionStore>,
+    /// Request logs.
+    pub logs: Arc<dyn LogSink>,
+    /// Organizations.
+    pub orgs: Arc<dyn OrgStore>,
+    /// Request counters.
+    pub metrics: Metrics,
+    /// The request logger's queue (dropped rows, flush).
+    pub logger: LoggerHandle,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AppState {
+    /// The layers' gauges, for `/metrics`.
+    pub fn gauges(&self) -> Gauges {
+        Gauges {
+            open_holds: self.ledger.open_holds(),
+            dropped_log_rows: self.logger.dropped_rows(),
+            failed_log_rows: self.logger.stats().failed_rows,
+        }
+    }
+}
