@@ -36,6 +36,9 @@ use crate::ledger::{
     Account, EntryKind, Hold, HoldId, HoldOutcome, Ledger, LedgerEntry, MAX_CREDITS,
 };
 
+/// Periods replayed one by one after an idle gap (100 years); past that the period restarts.
+const MAX_CATCH_UP: usize = 1_200;
+
 /// The default hold TTL: 5 minutes, well above the default upstream timeout (30 s).
 pub const DEFAULT_HOLD_TTL: Duration = Duration::from_secs(5 * 60);
 
@@ -148,25 +151,34 @@ impl Book {
         self.entries.push(entry);
     }
 
-    /// Starts every period that has ended by `now`; returns how many.
+    /// Starts every period that has ended by `now`, one ledger row each; returns how many.
     fn renew(&mut self, now: u64) -> usize {
         let Some(plan) = self.plan else { return 0 };
         let fresh = plan.monthly_credits().unwrap_or(0);
         let mut renewed = 0;
-        while now >= self.period_end_ms {
-            let start = self.period_end_ms;
+        // `u64::MAX`: the calendar has no next period.
+        while self.period_end_ms != u64::MAX && now >= self.period_end_ms {
+            let start = if renewed < MAX_CATCH_UP {
+                self.period_end_ms
+            } else {
+                // The clock jumped by more than a century: start the period now rather than
+                // replaying every month in between.
+                tracing::warn!(org = %self.org, "clock jumped far ahead; billing period restarted now");
+                now
+            };
             let end = add_one_month_ms(start);
-            if end <= start {
-                // Past the end of the calendar: there is no next period.
-                break;
-            }
             let d = delta(fresh, self.plan_credits);
             self.period_start_ms = start;
-            self.period_end_ms = end;
             self.plan_credits = fresh;
             // Dated at the boundary: that is when the new period (and its credits) began.
             self.record(start, EntryKind::Renewal, d, 0, None);
             renewed += 1;
+            if end <= start {
+                // Past the end of the calendar: there is no next period.
+                self.period_end_ms = u64::MAX;
+                break;
+            }
+            self.period_end_ms = end;
         }
         renewed
     }
@@ -560,5 +572,61 @@ impl Ledger for MemoryLedger {
 
     fn open_holds(&self) -> u64 {
         self.open_holds.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_core::ManualClock;
+
+    #[test]
+    fn deltas_fit_every_balance() {
+        assert_eq!(delta(MAX_CREDITS, 0), i64::MAX);
+        assert_eq!(delta(0, MAX_CREDITS), -i64::MAX);
+        assert_eq!(delta(3, 5), -2);
+    }
+
+    #[test]
+    fn renewal_ends_at_the_end_of_the_calendar() {
+        // A clock far past anything a calendar can express must not loop forever.
+        let clock = ManualClock::new(253_402_300_799_000); // 9999-12-31T23:59:59Z
+        let ledger = MemoryLedger::new(clock.clone());
+        let org = OrgId::new();
+        ledger.subscribe_now(org, Plan::Free);
+        clock.set(u64::MAX);
+        let account = ledger.account_now(org).unwrap();
+        assert_eq!(account.plan_credits, 100);
+        assert_eq!(account.period_end_ms, u64::MAX);
+        let rows = ledger.book(org).map(|b| lock(&b).entries.len()).unwrap();
+        assert!(rows <= MAX_CATCH_UP + 2, "{rows} rows");
+        // Nothing is left to renew, however often it is asked.
+        assert_eq!(ledger.renew_due_now(), 0);
+        assert!(matches!(
+            ledger.hold_now(org, 1, None),
+            HoldOutcome::Held(_)
+        ));
+    }
+
+    #[test]
+    fn the_gauge_follows_every_way_a_hold_ends() {
+        let clock = ManualClock::new(0);
+        let ledger = MemoryLedger::new(clock.clone()).with_hold_ttl(Duration::from_millis(10));
+        let org = OrgId::new();
+        ledger.subscribe_now(org, Plan::Free);
+        let hold = |l: &MemoryLedger| match l.hold_now(org, 1, None) {
+            HoldOutcome::Held(h) => h,
+            other => panic!("{other:?}"),
+        };
+        let (a, b, _c) = (hold(&ledger), hold(&ledger), hold(&ledger));
+        assert_eq!(ledger.open_holds(), 3);
+        ledger.commit_now(&a).unwrap();
+        ledger.release_now(&b);
+        ledger.release_now(&b);
+        assert_eq!(ledger.open_holds(), 1);
+        clock.set(10);
+        assert_eq!(ledger.sweep_now(), 1);
+        assert_eq!(ledger.open_holds(), 0);
+        assert_eq!(ledger.account_now(org).unwrap().held, 0);
     }
 }
