@@ -16,8 +16,11 @@
 //! - The hold is **committed** (charged) only when the inner response is 2xx *and* its body
 //!   reached its end; it is **released** on anything else — a non-2xx status, an inner
 //!   error, a body error, the response future or the body dropped early. Exactly once. The
-//!   commit runs inside the body's `poll_frame` before it reports its end, so a layer
-//!   outside that waits for the end of the body sees the charge done.
+//!   commit runs inside the body's `poll_frame` before it reports its end (and before the
+//!   last bytes of a body of announced length, since servers stop polling after them), so a
+//!   layer outside that waits for the end of the body sees the charge done. An empty 2xx is
+//!   settled before the response is handed on. Holds that outlive a crash expire
+//!   ([`MemoryLedger`] documents how a late commit of an expired hold is handled).
 //! - Every response of a priced route that reached the inner service carries a
 //!   [`CreditReceipt`](tollgate_core::CreditReceipt) in its extensions, settled as
 //!   `Charged { used, balance }` (`balance: None` on unlimited plans) or `Released`.
