@@ -11,7 +11,6 @@
 //! `curl -XPOST localhost:8081/_sandbox/fault -d '{"mode":"fail","status":503,"count":2}'`).
 //! Stops on Ctrl-C or SIGTERM, letting in-flight requests finish.
 
-#[cfg(feature = "sandbox")]
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     use tollgate::sandbox::{sandbox_rules, Sandbox};
@@ -57,7 +56,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// Ctrl-C, or SIGTERM on Unix.
-#[cfg(feature = "sandbox")]
 async fn shutdown_signal() {
     let ctrl_c = async {
         if tokio::signal::ctrl_c().await.is_err() {
@@ -80,10 +78,4 @@ async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = terminate => {}
     }
-}
-
-#[cfg(not(feature = "sandbox"))]
-fn main() {
-    eprintln!("the sandbox example needs the `sandbox` feature (on by default)");
-    std::process::exit(2);
 }

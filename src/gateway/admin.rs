@@ -176,6 +176,23 @@ fn count_field(body: &Value, field: &str) -> Result<u64, Rejection> {
     }
 }
 
+/// A credit amount: a whole number from 0 to the ledger's maximum.
+fn credits_field(body: &Value, field: &str) -> Result<u64, Rejection> {
+    let n = count_field(body, field)?;
+    if n > tollgate_credit_meter::MAX_CREDITS {
+        return Err(invalid(format!(
+            "`{field}` must be at most {}.",
+            tollgate_credit_meter::MAX_CREDITS
+        )));
+    }
+    Ok(n)
+}
+
+/// The ledger has no account for an org that never subscribed.
+fn no_account() -> Rejection {
+    invalid("The organization has never subscribed: subscribe it to a plan before changing its credits.")
+}
+
 fn session_field(body: &Value) -> Result<Session, Rejection> {
     let session = body
         .get("session")
@@ -287,7 +304,7 @@ async fn cancel(state: &AppState, org: OrgId) -> AdminResult {
 
 async fn top_up(state: &AppState, org: OrgId, body: Value) -> AdminResult {
     require_org(state, org).await?;
-    let amount = count_field(&body, "amount")?;
+    let amount = credits_field(&body, "amount")?;
     if amount == 0 {
         return Err(invalid("`amount` must be positive."));
     }
@@ -296,19 +313,19 @@ async fn top_up(state: &AppState, org: OrgId, body: Value) -> AdminResult {
         .top_up(org, amount)
         .await
         .map_err(backend)?
-        .ok_or_else(|| not_found("organization"))?;
+        .ok_or_else(no_account)?;
     ok(&json!({"balance": account.balance()}))
 }
 
 async fn set_balance(state: &AppState, org: OrgId, body: Value) -> AdminResult {
     require_org(state, org).await?;
-    let balance = count_field(&body, "balance")?;
+    let balance = credits_field(&body, "balance")?;
     let account = state
         .ledger
         .set_balance(org, balance)
         .await
         .map_err(backend)?
-        .ok_or_else(|| not_found("organization"))?;
+        .ok_or_else(no_account)?;
     ok(&json!({"balance": account.balance()}))
 }
 
