@@ -16,7 +16,8 @@ use tower::util::BoxCloneService;
 use tower::ServiceExt;
 use tower_service::Service;
 
-use tollgate_core::{BoxError, BoxFuture, CostTable, ErrorCode, Rejection};
+use tollgate_core::ext::X_REQUEST_ID;
+use tollgate_core::{BoxError, BoxFuture, CostTable, ErrorCode, Rejection, RequestId};
 
 use super::state::AppState;
 
@@ -112,6 +113,29 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        let path = req.uri().path();
+        if path == "/api" || path.starts_with("/api/") {
+            // The request logger gives customer API responses their X-Request-Id.
+            return self.route(req);
+        }
+        // Everything else gets one here: every response carries X-Request-Id.
+        let id = RequestId::from_headers_or_generate(req.headers());
+        let fut = self.route(req);
+        Box::pin(async move {
+            let mut res = fut.await?;
+            res.headers_mut()
+                .insert(X_REQUEST_ID.clone(), id.to_header_value());
+            Ok(res)
+        })
+    }
+}
+
+impl<B> App<B>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    fn route(&mut self, req: Request<B>) -> BoxFuture<Result<Response<GatewayBody>, Infallible>> {
         let state = Arc::clone(&self.state);
         let header_bytes: usize = req
             .headers()

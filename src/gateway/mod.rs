@@ -156,10 +156,15 @@ impl RunningGateway {
 
 /// Memory backends sharing one clock.
 pub fn memory_backends(clock: SharedClock) -> Backends {
+    let windows = Arc::new(MemoryWindowStore::new(clock.clone()));
+    let sweep = Arc::clone(&windows);
     Backends {
         keys: Arc::new(MemoryKeyStore::new(clock.clone())),
         ledger: Arc::new(MemoryLedger::new(clock.clone())),
-        windows: Arc::new(MemoryWindowStore::new(clock.clone())),
+        windows,
+        upkeep: vec![Arc::new(move || {
+            sweep.sweep_now();
+        })],
         sessions: Arc::new(MemorySessionStore::new()),
         logs: Arc::new(MemoryLogSink::new(clock)),
         orgs: Arc::new(MemoryOrgStore::new()),
@@ -174,17 +179,11 @@ pub async fn start(config: Config) -> Result<RunningGateway, BoxError> {
     if config.redis_url.is_some() {
         return Err("REDIS_URL is set, but this build has no Redis window store yet; unset it to use the in-process limiter".into());
     }
-    let clock = SystemClock::shared();
-    let backends = memory_backends(clock.clone());
-    start_with(config, backends, clock).await
+    start_with(config, memory_backends(SystemClock::shared())).await
 }
 
 /// Builds the gateway on the given backends and serves it.
-pub async fn start_with(
-    config: Config,
-    backends: Backends,
-    clock: SharedClock,
-) -> Result<RunningGateway, BoxError> {
+pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGateway, BoxError> {
     let mut rules_watcher = None;
 
     // The upstream: configured, or the sandbox in-process.
@@ -277,7 +276,7 @@ pub async fn start_with(
         None
     };
 
-    let jobs = spawn_jobs(&state, clock);
+    let jobs = spawn_jobs(&state, backends.upkeep.clone());
 
     let listener = TcpListener::bind(config.bind).await?;
     let addr = listener.local_addr()?;
@@ -368,7 +367,10 @@ async fn serve(listener: TcpListener, app: App<Incoming>, mut shutdown: watch::R
     }
 }
 
-fn spawn_jobs(state: &Arc<AppState>, _clock: SharedClock) -> Vec<JoinHandle<()>> {
+fn spawn_jobs(
+    state: &Arc<AppState>,
+    upkeep: Vec<Arc<dyn Fn() + Send + Sync>>,
+) -> Vec<JoinHandle<()>> {
     let renew = {
         let ledger = state.ledger.clone();
         tokio::spawn(async move {
@@ -401,7 +403,16 @@ fn spawn_jobs(state: &Arc<AppState>, _clock: SharedClock) -> Vec<JoinHandle<()>>
             }
         })
     };
-    vec![renew, purge]
+    let upkeep = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            for job in &upkeep {
+                job();
+            }
+        }
+    });
+    vec![renew, purge, upkeep]
 }
 
 async fn seed_demo(state: &AppState, sandbox: Option<&Sandbox>) -> Result<Demo, BoxError> {

@@ -27,6 +27,9 @@ pub struct Backends {
     pub logs: Arc<dyn LogSink>,
     /// Organizations.
     pub orgs: Arc<dyn OrgStore>,
+    /// Periodic upkeep the backends need (e.g. evicting idle in-memory windows), run by the
+    /// gateway's background job every minute.
+    pub upkeep: Vec<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl std::fmt::Debug for Backends {
