@@ -1533,7 +1533,6 @@ async fn oversized_headers_are_refused_with_4xx_and_the_gateway_keeps_serving() 
 }
 
 #[tokio::test]
-#[ignore = "gateway bug: the 431 for oversized headers on /api paths has no X-Request-Id (App::route answers before the request logger)"]
 async fn a_40_kb_header_gets_a_json_431_with_a_request_id() {
     let gw = start_roomy().await;
     let key = gw.key();

@@ -113,6 +113,22 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        let header_bytes: usize = req
+            .headers()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum();
+        if header_bytes > MAX_HEADER_BYTES {
+            let mut res = rejection(
+                Rejection::new(ErrorCode::InvalidRequest)
+                    .with_status(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+                    .with_message("The request headers are too large."),
+            );
+            let id = RequestId::from_headers_or_generate(req.headers());
+            res.headers_mut()
+                .insert(X_REQUEST_ID.clone(), id.to_header_value());
+            return Box::pin(std::future::ready(Ok(res)));
+        }
         let path = req.uri().path();
         if path == "/api" || path.starts_with("/api/") {
             // The request logger gives customer API responses their X-Request-Id.
@@ -137,18 +153,6 @@ where
 {
     fn route(&mut self, req: Request<B>) -> BoxFuture<Result<Response<GatewayBody>, Infallible>> {
         let state = Arc::clone(&self.state);
-        let header_bytes: usize = req
-            .headers()
-            .iter()
-            .map(|(k, v)| k.as_str().len() + v.len() + 4)
-            .sum();
-        if header_bytes > MAX_HEADER_BYTES {
-            return Box::pin(std::future::ready(Ok(rejection(
-                Rejection::new(ErrorCode::InvalidRequest)
-                    .with_status(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
-                    .with_message("The request headers are too large."),
-            ))));
-        }
         let path = req.uri().path();
         if path == "/api" || path.starts_with("/api/") {
             let started = Instant::now();

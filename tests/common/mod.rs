@@ -112,7 +112,13 @@ impl TestGateway {
     }
 
     /// A request with optional API key and body.
-    pub fn request(&self, method: Method, path: &str, key: Option<&str>, body: Option<&str>) -> Request<Full<Bytes>> {
+    pub fn request(
+        &self,
+        method: Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<&str>,
+    ) -> Request<Full<Bytes>> {
         let mut req = Request::builder().method(method).uri(self.url(path));
         if let Some(key) = key {
             req = req.header("x-api-key", key);
@@ -127,7 +133,8 @@ impl TestGateway {
     /// `GET path` with the demo key.
     pub async fn get(&self, path: &str) -> Answer {
         let key = self.key();
-        self.send(self.request(Method::GET, path, Some(&key), None)).await
+        self.send(self.request(Method::GET, path, Some(&key), None))
+            .await
     }
 
     /// An admin API call.
@@ -140,7 +147,8 @@ impl TestGateway {
             req = req.header("content-type", "application/json");
         }
         let body = body.map(|b| b.to_string()).unwrap_or_default();
-        self.send(req.body(Full::new(Bytes::from(body))).unwrap()).await
+        self.send(req.body(Full::new(Bytes::from(body))).unwrap())
+            .await
     }
 
     /// The demo org's balance, read through the admin API.
