@@ -1,0 +1,1160 @@
+//! Load test on loopback: the turnkey gateway in front of the sandbox upstream, against a bare
+//! hyper forwarder in front of the same sandbox, in one run.
+//!
+//! `cargo bench --bench load` (release). `cargo test --benches` runs it as a short smoke test.
+//!
+//! # What runs
+//!
+//! One process, two tokio runtimes:
+//!
+//! - the **server runtime** (multi-thread, `TOLLGATE_LOAD_SERVER_THREADS` workers, default 2)
+//!   runs the gateway (`gateway::start`: memory backends, in-process sandbox, demo tenant),
+//!   the sandbox, and the bare forwarder written below;
+//! - the **client runtime** (multi-thread, `TOLLGATE_LOAD_CLIENT_THREADS` workers, default 1)
+//!   runs the load: `TOLLGATE_LOAD_CONNS` keep-alive HTTP/1.1 connections (default 64), each a
+//!   loop of sequential requests, for `TOLLGATE_LOAD_WARMUP_MS` (default 1000) unrecorded then
+//!   `TOLLGATE_LOAD_SECS` (default 5) recorded.
+//!
+//! Targets, each served on its own 127.0.0.1 port, all reaching the same sandbox:
+//!
+//! | target | path |
+//! |---|---|
+//! | sandbox direct | client → sandbox (`/api2/v2/users/me`, signed by the client): context only |
+//! | bare forwarder | client → hyper server → pooled hyper-util client, signed upstream headers → sandbox, answer streamed back |
+//! | gateway enterprise | client → gateway (logger, envelope, auth, window, meter, proxy, sign) → sandbox; the demo org moved to `enterprise` (unlimited credits: no hold) |
+//! | gateway metered | the same, for a second org on `pro` with a large credit balance: every request holds and charges 1 credit |
+//!
+//! The targets run one after the other, in `TOLLGATE_LOAD_ROUNDS` interleaved rounds (default
+//! 2) so that background load on the machine falls on all of them alike; the table pools the
+//! rounds. Every latency is recorded (first byte sent to last byte read) and sorted; `p50` and
+//! `p99` are nearest-rank. `cpu µs/req` is the whole process's CPU time (client, proxy and
+//! sandbox together, from `/proc/self/stat`) over the phase, divided by the requests answered;
+//! subtracting the sandbox-direct figure leaves the proxy's own cost.
+//!
+//! The gateway's configuration lifts its limits so the test measures the work, not 429s: a
+//! burst of `u32::MAX` for every plan (`TOLLGATE_BURST`) and a 1 ms window
+//! (`TOLLGATE_WINDOW_MS`), because the per-window *limit* (9 999 for enterprise) has no knob in
+//! `Config`. The memory window store keeps a full second of admissions either way (the burst
+//! horizon), so the window's cost per decision is what a 60 s window would cost.
+//!
+//! Every non-200 answer or transport error is counted and the run fails if there is any. The
+//! metered org's balance must have dropped by exactly the number of 200s it was sent.
+//!
+//! Nothing leaves 127.0.0.1; the run is bounded in time (printed at the start: rounds ×
+//! targets × (warm-up + duration), each request under a 10 s timeout) and in memory (at most
+//! [`MAX_SAMPLES`] latencies per phase).
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE, HOST};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Either, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Runtime;
+use tokio::task::JoinHandle;
+
+use tollgate::gateway::{self, Config, RunningGateway};
+use tollgate::sandbox::{Sandbox, SandboxAccount};
+
+/// Most latencies kept per phase (all connections together).
+const MAX_SAMPLES: usize = 4_000_000;
+/// The longest a single request may take before it counts as an error.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The admin token of the gateway under test (loopback only, this process only).
+const ADMIN_TOKEN: &str = "load-test-admin-token";
+/// Targets for the gateway against the bare forwarder.
+const MIN_THROUGHPUT_RATIO: f64 = 0.85;
+const MAX_ADDED_P99_MS: f64 = 1.0;
+/// Errors whose details are printed, per phase.
+const ERROR_SAMPLES: usize = 5;
+
+fn main() {
+    // `cargo bench` passes `--bench`; anything else (`cargo test --benches`) is a smoke run.
+    let full = std::env::args().any(|a| a == "--bench");
+    let settings = match Settings::from_env(full) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("load: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(&settings) {
+        eprintln!("load: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// The run's parameters.
+#[derive(Debug, Clone)]
+struct Settings {
+    secs: f64,
+    warmup: Duration,
+    conns: usize,
+    rounds: usize,
+    /// Target ids to run (all when empty).
+    only: Vec<&'static str>,
+    /// Length of the light-load pass (one connection); 0 skips it.
+    light_secs: f64,
+    server_threads: usize,
+    client_threads: usize,
+    full: bool,
+}
+
+impl Settings {
+    fn from_env(full: bool) -> Result<Self, String> {
+        let (secs, warmup_ms, conns, rounds, light_secs) = if full {
+            (5.0, 1_000, 64, 2, 2.0)
+        } else {
+            (0.3, 100, 8, 1, 0.2)
+        };
+        Ok(Settings {
+            secs: env_number("TOLLGATE_LOAD_SECS", secs, 0.1, 300.0)?,
+            warmup: Duration::from_millis(env_number(
+                "TOLLGATE_LOAD_WARMUP_MS",
+                warmup_ms,
+                0,
+                60_000,
+            )?),
+            conns: env_number("TOLLGATE_LOAD_CONNS", conns, 1, 1_024)?,
+            rounds: env_number("TOLLGATE_LOAD_ROUNDS", rounds, 1, 10)?,
+            only: env_targets()?,
+            light_secs: env_number("TOLLGATE_LOAD_LIGHT_SECS", light_secs, 0.0, 60.0)?,
+            server_threads: env_number("TOLLGATE_LOAD_SERVER_THREADS", 2, 1, 64)?,
+            client_threads: env_number("TOLLGATE_LOAD_CLIENT_THREADS", 1, 1, 64)?,
+            full,
+        })
+    }
+
+    /// The pass under load.
+    fn heavy(&self) -> Load {
+        Load {
+            conns: self.conns,
+            warmup: self.warmup,
+            duration: Duration::from_secs_f64(self.secs),
+        }
+    }
+
+    /// The pass at light load: one connection, so latencies carry no queueing.
+    fn light(&self) -> Option<Load> {
+        (self.light_secs > 0.0).then(|| Load {
+            conns: 1,
+            warmup: self.warmup.min(Duration::from_millis(200)),
+            duration: Duration::from_secs_f64(self.light_secs),
+        })
+    }
+}
+
+/// How one phase loads its target.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    conns: usize,
+    warmup: Duration,
+    duration: Duration,
+}
+
+/// `TOLLGATE_LOAD_TARGETS=bare,enterprise` runs only those targets (to profile one).
+fn env_targets() -> Result<Vec<&'static str>, String> {
+    let Ok(raw) = std::env::var("TOLLGATE_LOAD_TARGETS") else {
+        return Ok(Vec::new());
+    };
+    let mut ids = Vec::new();
+    for id in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match TARGET_IDS.iter().find(|t| **t == id) {
+            Some(t) => ids.push(*t),
+            None => {
+                return Err(format!(
+                    "TOLLGATE_LOAD_TARGETS: unknown target {id:?} (expected a list of {})",
+                    TARGET_IDS.join(", ")
+                ))
+            }
+        }
+    }
+    Ok(ids)
+}
+
+/// The targets, in the order they run.
+const TARGET_IDS: [&str; 4] = ["direct", "bare", "enterprise", "metered"];
+
+fn env_number<T>(name: &str, default: T, min: T, max: T) -> Result<T, String>
+where
+    T: FromStr + PartialOrd + Copy + std::fmt::Display,
+{
+    let Ok(raw) = std::env::var(name) else {
+        return Ok(default);
+    };
+    match raw.trim().parse::<T>() {
+        Ok(v) if v >= min && v <= max => Ok(v),
+        _ => Err(format!(
+            "{name} must be a number from {min} to {max} (got {raw:?})"
+        )),
+    }
+}
+
+/// One thing the client can load: an address, a request, and (for the sandbox itself) the
+/// signing the client must do per request.
+struct Target {
+    /// Short name for `TOLLGATE_LOAD_TARGETS`.
+    id: &'static str,
+    name: &'static str,
+    addr: SocketAddr,
+    path: String,
+    headers: HeaderMap,
+    /// Sign each request for the sandbox as the upstream requires.
+    sign_for: Option<(Sandbox, SandboxAccount)>,
+    check: fn(&Value) -> Result<(), String>,
+}
+
+impl Target {
+    fn request(&self) -> Request<Empty<Bytes>> {
+        let mut req = Request::new(Empty::new());
+        *req.uri_mut() = Uri::try_from(self.path.as_str()).expect("the target path is a URI");
+        let headers = req.headers_mut();
+        headers.clone_from(&self.headers);
+        if let Some((sandbox, account)) = &self.sign_for {
+            headers.extend(sandbox.signed_headers(account, &self.path));
+        }
+        if let Ok(host) = HeaderValue::from_str(&self.addr.to_string()) {
+            headers.insert(HOST, host);
+        }
+        req
+    }
+}
+
+fn run(settings: &Settings) -> Result<(), String> {
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(settings.server_threads)
+        .thread_name("server")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("server runtime: {e}"))?;
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(settings.client_threads)
+        .thread_name("client")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("client runtime: {e}"))?;
+
+    let setup = server_rt.block_on(start_servers())?;
+    let tenants = client_rt.block_on(seed_tenants(&setup))?;
+    let targets: Vec<Arc<Target>> = targets(&setup, &tenants)
+        .into_iter()
+        .filter(|t| settings.only.is_empty() || settings.only.contains(&t.id))
+        .collect();
+
+    // Every target answers correctly before any load.
+    for target in &targets {
+        client_rt.block_on(sanity_check(target))?;
+    }
+
+    let heavy = settings.heavy();
+    let light = settings.light();
+    let heavy_time = (heavy.warmup + heavy.duration).as_secs_f64() * settings.rounds as f64;
+    let light_time = light.map_or(0.0, |l| (l.warmup + l.duration).as_secs_f64());
+    println!(
+        "tollgate load test, loopback: {} round(s) × {} targets × ({:.1} s warm-up + {:.1} s) at {} connections, then {} at 1 connection; about {:.0} s",
+        settings.rounds,
+        targets.len(),
+        heavy.warmup.as_secs_f64(),
+        heavy.duration.as_secs_f64(),
+        heavy.conns,
+        light.map_or_else(
+            || "nothing".to_owned(),
+            |l| format!("{:.1} s", l.duration.as_secs_f64())
+        ),
+        (heavy_time + light_time) * targets.len() as f64
+    );
+    println!(
+        "server runtime: {} worker(s) (gateway, forwarder, sandbox); client runtime: {} worker(s); {} CPU(s); load average before: {}",
+        settings.server_threads,
+        settings.client_threads,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load_average().unwrap_or_else(|| "n/a".into())
+    );
+    if !settings.full {
+        println!("(smoke run: `cargo bench --bench load` runs the full test)");
+    }
+
+    let metered_balance_before = client_rt.block_on(balance(&setup, &tenants.metered_key))?;
+    let loaded = run_pass(&client_rt, &targets, heavy, settings.rounds);
+    let unloaded = light.map(|l| run_pass(&client_rt, &targets, l, 1));
+    let metered_balance_after = client_rt.block_on(balance(&setup, &tenants.metered_key))?;
+
+    println!();
+    println!("under load ({} connections):", heavy.conns);
+    print_table(&loaded);
+    report_ratios(&loaded, true);
+    if let Some(unloaded) = &unloaded {
+        println!();
+        println!("light load (1 connection, latency without queueing):");
+        print_table(unloaded);
+        report_ratios(unloaded, false);
+    }
+    println!();
+
+    let logger = setup.gateway.state().logger.stats();
+    println!(
+        "gateway request log: {} rows dropped (channel full), {} failed; load average after: {}",
+        setup.gateway.state().logger.dropped_rows(),
+        logger.failed_rows,
+        load_average().unwrap_or_else(|| "n/a".into())
+    );
+
+    // Shut down before judging, so a failure still leaves no task behind.
+    server_rt.block_on(async {
+        let _ = tokio::time::timeout(Duration::from_secs(10), setup.gateway.shutdown()).await;
+    });
+    drop(client_rt);
+    server_rt.shutdown_timeout(Duration::from_secs(2));
+
+    let mut failures = Vec::new();
+    let all = || loaded.iter().chain(unloaded.iter().flatten());
+    for s in all() {
+        if s.errors.total() > 0 {
+            failures.push(format!(
+                "{}: {} non-200 answers, {} transport errors, {} timeouts; first: {}",
+                s.name,
+                s.errors.status,
+                s.errors.transport,
+                s.errors.timeout,
+                s.errors.samples.join(" | ")
+            ));
+        }
+    }
+    let charged = metered_balance_before.saturating_sub(metered_balance_after);
+    let metered_ok: u64 = all()
+        .filter(|s| s.id == "metered")
+        .map(|s| s.ok_total)
+        .sum();
+    if charged != metered_ok {
+        failures.push(format!(
+            "gateway metered: balance fell by {charged} credits for {metered_ok} successful requests (cost 1 each)"
+        ));
+    } else {
+        println!("gateway metered: charged exactly {charged} credits for {metered_ok} 200s");
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("\n"))
+    }
+}
+
+/// Runs every target `rounds` times, interleaved, and pools each target's rounds.
+fn run_pass(
+    client_rt: &Runtime,
+    targets: &[Arc<Target>],
+    load: Load,
+    rounds: usize,
+) -> Vec<Summary> {
+    let mut results: Vec<Vec<Phase>> = targets.iter().map(|_| Vec::new()).collect();
+    for round in 1..=rounds {
+        for (i, target) in targets.iter().enumerate() {
+            let phase = client_rt.block_on(drive(Arc::clone(target), load));
+            println!(
+                "  {:>2} conn(s), round {round}  {:<20} {:>9.0} req/s  p50 {:>6.3} ms  p99 {:>6.3} ms  errors {}",
+                load.conns,
+                target.name,
+                phase.stats.rps(),
+                phase.stats.percentile_ms(0.50),
+                phase.stats.percentile_ms(0.99),
+                phase.errors.total()
+            );
+            results[i].push(phase);
+        }
+    }
+    targets
+        .iter()
+        .zip(results)
+        .map(|(t, phases)| Summary::pool(t, phases))
+        .collect()
+}
+
+/// The gateway against the bare forwarder (with the targets when `judge`), and each proxy's
+/// own CPU per request.
+fn report_ratios(summaries: &[Summary], judge: bool) {
+    let find = |id: &str| summaries.iter().find(|s| s.id == id);
+    if let Some(bare) = find("bare") {
+        for gw in ["enterprise", "metered"].into_iter().filter_map(find) {
+            compare(gw, bare, judge);
+        }
+    }
+    if let Some(direct_cpu) = find("direct").and_then(Summary::cpu_us_per_req) {
+        let mut line = String::from("proxy's own CPU per request (target − sandbox direct):");
+        for s in summaries {
+            if let (true, Some(cpu)) = (s.id != "direct", s.cpu_us_per_req()) {
+                let _ = write!(line, " {} {:.1} µs;", s.name, cpu - direct_cpu);
+            }
+        }
+        println!("{}", line.trim_end_matches(';'));
+    }
+}
+
+/// The servers of the run, all on the server runtime.
+struct Setup {
+    gateway: RunningGateway,
+    sandbox: Sandbox,
+    account: SandboxAccount,
+    /// A second listener of the gateway's own sandbox, for the forwarder and direct target.
+    sandbox_addr: SocketAddr,
+    forwarder_addr: SocketAddr,
+    _sandbox_server: tollgate::sandbox::SandboxServer,
+}
+
+async fn start_servers() -> Result<Setup, String> {
+    let config = Config {
+        bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+        admin_token: Some(ADMIN_TOKEN.to_owned()),
+        demo: true,
+        window: Duration::from_millis(1),
+        burst: [u32::MAX; 4],
+        ..Config::default()
+    };
+    let gateway = gateway::start(config)
+        .await
+        .map_err(|e| format!("gateway: {e}"))?;
+    let sandbox = gateway
+        .sandbox()
+        .cloned()
+        .ok_or("the gateway runs no in-process sandbox")?;
+    let account = sandbox
+        .accounts()
+        .into_iter()
+        .next()
+        .ok_or("the demo tenant has no sandbox account")?;
+    // The same sandbox (same state, same code) on another port: the gateway's pool and the
+    // forwarder's pool do not share connections.
+    let sandbox_server = sandbox
+        .bind("127.0.0.1:0")
+        .await
+        .map_err(|e| format!("sandbox: {e}"))?;
+    let sandbox_addr = sandbox_server.local_addr();
+    let forwarder_addr = start_forwarder(
+        format!("http://{sandbox_addr}"),
+        sandbox.clone(),
+        account.clone(),
+    )
+    .await
+    .map_err(|e| format!("forwarder: {e}"))?;
+    Ok(Setup {
+        gateway,
+        sandbox,
+        account,
+        sandbox_addr,
+        forwarder_addr,
+        _sandbox_server: sandbox_server,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bare forwarder: what any proxy in front of the sandbox must pay.
+
+struct Forwarder {
+    client: Client<HttpConnector, Incoming>,
+    /// `http://127.0.0.1:<port>`.
+    upstream: String,
+    sandbox: Sandbox,
+    account: SandboxAccount,
+}
+
+/// Headers that describe one hop only (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+async fn start_forwarder(
+    upstream: String,
+    sandbox: Sandbox,
+    account: SandboxAccount,
+) -> std::io::Result<SocketAddr> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .build(connector);
+    let forwarder = Arc::new(Forwarder {
+        client,
+        upstream,
+        sandbox,
+        account,
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let forwarder = Arc::clone(&forwarder);
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req| forward(Arc::clone(&forwarder), req));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+type ForwardBody = Either<Incoming, Empty<Bytes>>;
+
+/// `/api/models/<model>/<rest>?<query>` → `/api2/v2/<rest>?<query>`.
+fn upstream_path(uri: &Uri) -> Option<String> {
+    let rest = uri.path().strip_prefix("/api/models/")?;
+    let (_model, rest) = rest.split_once('/')?;
+    if rest.is_empty() {
+        return None;
+    }
+    Some(match uri.query() {
+        Some(q) => format!("/api2/v2/{rest}?{q}"),
+        None => format!("/api2/v2/{rest}"),
+    })
+}
+
+fn status_only(status: StatusCode) -> Response<ForwardBody> {
+    let mut res = Response::new(Either::Right(Empty::new()));
+    *res.status_mut() = status;
+    res
+}
+
+async fn forward(
+    fw: Arc<Forwarder>,
+    req: Request<Incoming>,
+) -> Result<Response<ForwardBody>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let Some(path_and_query) = upstream_path(&parts.uri) else {
+        return Ok(status_only(StatusCode::NOT_FOUND));
+    };
+    let Ok(uri) = Uri::try_from(format!("{}{}", fw.upstream, path_and_query)) else {
+        return Ok(status_only(StatusCode::BAD_REQUEST));
+    };
+    let mut upstream_req = Request::new(body);
+    *upstream_req.method_mut() = parts.method;
+    *upstream_req.uri_mut() = uri;
+    let headers = upstream_req.headers_mut();
+    *headers = fw.sandbox.signed_headers(&fw.account, &path_and_query);
+    if let Some(ct) = parts.headers.get(CONTENT_TYPE) {
+        headers.insert(CONTENT_TYPE, ct.clone());
+    }
+    match fw.client.request(upstream_req).await {
+        Ok(mut res) => {
+            for name in HOP_BY_HOP {
+                res.headers_mut().remove(name);
+            }
+            Ok(res.map(Either::Left))
+        }
+        Err(_) => Ok(status_only(StatusCode::BAD_GATEWAY)),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tenants, through the admin API as an operator would set them up.
+
+struct Tenants {
+    enterprise_model: String,
+    enterprise_key: String,
+    metered_model: String,
+    metered_key: String,
+}
+
+/// Balance given to the metered org: far more than any run can spend.
+const METERED_BALANCE: u64 = 1_000_000_000_000;
+
+async fn seed_tenants(setup: &Setup) -> Result<Tenants, String> {
+    let demo = setup
+        .gateway
+        .demo()
+        .ok_or("the gateway seeded no demo tenant")?;
+    let gw = setup.gateway.local_addr();
+    let admin = move |method: Method, path: String, body: Value| async move {
+        let (status, body) = call(
+            gw,
+            method.clone(),
+            &path,
+            &[("authorization", format!("Bearer {ADMIN_TOKEN}"))],
+            Some(body),
+        )
+        .await?;
+        if !status.is_success() {
+            return Err(format!(
+                "admin {method} {path}: {status} {}",
+                String::from_utf8_lossy(&body)
+            ));
+        }
+        serde_json::from_slice::<Value>(&body).map_err(|e| format!("admin {path}: {e}"))
+    };
+
+    // The demo org, moved to the unlimited plan.
+    admin(
+        Method::PUT,
+        format!("/admin/orgs/{}/subscription", demo.org),
+        json!({"plan": "enterprise"}),
+    )
+    .await?;
+
+    // A paying org whose every request holds and charges credits.
+    let org = admin(
+        Method::POST,
+        "/admin/orgs".into(),
+        json!({"name": "Load Org"}),
+    )
+    .await?;
+    let org = org["id"].as_str().ok_or("no org id")?.to_owned();
+    admin(
+        Method::PUT,
+        format!("/admin/orgs/{org}/subscription"),
+        json!({"plan": "pro"}),
+    )
+    .await?;
+    admin(
+        Method::PUT,
+        format!("/admin/orgs/{org}/credits"),
+        json!({"balance": METERED_BALANCE}),
+    )
+    .await?;
+    let key = admin(
+        Method::POST,
+        format!("/admin/orgs/{org}/keys"),
+        json!({"name": "load"}),
+    )
+    .await?;
+    let model = admin(
+        Method::POST,
+        format!("/admin/orgs/{org}/models"),
+        json!({"name": "Load Model", "session": setup.account.session_json()}),
+    )
+    .await?;
+    Ok(Tenants {
+        enterprise_model: demo.model.to_string(),
+        enterprise_key: demo.key.clone(),
+        metered_model: model["id"].as_str().ok_or("no model id")?.to_owned(),
+        metered_key: key["key"].as_str().ok_or("no key")?.to_owned(),
+    })
+}
+
+/// The metered org's balance, from `GET /api/credits`.
+async fn balance(setup: &Setup, key: &str) -> Result<u64, String> {
+    let (status, body) = call(
+        setup.gateway.local_addr(),
+        Method::GET,
+        "/api/credits",
+        &[("x-api-key", key.to_owned())],
+        None,
+    )
+    .await?;
+    let v: Value = serde_json::from_slice(&body).map_err(|e| format!("/api/credits: {e}"))?;
+    v["balance"]
+        .as_u64()
+        .filter(|_| status == StatusCode::OK)
+        .ok_or_else(|| format!("/api/credits: {status} {v}"))
+}
+
+fn targets(setup: &Setup, t: &Tenants) -> Vec<Arc<Target>> {
+    let key = |k: &str| {
+        let mut h = HeaderMap::new();
+        h.insert(
+            HeaderName::from_static("x-api-key"),
+            HeaderValue::from_str(k).expect("a key is a header value"),
+        );
+        h
+    };
+    let gw = setup.gateway.local_addr();
+    vec![
+        Arc::new(Target {
+            id: "direct",
+            name: "sandbox direct",
+            addr: setup.sandbox_addr,
+            path: "/api2/v2/users/me".into(),
+            headers: HeaderMap::new(),
+            sign_for: Some((setup.sandbox.clone(), setup.account.clone())),
+            check: check_profile,
+        }),
+        Arc::new(Target {
+            id: "bare",
+            name: "bare forwarder",
+            addr: setup.forwarder_addr,
+            path: format!("/api/models/{}/users/me", t.enterprise_model),
+            headers: key(&t.enterprise_key),
+            sign_for: None,
+            check: check_profile,
+        }),
+        Arc::new(Target {
+            id: "enterprise",
+            name: "gateway enterprise",
+            addr: gw,
+            path: format!("/api/models/{}/users/me", t.enterprise_model),
+            headers: key(&t.enterprise_key),
+            sign_for: None,
+            check: check_unlimited_envelope,
+        }),
+        Arc::new(Target {
+            id: "metered",
+            name: "gateway metered",
+            addr: gw,
+            path: format!("/api/models/{}/users/me", t.metered_model),
+            headers: key(&t.metered_key),
+            sign_for: None,
+            check: check_metered_envelope,
+        }),
+    ]
+}
+
+fn check_profile(v: &Value) -> Result<(), String> {
+    if v["isAuth"] == json!(true) && v["id"].is_u64() {
+        Ok(())
+    } else {
+        Err(format!("not the users/me profile: {v}"))
+    }
+}
+
+fn check_envelope(v: &Value) -> Result<(), String> {
+    check_profile(&v["data"])?;
+    if v["_meta"]["_credits"]["used"] != json!(1) {
+        return Err(format!("`_meta._credits.used` is not 1: {v}"));
+    }
+    Ok(())
+}
+
+fn check_unlimited_envelope(v: &Value) -> Result<(), String> {
+    check_envelope(v)?;
+    if !v["_meta"]["_credits"]["balance"].is_null() {
+        return Err(format!("an unlimited plan shows a balance: {v}"));
+    }
+    Ok(())
+}
+
+fn check_metered_envelope(v: &Value) -> Result<(), String> {
+    check_envelope(v)?;
+    if !v["_meta"]["_credits"]["balance"].is_u64() {
+        return Err(format!("a metered plan shows no balance: {v}"));
+    }
+    Ok(())
+}
+
+async fn sanity_check(target: &Target) -> Result<(), String> {
+    let mut sender = connect(target.addr).await?;
+    let (status, body) = exchange(&mut sender, target.request())
+        .await
+        .map_err(|e| format!("{}: {e}", target.name))?;
+    if status != StatusCode::OK {
+        return Err(format!(
+            "{}: {status} {}",
+            target.name,
+            String::from_utf8_lossy(&body)
+        ));
+    }
+    let v: Value =
+        serde_json::from_slice(&body).map_err(|e| format!("{}: not JSON: {e}", target.name))?;
+    (target.check)(&v).map_err(|e| format!("{}: {e}", target.name))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client.
+
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+async fn connect(addr: SocketAddr) -> Result<Sender, String> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake {addr}: {e}"))?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+async fn exchange(
+    sender: &mut Sender,
+    req: Request<Empty<Bytes>>,
+) -> Result<(StatusCode, Bytes), String> {
+    let round_trip = async {
+        sender.ready().await?;
+        let res = sender.send_request(req).await?;
+        let status = res.status();
+        let body = res.into_body().collect().await?.to_bytes();
+        Ok::<_, hyper::Error>((status, body))
+    };
+    match tokio::time::timeout(REQUEST_TIMEOUT, round_trip).await {
+        Err(_) => Err("timed out".into()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Ok(answer)) => Ok(answer),
+    }
+}
+
+/// A one-off request on its own connection (admin calls, balance checks).
+async fn call(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    headers: &[(&'static str, String)],
+    body: Option<Value>,
+) -> Result<(StatusCode, Bytes), String> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake {addr}: {e}"))?;
+    tokio::spawn(conn);
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(HOST, addr.to_string())
+        .header(CONNECTION, "close");
+    for (name, value) in headers {
+        req = req.header(*name, value);
+    }
+    let body = match body {
+        Some(v) => {
+            req = req.header(CONTENT_TYPE, "application/json");
+            Full::new(Bytes::from(v.to_string()))
+        }
+        None => Full::new(Bytes::new()),
+    };
+    let req = req.body(body).map_err(|e| e.to_string())?;
+    let res = tokio::time::timeout(REQUEST_TIMEOUT, sender.send_request(req))
+        .await
+        .map_err(|_| format!("{path}: timed out"))?
+        .map_err(|e| format!("{path}: {e}"))?;
+    let status = res.status();
+    let body = res
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("{path}: {e}"))?
+        .to_bytes();
+    Ok((status, body))
+}
+
+/// What one connection saw in one phase.
+#[derive(Default)]
+struct ConnResult {
+    /// Latencies (ns) of the 200s started after warm-up.
+    latencies: Vec<u64>,
+    /// 200s over the whole phase, warm-up included.
+    ok_total: u64,
+    last_done: Option<Instant>,
+    errors: Errors,
+}
+
+#[derive(Default, Clone)]
+struct Errors {
+    status: u64,
+    transport: u64,
+    timeout: u64,
+    samples: Vec<String>,
+}
+
+impl Errors {
+    fn total(&self) -> u64 {
+        self.status + self.transport + self.timeout
+    }
+
+    fn merge(&mut self, other: Errors) {
+        self.status += other.status;
+        self.transport += other.transport;
+        self.timeout += other.timeout;
+        for s in other.samples {
+            if self.samples.len() < ERROR_SAMPLES {
+                self.samples.push(s);
+            }
+        }
+    }
+
+    fn note(&mut self, sample: impl FnOnce() -> String) {
+        if self.samples.len() < ERROR_SAMPLES {
+            self.samples.push(sample());
+        }
+    }
+}
+
+async fn connection_loop(
+    target: Arc<Target>,
+    measure_from: Instant,
+    end: Instant,
+    cap: usize,
+) -> ConnResult {
+    let mut out = ConnResult {
+        latencies: Vec::with_capacity(cap.min(1 << 16)),
+        ..ConnResult::default()
+    };
+    'connect: while Instant::now() < end {
+        let mut sender = match connect(target.addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                out.errors.transport += 1;
+                out.errors.note(|| e);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        loop {
+            let req = target.request();
+            let start = Instant::now();
+            if start >= end {
+                break 'connect;
+            }
+            let answer = exchange(&mut sender, req).await;
+            let done = Instant::now();
+            match answer {
+                Ok((StatusCode::OK, _)) => {
+                    out.ok_total += 1;
+                    if start >= measure_from && out.latencies.len() < cap {
+                        out.latencies.push(nanos(done - start));
+                        out.last_done = Some(done);
+                    }
+                }
+                Ok((status, body)) => {
+                    out.errors.status += 1;
+                    out.errors
+                        .note(|| format!("{status} {}", String::from_utf8_lossy(&body)));
+                }
+                Err(e) => {
+                    if e == "timed out" {
+                        out.errors.timeout += 1;
+                    } else {
+                        out.errors.transport += 1;
+                    }
+                    out.errors.note(|| e);
+                    // The connection is in an unknown state: open a new one.
+                    continue 'connect;
+                }
+            }
+        }
+    }
+    out
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// One target under load for one warm-up plus duration.
+struct Phase {
+    stats: Stats,
+    ok_total: u64,
+    errors: Errors,
+    /// Process CPU time over the phase, and the phase's wall time.
+    cpu: Option<Duration>,
+}
+
+async fn drive(target: Arc<Target>, load: Load) -> Phase {
+    let cpu_before = process_cpu();
+    let begin = Instant::now();
+    let measure_from = begin + load.warmup;
+    let end = measure_from + load.duration;
+    let cap = MAX_SAMPLES / load.conns;
+    let handles: Vec<JoinHandle<ConnResult>> = (0..load.conns)
+        .map(|_| tokio::spawn(connection_loop(Arc::clone(&target), measure_from, end, cap)))
+        .collect();
+    let mut latencies = Vec::new();
+    let mut errors = Errors::default();
+    let mut ok_total = 0;
+    let mut last_done = measure_from;
+    for handle in handles {
+        match handle.await {
+            Ok(r) => {
+                latencies.extend_from_slice(&r.latencies);
+                ok_total += r.ok_total;
+                errors.merge(r.errors);
+                if let Some(t) = r.last_done {
+                    last_done = last_done.max(t);
+                }
+            }
+            Err(e) => {
+                errors.transport += 1;
+                errors.note(|| format!("connection task failed: {e}"));
+            }
+        }
+    }
+    let cpu = match (cpu_before, process_cpu()) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+        _ => None,
+    };
+    let cpu_per_ok = cpu.filter(|_| ok_total > 0);
+    Phase {
+        stats: Stats::new(latencies, last_done - measure_from),
+        ok_total,
+        errors,
+        cpu: cpu_per_ok,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics and the report.
+
+/// Sorted latencies over a measured span.
+struct Stats {
+    sorted_ns: Vec<u64>,
+    elapsed: Duration,
+}
+
+impl Stats {
+    fn new(mut latencies: Vec<u64>, elapsed: Duration) -> Self {
+        latencies.sort_unstable();
+        Stats {
+            sorted_ns: latencies,
+            elapsed,
+        }
+    }
+
+    fn rps(&self) -> f64 {
+        let secs = self.elapsed.as_secs_f64();
+        if secs > 0.0 {
+            self.sorted_ns.len() as f64 / secs
+        } else {
+            0.0
+        }
+    }
+
+    /// Nearest-rank percentile, in ms.
+    fn percentile_ms(&self, p: f64) -> f64 {
+        if self.sorted_ns.is_empty() {
+            return f64::NAN;
+        }
+        let rank = (p * self.sorted_ns.len() as f64).ceil() as usize;
+        let i = rank.clamp(1, self.sorted_ns.len()) - 1;
+        self.sorted_ns[i] as f64 / 1e6
+    }
+
+    fn max_ms(&self) -> f64 {
+        self.sorted_ns.last().map_or(f64::NAN, |&n| n as f64 / 1e6)
+    }
+}
+
+/// A target's rounds pooled.
+struct Summary {
+    id: &'static str,
+    name: &'static str,
+    stats: Stats,
+    ok_total: u64,
+    errors: Errors,
+    cpu: Option<Duration>,
+}
+
+impl Summary {
+    fn pool(target: &Target, phases: Vec<Phase>) -> Self {
+        let mut latencies = Vec::new();
+        let mut elapsed = Duration::ZERO;
+        let mut ok_total = 0;
+        let mut errors = Errors::default();
+        let mut cpu = Some(Duration::ZERO);
+        for p in phases {
+            latencies.extend_from_slice(&p.stats.sorted_ns);
+            elapsed += p.stats.elapsed;
+            ok_total += p.ok_total;
+            errors.merge(p.errors);
+            cpu = cpu.zip(p.cpu).map(|(a, b)| a + b);
+        }
+        Summary {
+            id: target.id,
+            name: target.name,
+            stats: Stats::new(latencies, elapsed),
+            ok_total,
+            errors,
+            cpu,
+        }
+    }
+
+    /// Whole-process CPU per answered request, warm-up included on both sides.
+    fn cpu_us_per_req(&self) -> Option<f64> {
+        let cpu = self.cpu?;
+        (self.ok_total > 0).then(|| cpu.as_secs_f64() * 1e6 / self.ok_total as f64)
+    }
+}
+
+fn print_table(summaries: &[Summary]) {
+    println!(
+        "{:<20} {:>10} {:>10} {:>9} {:>9} {:>9} {:>11} {:>7}",
+        "target", "requests", "req/s", "p50 ms", "p99 ms", "max ms", "cpu µs/req", "errors"
+    );
+    for s in summaries {
+        println!(
+            "{:<20} {:>10} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>11} {:>7}",
+            s.name,
+            s.stats.sorted_ns.len(),
+            s.stats.rps(),
+            s.stats.percentile_ms(0.50),
+            s.stats.percentile_ms(0.99),
+            s.stats.max_ms(),
+            s.cpu_us_per_req()
+                .map_or_else(|| "n/a".to_owned(), |c| format!("{c:.1}")),
+            s.errors.total()
+        );
+    }
+}
+
+/// `judge_throughput`: the throughput target applies (under load; at one connection the
+/// throughput is only the inverse of the latency). The p99 target applies to both passes.
+fn compare(gw: &Summary, bare: &Summary, judge_throughput: bool) {
+    let ratio = gw.stats.rps() / bare.stats.rps();
+    let p99_delta = gw.stats.percentile_ms(0.99) - bare.stats.percentile_ms(0.99);
+    let p50_delta = gw.stats.percentile_ms(0.50) - bare.stats.percentile_ms(0.50);
+    let verdict = |ok: bool| if ok { "ok" } else { "MISSED" };
+    let throughput = if judge_throughput {
+        format!(
+            "{:.1} % (target ≥ {:.0} %: {})",
+            ratio * 100.0,
+            MIN_THROUGHPUT_RATIO * 100.0,
+            verdict(ratio >= MIN_THROUGHPUT_RATIO)
+        )
+    } else {
+        format!("{:.1} %", ratio * 100.0)
+    };
+    println!(
+        "{} / bare forwarder: throughput {throughput}, p99 {:+.3} ms (target ≤ {:.1} ms: {}), p50 {:+.3} ms",
+        gw.name,
+        p99_delta,
+        MAX_ADDED_P99_MS,
+        verdict(p99_delta <= MAX_ADDED_P99_MS),
+        p50_delta
+    );
+}
+
+/// User plus system CPU time of this process (Linux; `None` elsewhere).
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3 (`state`);
+    // `utime` and `stime` are fields 14 and 15, in clock ticks (USER_HZ, 100 on Linux).
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(Duration::from_millis((utime + stime) * 10))
+}
+
+fn load_average() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    Some(
+        text.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+}
