@@ -11,6 +11,8 @@
 //! - [`run_migrations`]: one crate's refinery migration set, with its own history table
 //!   `tollgate_<set>_migrations`, under an advisory lock so replicas starting at once are
 //!   safe.
+//! - [`Listener`] and [`InvalidatingCache`]: an in-process cache that every replica keeps
+//!   exact through `LISTEN`/`NOTIFY` (changes seen within 1 s), with a TTL backstop.
 //! - [`testing::TestDb`] (feature `testing`): a fresh schema per test.
 //!
 //! ```
@@ -47,14 +49,18 @@
 //! [`BackendErrorKind::Unavailable`]: tollgate_core::BackendErrorKind::Unavailable
 //! [`BackendErrorKind::Other`]: tollgate_core::BackendErrorKind::Other
 
+mod cache;
 mod error;
+mod listen;
 mod migrate;
 mod pool;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use cache::InvalidatingCache;
 pub use deadpool_postgres::{self, Pool};
 pub use error::{is_unavailable, to_backend_error, IntoBackendError};
+pub use listen::{Listener, ListenerOptions, NotificationHandler};
 pub use migrate::{run_migrations, MIGRATION_LOCK_KEY};
 pub use pool::{connect, connect_in_schema, connect_with, pg_config, PoolOptions};
 pub use refinery;

@@ -338,3 +338,130 @@ async fn test_schemas_are_fresh_and_dropped() {
     assert_eq!(left, 0);
     checker.cleanup().await;
 }
+
+mod listener {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use tollgate_postgres::testing::{unreachable_url, TestDb};
+    use tollgate_postgres::{
+        pg_config, Listener, ListenerOptions, NotificationHandler, PoolOptions,
+    };
+
+    #[derive(Default)]
+    struct Recorder {
+        events: Mutex<Vec<String>>,
+    }
+
+    impl NotificationHandler for Recorder {
+        fn notification(&self, payload: &str) {
+            self.events.lock().unwrap().push(payload.to_owned());
+        }
+        fn reset(&self) {
+            self.events.lock().unwrap().push("<reset>".to_owned());
+        }
+    }
+
+    impl Recorder {
+        fn events(&self) -> Vec<String> {
+            self.events.lock().unwrap().clone()
+        }
+
+        async fn wait_for(&self, event: &str, within: Duration) -> bool {
+            let deadline = tokio::time::Instant::now() + within;
+            while tokio::time::Instant::now() < deadline {
+                if self.events().iter().any(|e| e == event) {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            false
+        }
+    }
+
+    fn config(db: &TestDb, app: &str) -> tokio_postgres::Config {
+        let mut config = pg_config(db.url(), &db.pool_options()).unwrap();
+        config.application_name(app);
+        config
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn notifications_arrive_and_a_lost_connection_resets_and_reconnects() {
+        let Some(db) = TestDb::new().await else {
+            return;
+        };
+        let app = format!("listener_{}", db.schema());
+        let recorder = Arc::new(Recorder::default());
+        // Channels are database-wide: name it after the schema so parallel tests don't mix.
+        let channel = format!("chan_{}", db.schema());
+        let listener = Listener::spawn(
+            config(&db, &app),
+            &channel,
+            recorder.clone(),
+            ListenerOptions::default(),
+        )
+        .unwrap();
+        assert!(listener.wait_live(Duration::from_secs(5)).await);
+        assert_eq!(recorder.events(), ["<reset>"]);
+
+        let client = db.pool().get().await.unwrap();
+        client
+            .execute("SELECT pg_notify($1, 'key:1')", &[&channel])
+            .await
+            .unwrap();
+        assert!(recorder.wait_for("key:1", Duration::from_secs(1)).await);
+
+        // Kill the listening backend: the listener notices, resets, reconnects, listens again.
+        let killed: i64 = client
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE application_name = $1",
+                &[&app],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(killed, 1);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while listener.sessions() < 2 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(listener.sessions(), 2);
+        assert!(listener.wait_live(Duration::from_secs(5)).await);
+        let resets = recorder.events().iter().filter(|e| *e == "<reset>").count();
+        assert!(resets >= 2, "{:?}", recorder.events());
+        client
+            .execute("SELECT pg_notify($1, 'key:2')", &[&channel])
+            .await
+            .unwrap();
+        assert!(recorder.wait_for("key:2", Duration::from_secs(1)).await);
+
+        drop(listener);
+        drop(client);
+        db.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_never_live() {
+        let config = pg_config(&unreachable_url(), &PoolOptions::default()).unwrap();
+        let recorder = Arc::new(Recorder::default());
+        let listener = Listener::spawn(
+            config,
+            "tollgate_keys",
+            recorder,
+            ListenerOptions::default(),
+        )
+        .unwrap();
+        assert!(!listener.wait_live(Duration::from_millis(300)).await);
+        assert!(!listener.is_connected());
+    }
+
+    #[tokio::test]
+    async fn channel_names_must_be_identifiers() {
+        let config = pg_config("postgres://u@127.0.0.1/db", &PoolOptions::default()).unwrap();
+        let recorder = Arc::new(Recorder::default());
+        assert!(
+            Listener::spawn(config, "a; NOTIFY x", recorder, ListenerOptions::default()).is_err()
+        );
+    }
+}
