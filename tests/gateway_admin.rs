@@ -2229,9 +2229,6 @@ async fn a_client_gone_mid_request_is_not_charged_and_is_logged_499() {
 }
 
 #[tokio::test]
-#[ignore = "gateway bug: the 499 row of an authenticated request whose client hung up has \
-            org_id/key_id null (the logger only learns the identity from a response), so the \
-            org's GET /api/logs never shows it"]
 async fn a_client_gone_mid_request_shows_up_in_its_orgs_log_export() {
     let gw = start_roomy().await;
     let account = demo_account(&gw);

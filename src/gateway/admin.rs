@@ -87,7 +87,11 @@ where
     let presented = req
         .headers()
         .get(AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .map(|v| v.as_bytes())
+        .and_then(|v| {
+            // The scheme is case-insensitive (RFC 7235).
+            (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &v[7..])
+        })
         .unwrap_or_default();
     if !token_matches(presented, expected.as_bytes()) {
         return Err(Rejection::new(ErrorCode::Unauthorized));

@@ -9,7 +9,8 @@ use std::task::{ready, Context, Poll};
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tollgate_core::{
-    BackendError, BoxFuture, ErrorCode, GateBody, Identity, ModelId, Principal, Rejection,
+    BackendError, BoxFuture, ErrorCode, GateBody, Identity, IdentitySlot, ModelId, Principal,
+    Rejection,
 };
 use tower_service::Service;
 
@@ -162,6 +163,12 @@ where
                             }
                         }
                         Ok(Some(grant)) => {
+                            if let Some(slot) = call.request.extensions().get::<IdentitySlot>() {
+                                slot.set(Identity {
+                                    org: grant.org,
+                                    key: grant.key,
+                                });
+                            }
                             let now = call.config.clock.now_ms();
                             call.config.store.record_use(grant.key, now);
                             match (grant.principal(), call.model) {

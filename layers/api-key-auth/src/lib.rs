@@ -25,7 +25,9 @@
 //!
 //! Keys are `sk_live_` + 64 lowercase hex characters (32 random bytes) and are stored only as
 //! their SHA-256 plus a 12-character display prefix ([`key`]). [`MemoryKeyStore`] is a
-//! complete in-process store (cargo feature `memory`, on by default).
+//! complete in-process store (cargo feature `memory`, on by default); [`PostgresKeyStore`]
+//! (cargo feature `postgres`) keeps everything in PostgreSQL, shared by any number of
+//! replicas, behind a cache that `LISTEN`/`NOTIFY` keeps exact.
 //!
 //! ```
 //! use std::convert::Infallible;
@@ -80,11 +82,15 @@ mod service;
 
 #[cfg(feature = "memory")]
 mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 
 pub use future::ResponseFuture;
 pub use key::{generate_key, GeneratedKey, KeyHash};
 pub use layer::{ApiKeyAuthLayer, UnmatchedRoutes};
 #[cfg(feature = "memory")]
 pub use memory::{MemoryKeyStore, LAST_USED_RESOLUTION_MS};
+#[cfg(feature = "postgres")]
+pub use postgres::{PostgresKeyStore, PostgresKeyStoreBuilder};
 pub use service::{ApiKeyAuth, WRONG_HEADER_MESSAGE, X_API_KEY};
 pub use store::{KeyGrant, KeyInfo, KeyStatus, KeyStore, NewKey};

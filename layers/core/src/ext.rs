@@ -45,6 +45,29 @@ impl From<Principal> for Identity {
     }
 }
 
+/// A place an outer layer (the request logger) puts in the request extensions so the auth
+/// layer can say who is calling as soon as it knows, before any response exists: a request
+/// the client abandons mid-flight is then still attributed to its org and key.
+#[derive(Debug, Clone, Default)]
+pub struct IdentitySlot(Arc<OnceLock<Identity>>);
+
+impl IdentitySlot {
+    /// An empty slot.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records the caller; only the first call counts.
+    pub fn set(&self, identity: Identity) {
+        let _ = self.0.set(identity);
+    }
+
+    /// The caller, once known.
+    pub fn get(&self) -> Option<Identity> {
+        self.0.get().copied()
+    }
+}
+
 /// The request's id: the client's `X-Request-Id` when it sent a usable one, else a new UUID.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct RequestId(Arc<str>);

@@ -41,8 +41,8 @@ pub use clock::TokioClock;
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use error::{BackendError, BackendErrorKind, ErrorCode, Rejection};
 pub use ext::{
-    CreditReceipt, CreditSettlement, Identity, JsonBodyRequired, Principal, RateLimitInfo,
-    RequestId,
+    CreditReceipt, CreditSettlement, Identity, IdentitySlot, JsonBodyRequired, Principal,
+    RateLimitInfo, RequestId,
 };
 pub use ids::{IdParseError, KeyId, ModelId, OrgId};
 pub use plan::{Plan, PlanParseError};

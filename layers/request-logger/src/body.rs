@@ -9,7 +9,9 @@ use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
-use tollgate_core::{CreditReceipt, ErrorCode, Identity, ModelId, Principal, RequestId};
+use tollgate_core::{
+    CreditReceipt, ErrorCode, Identity, IdentitySlot, ModelId, Principal, RequestId,
+};
 use tracing::Span;
 
 use crate::layer::Shared;
@@ -33,6 +35,9 @@ pub(crate) struct LogGuard {
     // Who called: the auth layer's `Identity` (set even when the org was then refused for
     // lack of a subscription), else a `Principal` put there by someone else.
     identity: Option<Identity>,
+    // Filled by the auth layer as soon as it knows the caller, so a request abandoned before
+    // any response is still attributed.
+    identity_slot: IdentitySlot,
     receipt: Option<CreditReceipt>,
 }
 
@@ -47,6 +52,7 @@ impl LogGuard {
         method: String,
         route: Option<String>,
         model: Option<ModelId>,
+        identity_slot: IdentitySlot,
     ) -> Self {
         LogGuard {
             shared,
@@ -61,6 +67,7 @@ impl LogGuard {
             status: STATUS_CLIENT_CLOSED,
             code: None,
             identity: None,
+            identity_slot,
             receipt: None,
         }
     }
@@ -88,12 +95,16 @@ impl LogGuard {
         self.code = Some(ErrorCode::InternalError);
     }
 
+    fn identity(&self) -> Option<Identity> {
+        self.identity.or_else(|| self.identity_slot.get())
+    }
+
     fn to_record(&self) -> LogRecord {
         LogRecord {
             time_ms: self.time_ms,
             request_id: self.request_id.as_str().to_owned(),
-            org_id: self.identity.map(|p| p.org),
-            key_id: self.identity.map(|p| p.key),
+            org_id: self.identity().map(|p| p.org),
+            key_id: self.identity().map(|p| p.key),
             model_id: self.model,
             method: self.method.clone(),
             route: self.route.clone(),

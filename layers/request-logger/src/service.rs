@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 
 use http::{Request, Response};
 use tokio::time::Instant;
-use tollgate_core::RequestId;
+use tollgate_core::{IdentitySlot, RequestId};
 use tower_service::Service;
 
 use crate::body::LogGuard;
@@ -76,6 +76,8 @@ where
         let time_ms = self.shared.clock.now_ms();
         let request_id = RequestId::from_headers_or_generate(req.headers());
         req.extensions_mut().insert(request_id.clone());
+        let identity_slot = IdentitySlot::new();
+        req.extensions_mut().insert(identity_slot.clone());
         let route = self.shared.cost_table.resolve(&mut req);
         let template = route.as_ref().map(|m| m.template());
         let span = tracing::info_span!(
@@ -93,6 +95,7 @@ where
             req.method().as_str().to_owned(),
             template.map(str::to_owned),
             route.as_ref().and_then(|m| m.model()),
+            identity_slot,
         );
         let future = {
             let _entered = span.enter();
