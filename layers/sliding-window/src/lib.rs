@@ -9,7 +9,11 @@
 //! `RateLimit-*` headers and a [`RateLimitInfo`](tollgate_core::RateLimitInfo) extension.
 //!
 //! The decision is taken by a [`WindowStore`]; [`MemoryWindowStore`] (feature `memory`, on
-//! by default) is an exact in-process sliding log.
+//! by default) is an exact in-process sliding log. With the feature `redis`,
+//! `RedisWindowStore` shares one exact window per bucket between any number of replicas
+//! through Redis or Redis Cluster (one server-side script, one round trip per decision), and
+//! `FailoverWindowStore` (feature `memory`) puts a circuit breaker in front of it that fails
+//! open to a local limiter or closed with 503 while Redis is down.
 //!
 //! ```
 //! use std::convert::Infallible;
@@ -69,18 +73,30 @@
 //! # }
 //! ```
 
+#[cfg(feature = "memory")]
+mod failover;
 mod future;
 mod layer;
 #[cfg(feature = "memory")]
 mod memory;
 mod policy;
+#[cfg(feature = "redis")]
+mod redis;
 mod service;
 mod store;
+
+#[cfg(feature = "memory")]
+pub use failover::{
+    CircuitState, FailoverWindowStore, FailureMode, FailureModeParseError, DEFAULT_COOL_DOWN,
+    DEFAULT_FAILOVER_TIMEOUT, DEFAULT_FAILURE_THRESHOLD,
+};
 
 pub use future::ResponseFuture;
 pub use layer::{BucketFn, PerModelSlidingWindowLayer};
 #[cfg(feature = "memory")]
 pub use memory::{MemoryWindowStore, DEFAULT_SWEEP_INTERVAL};
 pub use policy::{parse_plan_values, PolicyParseError, WindowPolicy};
+#[cfg(feature = "redis")]
+pub use redis::{RedisWindowStore, DEFAULT_KEY_PREFIX, DEFAULT_REDIS_TIMEOUT, MAX_REDIS_WINDOW_MS};
 pub use service::PerModelSlidingWindow;
 pub use store::{BucketKey, Decision, WindowLimits, WindowStore, BURST_WINDOW_MS};
