@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::Stdio;
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
@@ -131,12 +131,13 @@ async fn redis_cli(args: &[&str]) -> Result<String, String> {
 }
 
 /// A `redis-server` of our own on a spare loopback port, with its own temporary directory;
-/// shut down (and its directory removed) when dropped.
+/// shut down (and its directory removed) when dropped. It runs as our child process rather
+/// than daemonized, so that its exit is reaped.
 pub struct PrivateRedis {
     pub port: u16,
     dir: PathBuf,
     extra: Vec<String>,
-    running: bool,
+    child: Option<Child>,
 }
 
 impl PrivateRedis {
@@ -156,7 +157,7 @@ impl PrivateRedis {
             port,
             dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
-            running: false,
+            child: None,
         };
         server.restart().await;
         Some(server)
@@ -169,9 +170,9 @@ impl PrivateRedis {
 
     /// Starts the server (again) on the same port, empty, and waits until it answers.
     pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
         let port = self.port.to_string();
         let dir = self.dir.to_str().unwrap().to_owned();
-        let pidfile = self.dir.join("redis.pid").to_str().unwrap().to_owned();
         let logfile = self.dir.join("redis.log").to_str().unwrap().to_owned();
         let mut args = vec![
             "--port",
@@ -179,11 +180,9 @@ impl PrivateRedis {
             "--bind",
             "127.0.0.1",
             "--daemonize",
-            "yes",
+            "no",
             "--dir",
             &dir,
-            "--pidfile",
-            &pidfile,
             "--logfile",
             &logfile,
             "--save",
@@ -192,14 +191,14 @@ impl PrivateRedis {
             "no",
         ];
         args.extend(self.extra.iter().map(String::as_str));
-        let status = tokio::process::Command::new("redis-server")
+        let child = std::process::Command::new("redis-server")
             .args(&args)
             .stdin(Stdio::null())
-            .status()
-            .await
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
             .unwrap();
-        assert!(status.success(), "redis-server did not start on {port}");
-        self.running = true;
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if redis_cli(&["-p", &port, "ping"])
@@ -216,31 +215,29 @@ impl PrivateRedis {
         }
     }
 
-    /// Stops the server at once, as a crash would (`SHUTDOWN NOSAVE`).
+    /// Stops the server at once, as a crash would (`SHUTDOWN NOSAVE`), and waits for it to
+    /// exit.
     pub async fn kill(&mut self) {
         let port = self.port.to_string();
-        // The connection drops as the server exits, so redis-cli reports an error.
+        // The connection drops as the server exits, so redis-cli may report an error.
         let _ = redis_cli(&["-p", &port, "shutdown", "nosave"]).await;
+        let mut child = self.child.take().expect("the server is running");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+        while child.try_wait().unwrap().is_none() {
             assert!(
                 Instant::now() < deadline,
                 "redis-server on {port} did not stop"
             );
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        self.running = false;
     }
 }
 
 impl Drop for PrivateRedis {
     fn drop(&mut self) {
-        if self.running {
-            let _ = std::process::Command::new("redis-cli")
-                .args(["-p", &self.port.to_string(), "shutdown", "nosave"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
