@@ -34,6 +34,10 @@
 //! Periods renew on the request path and in the periodic job [`run_ledger_jobs`], which also
 //! releases holds left behind past their TTL.
 //!
+//! Ledgers: [`MemoryLedger`] (feature `memory`, on by default) for one process, and
+//! `PostgresLedger` (feature `postgres`) shared by any number of gateway replicas and kept
+//! across restarts — one atomic statement per hold, commit or release.
+//!
 //! ```
 //! use std::convert::Infallible;
 //! use std::sync::Arc;
@@ -89,6 +93,8 @@ mod layer;
 mod ledger;
 #[cfg(feature = "memory")]
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod service;
 mod settle;
 
@@ -101,4 +107,6 @@ pub use ledger::{
 };
 #[cfg(feature = "memory")]
 pub use memory::{MemoryLedger, DEFAULT_HOLD_TTL};
+#[cfg(feature = "postgres")]
+pub use postgres::{PostgresLedger, DEFAULT_RELEASE_QUEUE};
 pub use service::CreditMeter;
