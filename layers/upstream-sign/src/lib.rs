@@ -95,6 +95,8 @@ mod future;
 mod layer;
 #[cfg(feature = "memory")]
 mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 mod remote;
 pub mod rules;
 mod rules_signer;
@@ -106,6 +108,8 @@ pub use future::ResponseFuture;
 pub use layer::{UpstreamSignLayer, DEFAULT_ERROR_BODY_LIMIT};
 #[cfg(feature = "memory")]
 pub use memory::MemorySessionStore;
+#[cfg(feature = "postgres")]
+pub use postgres::{PostgresSessionStore, PostgresSessionStoreBuilder};
 pub use remote::{InvalidSignerUrl, RemoteSigner, DEFAULT_SIGNER_TIMEOUT};
 pub use rules::{sandbox_rules, DynamicRules, RulesError, Signature, SANDBOX_RULES_JSON};
 pub use rules_signer::{RulesFileError, RulesSigner, RulesWatcher, DEFAULT_RULES_POLL_INTERVAL};
