@@ -375,6 +375,254 @@ impl Drop for Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use tollgate_core::{ManualClock, ModelId, OrgId};
+
+    /// A primary that can be taken down, made to hang, or made to answer nonsense; when up
+    /// it decides with its own memory store.
+    #[derive(Default)]
+    struct Primary {
+        down: AtomicBool,
+        hang: AtomicBool,
+        broken: AtomicBool,
+        calls: AtomicUsize,
+        store: MemoryWindowStore,
+    }
+
+    impl WindowStore for Primary {
+        fn check(
+            &self,
+            key: BucketKey,
+            limits: WindowLimits,
+        ) -> BoxFuture<Result<Decision, BackendError>> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.hang.load(Ordering::SeqCst) {
+                return Box::pin(std::future::pending());
+            }
+            if self.down.load(Ordering::SeqCst) {
+                return Box::pin(std::future::ready(Err(BackendError::unavailable(
+                    "connection refused",
+                ))));
+            }
+            if self.broken.load(Ordering::SeqCst) {
+                return Box::pin(std::future::ready(Err(BackendError::other("WRONGTYPE"))));
+            }
+            self.store.check(key, limits)
+        }
+    }
+
+    const LIMITS: WindowLimits = WindowLimits {
+        limit: 5,
+        burst: 100,
+        window_ms: 60_000,
+    };
+
+    fn failover(mode: FailureMode) -> (FailoverWindowStore<Arc<Primary>>, Arc<Primary>) {
+        let primary = Arc::new(Primary::default());
+        let local = MemoryWindowStore::new(Arc::new(ManualClock::new(1_000_000)));
+        let store = FailoverWindowStore::new(Arc::clone(&primary), mode).with_local(local);
+        (store, primary)
+    }
+
+    fn bucket() -> BucketKey {
+        BucketKey::new(OrgId::new(), ModelId::new())
+    }
+
+    fn calls(primary: &Primary) -> usize {
+        primary.calls.load(Ordering::SeqCst)
+    }
+
+    /// Fills `key` in the primary so that the primary refuses where the local store admits:
+    /// tells who decided.
+    async fn fill_in_primary(primary: &Primary, key: BucketKey) {
+        for _ in 0..LIMITS.limit {
+            assert!(primary.store.check(key, LIMITS).await.unwrap().admitted);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fail_open_decides_locally_within_the_local_limit() {
+        let (store, primary) = failover(FailureMode::Open);
+        primary.down.store(true, Ordering::SeqCst);
+        let key = bucket();
+        let mut admitted = 0;
+        for i in 0..12 {
+            let d = store.check(key, LIMITS).await.unwrap();
+            admitted += usize::from(d.admitted);
+            assert_eq!(d.remaining, 4u32.saturating_sub(i), "{i}");
+        }
+        assert_eq!(admitted, 5);
+        // Three failures opened the circuit; the other nine never waited on the primary.
+        assert_eq!(calls(&primary), 3);
+        assert_eq!(store.circuit(), CircuitState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fail_closed_is_unavailable() {
+        let (store, primary) = failover(FailureMode::Closed);
+        primary.down.store(true, Ordering::SeqCst);
+        for _ in 0..10 {
+            let err = store.check(bucket(), LIMITS).await.unwrap_err();
+            assert_eq!(err.kind(), BackendErrorKind::Unavailable);
+            assert_eq!(
+                err.rejection().status(),
+                http::StatusCode::SERVICE_UNAVAILABLE
+            );
+        }
+        assert_eq!(calls(&primary), 3);
+        assert!(store.local().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_single_failure_follows_the_mode_without_opening_the_circuit() {
+        let (store, primary) = failover(FailureMode::Open);
+        let key = bucket();
+        fill_in_primary(&primary, key).await;
+        primary.down.store(true, Ordering::SeqCst);
+        assert!(store.check(key, LIMITS).await.unwrap().admitted); // local
+        primary.down.store(false, Ordering::SeqCst);
+        assert!(!store.check(key, LIMITS).await.unwrap().admitted); // primary again
+        assert_eq!(store.circuit(), CircuitState::Closed);
+        // A success resets the count: two more failures do not open it.
+        primary.down.store(true, Ordering::SeqCst);
+        store.check(key, LIMITS).await.unwrap();
+        store.check(key, LIMITS).await.unwrap();
+        assert_eq!(store.circuit(), CircuitState::Closed);
+        store.check(key, LIMITS).await.unwrap();
+        assert_eq!(store.circuit(), CircuitState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_the_cool_down_one_probe_closes_the_circuit() {
+        let (store, primary) = failover(FailureMode::Open);
+        let key = bucket();
+        fill_in_primary(&primary, key).await;
+        primary.down.store(true, Ordering::SeqCst);
+        for _ in 0..3 {
+            store.check(key, LIMITS).await.unwrap();
+        }
+        assert_eq!(store.circuit(), CircuitState::Open);
+        primary.down.store(false, Ordering::SeqCst);
+
+        // Still cooling down: decided locally, the primary is not asked.
+        tokio::time::advance(DEFAULT_COOL_DOWN - Duration::from_millis(1)).await;
+        assert!(store.check(key, LIMITS).await.unwrap().admitted);
+        assert_eq!(calls(&primary), 3);
+
+        // Cool-down over: the next request probes, finds the primary back, and its
+        // decision (the shared bucket is full) is the answer.
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(!store.check(key, LIMITS).await.unwrap().admitted);
+        assert_eq!(calls(&primary), 4);
+        assert_eq!(store.circuit(), CircuitState::Closed);
+        assert!(!store.check(key, LIMITS).await.unwrap().admitted);
+        assert_eq!(calls(&primary), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_probe_waits_another_cool_down() {
+        let (store, primary) = failover(FailureMode::Closed);
+        primary.down.store(true, Ordering::SeqCst);
+        for _ in 0..3 {
+            store.check(bucket(), LIMITS).await.unwrap_err();
+        }
+        tokio::time::advance(DEFAULT_COOL_DOWN).await;
+        store.check(bucket(), LIMITS).await.unwrap_err(); // the probe
+        assert_eq!(calls(&primary), 4);
+        assert_eq!(store.circuit(), CircuitState::Open);
+        tokio::time::advance(DEFAULT_COOL_DOWN - Duration::from_millis(1)).await;
+        store.check(bucket(), LIMITS).await.unwrap_err();
+        assert_eq!(calls(&primary), 4);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        primary.down.store(false, Ordering::SeqCst);
+        assert!(store.check(bucket(), LIMITS).await.unwrap().admitted);
+        assert_eq!(store.circuit(), CircuitState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hanging_primary_costs_at_most_the_timeout() {
+        let (store, primary) = failover(FailureMode::Open);
+        primary.hang.store(true, Ordering::SeqCst);
+        let key = bucket();
+        for _ in 0..3 {
+            let started = Instant::now();
+            assert!(store.check(key, LIMITS).await.unwrap().admitted);
+            assert_eq!(started.elapsed(), DEFAULT_FAILOVER_TIMEOUT);
+        }
+        // The circuit is open: no more waiting.
+        let started = Instant::now();
+        assert!(store.check(key, LIMITS).await.unwrap().admitted);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        assert_eq!(calls(&primary), 3);
+
+        // A shorter timeout is honoured too.
+        let (store, primary) = failover(FailureMode::Closed);
+        let store = store.with_timeout(Duration::from_millis(40));
+        primary.hang.store(true, Ordering::SeqCst);
+        let started = Instant::now();
+        let err = store.check(key, LIMITS).await.unwrap_err();
+        assert_eq!(started.elapsed(), Duration::from_millis(40));
+        assert_eq!(err.kind(), BackendErrorKind::Unavailable);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_probe_at_a_time_and_a_dropped_probe_frees_the_slot() {
+        let (store, primary) = failover(FailureMode::Open);
+        primary.down.store(true, Ordering::SeqCst);
+        let key = bucket();
+        for _ in 0..3 {
+            store.check(key, LIMITS).await.unwrap();
+        }
+        primary.down.store(false, Ordering::SeqCst);
+        primary.hang.store(true, Ordering::SeqCst);
+        tokio::time::advance(DEFAULT_COOL_DOWN).await;
+
+        let probe = store.check(key, LIMITS);
+        assert_eq!(calls(&primary), 4);
+        assert_eq!(store.circuit(), CircuitState::HalfOpen);
+        // While the probe is out, others are decided by the mode, not sent to the primary.
+        for _ in 0..3 {
+            store.check(key, LIMITS).await.unwrap();
+        }
+        assert_eq!(calls(&primary), 4);
+        // The probe's caller goes away: the next request probes instead.
+        drop(probe);
+        assert_eq!(store.circuit(), CircuitState::Open);
+        primary.hang.store(false, Ordering::SeqCst);
+        store.check(key, LIMITS).await.unwrap();
+        assert_eq!(calls(&primary), 5);
+        assert_eq!(store.circuit(), CircuitState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn answers_that_are_not_outages_pass_through_and_keep_the_circuit_closed() {
+        for mode in [FailureMode::Open, FailureMode::Closed] {
+            let (store, primary) = failover(mode);
+            primary.broken.store(true, Ordering::SeqCst);
+            for _ in 0..5 {
+                let err = store.check(bucket(), LIMITS).await.unwrap_err();
+                assert_eq!(err.kind(), BackendErrorKind::Other);
+            }
+            assert_eq!(calls(&primary), 5);
+            assert_eq!(store.circuit(), CircuitState::Closed);
+            assert!(store.local().is_empty());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn threshold_and_cool_down_are_configurable() {
+        let (store, primary) = failover(FailureMode::Closed);
+        let store = store
+            .with_failure_threshold(1)
+            .with_cool_down(Duration::from_millis(100));
+        primary.down.store(true, Ordering::SeqCst);
+        store.check(bucket(), LIMITS).await.unwrap_err();
+        assert_eq!(store.circuit(), CircuitState::Open);
+        tokio::time::advance(Duration::from_millis(100)).await;
+        primary.down.store(false, Ordering::SeqCst);
+        assert!(store.check(bucket(), LIMITS).await.unwrap().admitted);
+        assert_eq!(calls(&primary), 2);
+    }
 
     #[test]
     fn failure_modes_parse_from_the_environment_syntax() {

@@ -153,7 +153,8 @@ static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(WINDOW_SCRIPT));
 /// `redis+cluster://[user:pass@]host:port[,host:port…]` for a cluster (any reachable nodes
 /// as seeds). The connection is made on first use through redis-rs's
 /// [`ConnectionManager`] (standalone; reconnects on its own) or its cluster client (follows
-/// slot moves); every decision is bounded by a timeout ([`DEFAULT_REDIS_TIMEOUT`]) and a
+/// slot moves); a connection found dead when used is retried once on a fresh one; every
+/// decision is bounded by a timeout ([`DEFAULT_REDIS_TIMEOUT`]) and a
 /// failure is a [`BackendError`] — unreachable, timed out or cluster down is
 /// [`unavailable`](BackendError::unavailable). Wrap the store in a
 /// [`FailoverWindowStore`](crate::FailoverWindowStore) to fail open or closed while Redis is
@@ -296,11 +297,11 @@ impl RedisWindowStore {
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(self.timeout))
                     .set_response_timeout(Some(self.timeout))
-                    // Reconnect quickly after an outage; a breaker in front
-                    // (`FailoverWindowStore`) keeps requests from waiting on it.
-                    .set_number_of_retries(3)
-                    .set_min_delay(Duration::from_millis(50))
-                    .set_max_delay(Duration::from_millis(500));
+                    // One connection attempt per reconnect, no back-off series: while
+                    // Redis is down a decision fails at once instead of waiting out the
+                    // retries, and the next use tries again (a breaker in front,
+                    // `FailoverWindowStore`, spaces those tries out).
+                    .set_number_of_retries(0);
                 Conn::Standalone(
                     ConnectionManager::new_lazy_with_config(client.clone(), config)
                         .map_err(config_error)?,
@@ -376,7 +377,16 @@ impl WindowStore for RedisWindowStore {
             if let Some(now) = now {
                 invocation.arg(now);
             }
-            let reply = tokio::time::timeout(timeout, conn.invoke(&invocation))
+            let attempt = async {
+                match conn.invoke(&invocation).await {
+                    // A connection that died since its last use (a Redis restart, an idle
+                    // timeout) is noticed only now; the manager is already reconnecting, so
+                    // try once more within the same time budget.
+                    Err(e) if e.is_connection_dropped() => conn.invoke(&invocation).await,
+                    reply => reply,
+                }
+            };
+            let reply = tokio::time::timeout(timeout, attempt)
                 .await
                 .map_err(|_| timed_out(timeout))?
                 .map_err(backend_error)?;

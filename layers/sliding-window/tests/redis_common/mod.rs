@@ -233,9 +233,32 @@ impl PrivateRedis {
     }
 }
 
+impl PrivateRedis {
+    /// Freezes the server (`SIGSTOP`): connections stay open, nothing is answered — a hung
+    /// host.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a frozen server run again (`SIGCONT`).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("the server is running").id();
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+}
+
 impl Drop for PrivateRedis {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // SIGKILL ends a frozen server too.
             let _ = child.kill();
             let _ = child.wait();
         }
