@@ -6,10 +6,13 @@
 
 pub mod admin;
 pub mod app;
+pub mod backends;
 pub mod config;
 pub mod local;
 pub mod metrics;
 pub mod orgs;
+#[cfg(feature = "postgres")]
+pub mod postgres_orgs;
 pub mod proxy;
 pub mod state;
 
@@ -173,13 +176,8 @@ pub fn memory_backends(clock: SharedClock) -> Backends {
 
 /// Builds the gateway from `config` and serves it.
 pub async fn start(config: Config) -> Result<RunningGateway, BoxError> {
-    if config.database_url.is_some() {
-        return Err("DATABASE_URL is set, but this build has no PostgreSQL backend yet; unset it to run on memory backends".into());
-    }
-    if config.redis_url.is_some() {
-        return Err("REDIS_URL is set, but this build has no Redis window store yet; unset it to use the in-process limiter".into());
-    }
-    start_with(config, memory_backends(SystemClock::shared())).await
+    let backends = backends::from_config(&config, SystemClock::shared()).await?;
+    start_with(config, backends).await
 }
 
 /// Builds the gateway on the given backends and serves it.

@@ -1,0 +1,117 @@
+//! Choosing the gateway's backends from its configuration: memory by default, PostgreSQL
+//! with `DATABASE_URL`, Redis for the windows with `REDIS_URL`.
+
+use std::sync::Arc;
+
+use tollgate_core::{BoxError, SharedClock};
+
+use super::config::Config;
+use super::state::Backends;
+
+/// The backends `config` asks for.
+pub async fn from_config(config: &Config, clock: SharedClock) -> Result<Backends, BoxError> {
+    let mut backends = match &config.database_url {
+        None => super::memory_backends(clock.clone()),
+        Some(url) => {
+            let key = config
+                .session_key
+                .ok_or("TOLLGATE_SESSION_KEY is required with DATABASE_URL")?;
+            postgres(url, key, clock.clone()).await?
+        }
+    };
+    if let Some(url) = &config.redis_url {
+        backends.windows = redis(url, config, clock).await?;
+    }
+    Ok(backends)
+}
+
+#[cfg(feature = "postgres")]
+async fn postgres(
+    url: &str,
+    session_key: [u8; 32],
+    clock: SharedClock,
+) -> Result<Backends, BoxError> {
+    use tollgate_api_key_auth::PostgresKeyStore;
+    use tollgate_credit_meter::PostgresLedger;
+    use tollgate_postgres::{pg_config, PoolOptions};
+    use tollgate_request_logger::PostgresLogSink;
+    use tollgate_upstream_sign::PostgresSessionStore;
+
+    use super::postgres_orgs::PostgresOrgStore;
+
+    // One pool for every store of this replica; each store runs its own migrations (under an
+    // advisory lock, so replicas starting together are safe).
+    let options = PoolOptions::default().with_max_size(32);
+    let pool = tollgate_postgres::connect_with(url, &options)?;
+    let listen = pg_config(url, &options)?;
+
+    let keys = PostgresKeyStore::builder(pool.clone())
+        .with_clock(clock.clone())
+        .with_listener(listen.clone())
+        .build()
+        .await?;
+    let sessions = PostgresSessionStore::builder(pool.clone(), session_key)
+        .with_listener(listen)
+        .build()
+        .await?;
+    PostgresLedger::migrate(&pool).await?;
+    let ledger = PostgresLedger::new(pool.clone(), clock.clone());
+    PostgresLogSink::migrate(&pool).await?;
+    let logs = PostgresLogSink::new(pool.clone(), clock.clone());
+    let orgs = PostgresOrgStore::new(pool).await?;
+
+    let windows = Arc::new(tollgate_sliding_window::MemoryWindowStore::new(clock));
+    let sweep = Arc::clone(&windows);
+    let flush_keys = keys.clone();
+    Ok(Backends {
+        keys: Arc::new(keys),
+        ledger: Arc::new(ledger),
+        windows,
+        sessions: Arc::new(sessions),
+        logs: Arc::new(logs),
+        orgs: Arc::new(orgs),
+        upkeep: vec![Arc::new(move || {
+            sweep.sweep_now();
+            let keys = flush_keys.clone();
+            tokio::spawn(async move {
+                if let Err(e) = keys.flush_last_used().await {
+                    tracing::warn!(error = %e, "writing last-used times failed");
+                }
+            });
+        })],
+    })
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn postgres(_: &str, _: [u8; 32], _: SharedClock) -> Result<Backends, BoxError> {
+    Err("DATABASE_URL is set, but this build has no PostgreSQL support (feature `postgres`)".into())
+}
+
+#[cfg(feature = "redis")]
+async fn redis(
+    url: &str,
+    config: &Config,
+    clock: SharedClock,
+) -> Result<Arc<dyn tollgate_sliding_window::WindowStore>, BoxError> {
+    use tollgate_sliding_window::{FailoverWindowStore, FailureMode, RedisWindowStore};
+
+    let mode = match config.rate_limit_failure {
+        super::config::RateLimitFailure::Open => FailureMode::Open,
+        super::config::RateLimitFailure::Closed => FailureMode::Closed,
+    };
+    let redis = RedisWindowStore::connect(url).await?;
+    // While Redis is down and the mode is open, this replica decides alone.
+    let local = tollgate_sliding_window::MemoryWindowStore::new(clock);
+    Ok(Arc::new(
+        FailoverWindowStore::new(redis, mode).with_local(local),
+    ))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn redis(
+    _: &str,
+    _: &Config,
+    _: SharedClock,
+) -> Result<Arc<dyn tollgate_sliding_window::WindowStore>, BoxError> {
+    Err("REDIS_URL is set, but this build has no Redis support (feature `redis`)".into())
+}
