@@ -11,8 +11,9 @@
 //! request.
 //!
 //! Sinks: [`MemoryLogSink`] (feature `memory`, on by default) keeps rows in memory with the
-//! 14-day retention, filters and cursor paging. [`ExportFormat`] renders rows as NDJSON or
-//! CSV for `GET /api/logs`.
+//! 14-day retention, filters and cursor paging; `PostgresLogSink` (feature `postgres`) keeps
+//! them in PostgreSQL for every replica, in daily partitions (the retention drops whole
+//! days). [`ExportFormat`] renders rows as NDJSON or CSV for `GET /api/logs`.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -63,6 +64,8 @@ pub mod future;
 pub mod layer;
 #[cfg(feature = "memory")]
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod record;
 pub mod service;
 pub mod sink;
@@ -76,6 +79,8 @@ pub use layer::{
 };
 #[cfg(feature = "memory")]
 pub use memory::{MemoryLogSink, DEFAULT_MAX_ROWS};
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresLogSink;
 pub use record::{ExportFormat, ExportFormatParseError, LogRecord, CSV_HEADER};
 pub use service::RequestLogger;
 pub use sink::{InvalidCursor, LogCursor, LogPage, LogQuery, LogSink, RETENTION};
