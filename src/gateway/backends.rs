@@ -11,12 +11,12 @@ use super::state::Backends;
 /// The backends `config` asks for.
 pub async fn from_config(config: &Config, clock: SharedClock) -> Result<Backends, BoxError> {
     let mut backends = match &config.database_url {
-        None => super::memory_backends(clock.clone()),
+        None => super::memory_backends_with(clock.clone(), config.hold_ttl),
         Some(url) => {
             let key = config
                 .session_key
                 .ok_or("TOLLGATE_SESSION_KEY is required with DATABASE_URL")?;
-            postgres(url, key, clock.clone()).await?
+            postgres(url, key, config.hold_ttl, clock.clone()).await?
         }
     };
     if let Some(url) = &config.redis_url {
@@ -29,6 +29,7 @@ pub async fn from_config(config: &Config, clock: SharedClock) -> Result<Backends
 async fn postgres(
     url: &str,
     session_key: [u8; 32],
+    hold_ttl: std::time::Duration,
     clock: SharedClock,
 ) -> Result<Backends, BoxError> {
     use tollgate_api_key_auth::PostgresKeyStore;
@@ -55,7 +56,7 @@ async fn postgres(
         .build()
         .await?;
     PostgresLedger::migrate(&pool).await?;
-    let ledger = PostgresLedger::new(pool.clone(), clock.clone());
+    let ledger = PostgresLedger::new(pool.clone(), clock.clone()).with_hold_ttl(hold_ttl);
     PostgresLogSink::migrate(&pool).await?;
     let logs = PostgresLogSink::new(pool.clone(), clock.clone());
     let orgs = PostgresOrgStore::new(pool).await?;
@@ -83,7 +84,12 @@ async fn postgres(
 }
 
 #[cfg(not(feature = "postgres"))]
-async fn postgres(_: &str, _: [u8; 32], _: SharedClock) -> Result<Backends, BoxError> {
+async fn postgres(
+    _: &str,
+    _: [u8; 32],
+    _: std::time::Duration,
+    _: SharedClock,
+) -> Result<Backends, BoxError> {
     Err("DATABASE_URL is set, but this build has no PostgreSQL support (feature `postgres`)".into())
 }
 

@@ -52,6 +52,10 @@ pub struct Config {
     pub session_key: Option<[u8; 32]>,
     /// `TOLLGATE_DEMO`: seed the demo org, model and key.
     pub demo: bool,
+    /// `TOLLGATE_HOLD_TTL_MS` (an addition to SPEC §8): how long a credit hold may stay open
+    /// before the sweeper releases it (a crashed replica's holds). Longer than the upstream
+    /// timeout.
+    pub hold_ttl: Duration,
     /// `RUST_LOG`: tracing filter.
     pub log_filter: String,
 }
@@ -75,6 +79,7 @@ impl fmt::Debug for Config {
             .field("body_limit", &self.body_limit)
             .field("session_key", &self.session_key.map(|_| "<set>"))
             .field("demo", &self.demo)
+            .field("hold_ttl", &self.hold_ttl)
             .field("log_filter", &self.log_filter)
             .finish()
     }
@@ -98,6 +103,7 @@ impl Default for Config {
             body_limit: 1_048_576,
             session_key: None,
             demo: true,
+            hold_ttl: Duration::from_millis(300_000),
             log_filter: "info".to_owned(),
         }
     }
@@ -132,6 +138,7 @@ const SETTINGS: &[(&str, &str)] = &[
     ("TOLLGATE_BODY_LIMIT", "--body-limit"),
     ("TOLLGATE_SESSION_KEY", "--session-key"),
     ("TOLLGATE_DEMO", "--demo"),
+    ("TOLLGATE_HOLD_TTL_MS", "--hold-ttl-ms"),
     ("RUST_LOG", "--log"),
 ];
 
@@ -243,6 +250,7 @@ impl Config {
                         _ => return Err(bad("expected on or off")),
                     }
                 }
+                "TOLLGATE_HOLD_TTL_MS" => c.hold_ttl = millis(value).map_err(bad)?,
                 "RUST_LOG" => c.log_filter = value.clone(),
                 _ => {}
             }
@@ -250,6 +258,14 @@ impl Config {
         // Demo mode is on when nothing is configured, unless set explicitly.
         if !values.contains_key("TOLLGATE_DEMO") {
             c.demo = !explicit_backend_or_upstream;
+        }
+        if c.hold_ttl <= c.upstream_timeout {
+            return Err(ConfigError(format!(
+                "TOLLGATE_HOLD_TTL_MS ({} ms) must be longer than TOLLGATE_UPSTREAM_TIMEOUT_MS ({} ms), \
+                 or holds of requests still in flight could be swept",
+                c.hold_ttl.as_millis(),
+                c.upstream_timeout.as_millis()
+            )));
         }
         if c.database_url.is_some() && c.session_key.is_none() {
             return Err(ConfigError(

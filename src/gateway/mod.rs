@@ -159,11 +159,16 @@ impl RunningGateway {
 
 /// Memory backends sharing one clock.
 pub fn memory_backends(clock: SharedClock) -> Backends {
+    memory_backends_with(clock, Duration::from_millis(300_000))
+}
+
+/// Memory backends whose credit holds expire after `hold_ttl`.
+pub fn memory_backends_with(clock: SharedClock, hold_ttl: Duration) -> Backends {
     let windows = Arc::new(MemoryWindowStore::new(clock.clone()));
     let sweep = Arc::clone(&windows);
     Backends {
         keys: Arc::new(MemoryKeyStore::new(clock.clone())),
-        ledger: Arc::new(MemoryLedger::new(clock.clone())),
+        ledger: Arc::new(MemoryLedger::new(clock.clone()).with_hold_ttl(hold_ttl)),
         windows,
         upkeep: vec![Arc::new(move || {
             sweep.sweep_now();
@@ -371,8 +376,11 @@ fn spawn_jobs(
 ) -> Vec<JoinHandle<()>> {
     let renew = {
         let ledger = state.ledger.clone();
+        // Sweep often enough that no hold outlives its TTL by more than half of it.
+        let every =
+            (state.config.hold_ttl / 2).clamp(Duration::from_millis(100), Duration::from_secs(30));
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
                 match ledger.renew_due().await {
