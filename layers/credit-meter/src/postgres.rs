@@ -249,7 +249,7 @@ impl PostgresLedger {
     }
 
     fn now(&self) -> i64 {
-        to_sql_ms(self.clock.now_ms())
+        to_sql(self.clock.now_ms())
     }
 
     /// The queue of the background releaser, started on first use inside a tokio runtime.
@@ -308,10 +308,6 @@ async fn release(pool: &Pool, hold: &Hold) -> Result<bool, BackendError> {
 /// A `u64` time or amount as a PostgreSQL `bigint`, saturating.
 fn to_sql(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-fn to_sql_ms(ms: u64) -> i64 {
-    to_sql(ms)
 }
 
 /// A non-negative `bigint` column as `u64`.
@@ -418,7 +414,7 @@ impl Ledger for PostgresLedger {
     ) -> BoxFuture<Result<HoldOutcome, BackendError>> {
         let pool = self.pool.clone();
         let now = self.now();
-        let expires_at = to_sql_ms(self.clock.now_ms().saturating_add(self.hold_ttl_ms));
+        let expires_at = to_sql(self.clock.now_ms().saturating_add(self.hold_ttl_ms));
         let open_holds = Arc::clone(&self.open_holds);
         Box::pin(async move {
             if amount > MAX_CREDITS {
@@ -693,10 +689,10 @@ impl Ledger for PostgresLedger {
     fn sweep_expired_holds(&self) -> BoxFuture<Result<usize, BackendError>> {
         let pool = self.pool.clone();
         let now_ms = self.clock.now_ms();
-        let now = to_sql_ms(now_ms);
+        let now = to_sql(now_ms);
         // Swept holds are remembered for one more TTL, so a late commit is charged at most
         // once and only after re-checking the balance.
-        let forget_at = to_sql_ms(now_ms.saturating_add(self.hold_ttl_ms));
+        let forget_at = to_sql(now_ms.saturating_add(self.hold_ttl_ms));
         let open_holds = Arc::clone(&self.open_holds);
         Box::pin(async move {
             let client = pool.get().await.map_err(to_backend_error)?;
