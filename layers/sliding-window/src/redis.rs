@@ -37,16 +37,24 @@ const MAX_CLOCK_MS: u64 = 1 << 48;
 /// oldest first, holding its admission time modulo 2³². Every entry lies within the horizon
 /// (< 2³² ms) of the newest one when the log is written, so its exact age is recovered as
 /// `(now − newest) + ((newest − entry) mod 2³²)`. A saturated enterprise bucket (9,999
-/// requests) is therefore 40 KB instead of the ~1 MB of a sorted set. Each admission rewrites
-/// the string without the entries that left the horizon and sets its expiry to the horizon,
-/// so an idle bucket disappears on its own; a refusal writes nothing.
+/// requests) is therefore 40 KB instead of the ~1.3 MB of a sorted set. Each admission
+/// rewrites the string without the entries that left the horizon and sets its expiry to the
+/// horizon, so an idle bucket disappears on its own; a refusal writes nothing.
+///
+/// Whether the window or the burst is full is read from one entry each (the `limit`-th and
+/// the `burst`-th newest), and the oldest entry still in the window is found by a galloping
+/// search from the old end (usually one or two reads). A small log is read whole (`GET`);
+/// a large one entry by entry (`GETRANGE`), because copying 40 KB into Lua costs far more
+/// than a few reads — so refusing a saturated bucket, the flood case, stays cheap. Only an
+/// admission reads a large log whole, to rewrite it.
 ///
 /// The decision mirrors `MemoryWindowStore` exactly (same counts, `remaining`, `reset_ms`
-/// and `retry_after_ms`); the tests compare the two on random traffic.
+/// and `retry_after_ms`); the tests compare the two on random traffic, small logs and large.
 const WINDOW_SCRIPT: &str = r#"
 -- tollgate sliding window: one decision for one (org, model) bucket.
 -- KEYS[1] the bucket's log; ARGV: limit, burst, window ms, [now ms; default: server TIME]
 -- Reply: {admitted (1|0), remaining, reset ms, retry-after ms (-1 when admitted)}
+local key = KEYS[1]
 local limit = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local window = tonumber(ARGV[3])
@@ -58,14 +66,24 @@ end
 local BURST = 1000
 local WRAP = 4294967296
 local HEAD = 6
+-- Logs up to this many bytes are read whole; larger ones entry by entry.
+local WHOLE = 1024
 local horizon = math.max(window, BURST)
 
-local log = redis.call('GET', KEYS[1])
+local size = redis.call('STRLEN', key)
+local log = nil
 local n = 0
 local newest = 0
-if log and #log >= HEAD + 4 and (#log - HEAD) % 4 == 0 then
-  n = (#log - HEAD) / 4
-  local a, b, c, d, e, f = string.byte(log, 1, HEAD)
+if size >= HEAD + 4 and (size - HEAD) % 4 == 0 then
+  n = (size - HEAD) / 4
+  local head
+  if size <= WHOLE then
+    log = redis.call('GET', key)
+    head = log
+  else
+    head = redis.call('GETRANGE', key, 0, HEAD - 1)
+  end
+  local a, b, c, d, e, f = string.byte(head, 1, HEAD)
   newest = ((((a * 256 + b) * 256 + c) * 256 + d) * 256 + e) * 256 + f
   -- A clock that stepped back decides at the newest admission, keeping the log ordered.
   if now < newest then now = newest end
@@ -73,16 +91,31 @@ end
 local lag = now - newest
 local newest32 = newest % WRAP
 
+-- The age in ms of entry i (1 = the oldest).
 local function age(i)
   local p = HEAD + 4 * i - 3
-  local a, b, c, d = string.byte(log, p, p + 3)
+  local s = log
+  if not s then
+    s = redis.call('GETRANGE', key, p - 1, p + 2)
+    p = 1
+  end
+  local a, b, c, d = string.byte(s, p, p + 3)
   return lag + (newest32 - (((a * 256 + b) * 256 + c) * 256 + d)) % WRAP
 end
 
--- The first entry younger than span (ages fall from the oldest entry to the newest);
--- n + 1 when there is none.
+-- The first entry younger than span (ages fall from the oldest entry to the newest), n + 1
+-- when there is none: galloping from the oldest, since few entries are usually older.
 local function first_younger(span)
-  local lo, hi = 1, n + 1
+  local lo, hi, step = 1, n + 1, 1
+  while lo + step - 1 <= n do
+    local i = lo + step - 1
+    if age(i) < span then
+      hi = i
+      break
+    end
+    lo = i + 1
+    step = step * 2
+  end
   while lo < hi do
     local mid = math.floor((lo + hi) / 2)
     if age(mid) >= span then lo = mid + 1 else hi = mid end
@@ -99,35 +132,43 @@ local function bytes(v, count)
   return string.char(unpack(out))
 end
 
-local first_live = first_younger(horizon)
-local first_in_window = first_live
-if window < horizon then first_in_window = first_younger(window) end
-local first_in_burst = first_younger(BURST)
-local in_window = n + 1 - first_in_window
-local in_burst = n + 1 - first_in_burst
+-- Full when the limit-th (burst-th) newest admission is still inside the window (second).
+local window_wait = nil
+if limit > 0 and n >= limit then
+  local left = window - age(n - limit + 1)
+  if left > 0 then window_wait = left end
+end
+local burst_wait = nil
+if burst > 0 and n >= burst then
+  local left = BURST - age(n - burst + 1)
+  if left > 0 then burst_wait = left end
+end
 
-if in_window < limit and in_burst < burst then
+if limit > 0 and burst > 0 and not window_wait and not burst_wait then
+  if not log and n > 0 then log = redis.call('GET', key) end
+  local first_live = first_younger(horizon)
+  local first_in_window = first_live
+  if window < horizon then first_in_window = first_younger(window) end
+  local in_window = n + 1 - first_in_window
   local reset = window
   if first_in_window <= n then reset = window - age(first_in_window) end
   local kept = ''
   if first_live <= n then kept = string.sub(log, HEAD + 4 * first_live - 3) end
-  redis.call('SET', KEYS[1], bytes(now, HEAD) .. kept .. bytes(now % WRAP, 4), 'PX', horizon)
+  redis.call('SET', key, bytes(now, HEAD) .. kept .. bytes(now % WRAP, 4), 'PX', horizon)
   return {1, limit - in_window - 1, reset, -1}
 end
 
 local retry
 if limit == 0 or burst == 0 then
+  -- Never admits: come back after a window.
   retry = math.max(window, 1)
 else
-  -- When the entry `limit` places from the newest leaves the window, and the entry `burst`
-  -- places from the newest leaves the past second.
-  retry = 0
-  if in_window >= limit then retry = window - age(n - limit + 1) end
-  if in_burst >= burst then retry = math.max(retry, BURST - age(n - burst + 1)) end
+  retry = math.max(window_wait or 0, burst_wait or 0)
 end
+local first_in_window = first_younger(window)
 local reset = 0
 if first_in_window <= n then reset = window - age(first_in_window) end
-return {0, math.max(limit - in_window, 0), reset, retry}
+return {0, math.max(limit - (n + 1 - first_in_window), 0), reset, retry}
 "#;
 
 static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(WINDOW_SCRIPT));

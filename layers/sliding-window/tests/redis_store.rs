@@ -53,34 +53,42 @@ async fn decides_exactly_as_the_memory_store_on_random_traffic() {
     let clock = ManualClock::new(1_700_000_000_000);
     let redis = store.with_clock(Arc::new(clock.clone()));
     let memory = MemoryWindowStore::new(Arc::new(clock.clone()));
+    // (limits, steps, one long pause in how many steps, the largest short gap in ms)
     let cases = [
-        limits(10, 5, 60_000),
-        limits(60, 10, 60_000),
-        limits(7, 3, 2_500),
-        limits(4, 3, 400),
-        limits(3, 10, 1_000),
-        limits(1, 1, 1),
+        (limits(10, 5, 60_000), 1_500, 20, 300),
+        (limits(60, 10, 60_000), 1_500, 20, 300),
+        (limits(7, 3, 2_500), 1_500, 20, 300),
+        (limits(4, 3, 400), 1_500, 20, 300),
+        (limits(3, 10, 1_000), 1_500, 20, 300),
+        (limits(1, 1, 1), 1_500, 20, 300),
+        // Logs over 1 KB, which the script reads entry by entry when refusing.
+        (limits(600, 40, 60_000), 3_000, 1_000, 120),
+        (limits(400, 400, 3_000), 3_000, 500, 10),
     ];
     let mut refusals = 0;
-    for (seed, l) in cases.into_iter().enumerate() {
+    let mut largest = 0;
+    for (seed, (l, steps, pause_one_in, gap)) in cases.into_iter().enumerate() {
         let k = bucket();
         let mut rng = Lcg(seed as u64 + 1);
-        for step in 0..1_500 {
-            clock.advance(Duration::from_millis(match rng.below(20) {
+        for step in 0..steps {
+            clock.advance(Duration::from_millis(match rng.below(pause_one_in) {
                 0 => rng.below(l.window_ms * 2 + 1),
-                1..=9 => rng.below(300),
+                r if r % 2 == 0 => rng.below(gap),
                 _ => rng.below(3),
             }));
             let expected = memory.check(k, l).await.unwrap();
             let got = redis.check(k, l).await.unwrap();
             assert_eq!(got, expected, "limits {l:?}, step {step}");
             refusals += usize::from(!got.admitted);
+            largest = largest.max(l.limit - got.remaining);
         }
     }
     assert!(
         refusals > 1_000,
         "the traffic must hit the limits: {refusals}"
     );
+    // Some logs held far more than the 254 entries a script reads whole.
+    assert!(largest >= 400, "{largest}");
 }
 
 async fn race(
@@ -296,13 +304,15 @@ async fn one_round_trip_per_decision() {
     calls.remove("config|resetstat");
     calls.remove("info");
     // The client sent one EVALSHA per decision and nothing else; the rest is what the
-    // script ran inside that one atomic call: TIME and GET each time, SET per admission.
+    // script ran inside that one atomic call: TIME and STRLEN each time, GET of the (small)
+    // log when there is one, SET per admission.
     assert_eq!(
         calls.into_iter().collect::<BTreeMap<_, _>>(),
         BTreeMap::from([
             ("evalsha".to_owned(), 200),
             ("time".to_owned(), 200),
-            ("get".to_owned(), 200),
+            ("strlen".to_owned(), 200),
+            ("get".to_owned(), 100),
             ("set".to_owned(), 149),
         ])
     );
