@@ -90,7 +90,6 @@ pub use failover::{
     CircuitState, FailoverWindowStore, FailureMode, FailureModeParseError, DEFAULT_COOL_DOWN,
     DEFAULT_FAILOVER_TIMEOUT, DEFAULT_FAILURE_THRESHOLD,
 };
-
 pub use future::ResponseFuture;
 pub use layer::{BucketFn, PerModelSlidingWindowLayer};
 #[cfg(feature = "memory")]

@@ -422,7 +422,9 @@ impl WindowStore for RedisWindowStore {
                 match conn.invoke(&invocation).await {
                     // A connection that died since its last use (a Redis restart, an idle
                     // timeout) is noticed only now; the manager is already reconnecting, so
-                    // try once more within the same time budget.
+                    // try once more within the same time budget. Should the first attempt
+                    // have run before the connection died, the request is counted twice:
+                    // stricter by one, never an admission too many.
                     Err(e) if e.is_connection_dropped() => conn.invoke(&invocation).await,
                     reply => reply,
                 }

@@ -2,7 +2,7 @@
 //! local limit, fail-closed answers 503, no call waits more than ~300 ms on the dead server,
 //! and once Redis is back the shared limit holds again without a restart.
 
-#![cfg(feature = "redis")]
+#![cfg(all(feature = "redis", feature = "memory"))]
 
 mod common;
 mod redis_common;

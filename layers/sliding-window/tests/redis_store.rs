@@ -2,7 +2,7 @@
 //! exact when several replicas (stores with their own connections) race on one bucket,
 //! sliding on the server's clock, compact, one round trip per decision.
 
-#![cfg(feature = "redis")]
+#![cfg(all(feature = "redis", feature = "memory"))]
 
 mod redis_common;
 

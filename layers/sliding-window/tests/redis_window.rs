@@ -3,7 +3,7 @@
 //! `RedisWindowStore::with_clock`, so every assertion stays exact to the millisecond).
 //! Exact counts, headers and bodies a client sees through the layer, and exact decisions.
 
-#![cfg(feature = "redis")]
+#![cfg(all(feature = "redis", feature = "memory"))]
 
 mod common;
 mod redis_common;
