@@ -105,7 +105,12 @@ async fn redis(
         super::config::RateLimitFailure::Open => FailureMode::Open,
         super::config::RateLimitFailure::Closed => FailureMode::Closed,
     };
-    let redis = RedisWindowStore::connect(url).await?;
+    // Start even while Redis is down: the failover store decides locally (or answers 503)
+    // until it is back.
+    let redis = RedisWindowStore::open(url)?;
+    if let Err(e) = redis.ping().await {
+        tracing::warn!(error = %e, mode = ?mode, "Redis is not reachable at start; rate limits fail {}", match mode { FailureMode::Open => "open to the local limiter", FailureMode::Closed => "closed (503)" });
+    }
     // While Redis is down and the mode is open, this replica decides alone.
     let local = tollgate_sliding_window::MemoryWindowStore::new(clock);
     Ok(Arc::new(
