@@ -13,7 +13,7 @@
 //! - the **client runtime** (multi-thread, `TOLLGATE_LOAD_CLIENT_THREADS` workers, default 1)
 //!   runs the load: `TOLLGATE_LOAD_CONNS` keep-alive HTTP/1.1 connections (default 64), each a
 //!   loop of sequential requests, for `TOLLGATE_LOAD_WARMUP_MS` (default 1000) unrecorded then
-//!   `TOLLGATE_LOAD_SECS` (default 5) recorded.
+//!   `TOLLGATE_LOAD_SECS` (default 3) recorded.
 //!
 //! Targets, each served on its own 127.0.0.1 port, all reaching the same sandbox:
 //!
@@ -24,12 +24,13 @@
 //! | gateway enterprise | client → gateway (logger, envelope, auth, window, meter, proxy, sign) → sandbox; the demo org moved to `enterprise` (unlimited credits: no hold) |
 //! | gateway metered | the same, for a second org on `pro` with a large credit balance: every request holds and charges 1 credit |
 //!
-//! The targets run one after the other, in `TOLLGATE_LOAD_ROUNDS` rounds (default 3; every
+//! The targets run one after the other, in `TOLLGATE_LOAD_ROUNDS` rounds (default 5; every
 //! other round in reverse order) so that background load on the machine falls on all of them
-//! alike. Then each target runs once more on a single connection for
-//! `TOLLGATE_LOAD_LIGHT_SECS` (default 2; 0 skips it): latency without queueing, i.e. what the
-//! proxy itself adds to one request. `TOLLGATE_LOAD_TARGETS=bare,enterprise` runs a subset (of
-//! `direct`, `bare`, `enterprise`, `metered`), e.g. to profile one.
+//! alike: on a shared host throughput swings by 2× from one minute to the next, so many short
+//! paired rounds beat one long run. Then the same rounds again on a single connection, of
+//! `TOLLGATE_LOAD_LIGHT_SECS` each (default 1; 0 skips them): latency without queueing, i.e.
+//! what the proxy itself adds to one request. `TOLLGATE_LOAD_TARGETS=bare,enterprise` runs a
+//! subset (of `direct`, `bare`, `enterprise`, `metered`), e.g. to profile one.
 //!
 //! Every latency is recorded (request written to last body byte read) and sorted; `p50` and
 //! `p99` are nearest-rank. The tables pool the rounds; the gateway/bare comparisons are the
@@ -37,6 +38,8 @@
 //! them. `cpu µs/req` is the whole process's CPU time (client, proxy and sandbox together,
 //! from `/proc/self/stat`, 10 ms ticks) over the phase, warm-up included, divided by the
 //! requests answered in it; subtracting the sandbox-direct figure leaves the proxy's own cost.
+//! `other procs` is the CPU other processes of the machine used meanwhile (from `/proc/stat`),
+//! to tell a disturbed round; contention outside a virtual machine does not show there.
 //!
 //! With 2 cores shared by 3 busy threads, the loaded pass is CPU-bound: its throughput ratio
 //! compares CPU cost per request (diluted by the client's and sandbox's share, which both
@@ -127,7 +130,7 @@ struct Settings {
 impl Settings {
     fn from_env(full: bool) -> Result<Self, String> {
         let (secs, warmup_ms, conns, rounds, light_secs) = if full {
-            (5.0, 1_000, 64, 3, 2.0)
+            (3.0, 1_000, 64, 5, 1.0)
         } else {
             (0.3, 100, 8, 1, 0.2)
         };
@@ -300,9 +303,10 @@ fn run(settings: &Settings) -> Result<(), String> {
     let heavy = settings.heavy();
     let light = settings.light();
     let heavy_time = (heavy.warmup + heavy.duration).as_secs_f64() * settings.rounds as f64;
-    let light_time = light.map_or(0.0, |l| (l.warmup + l.duration).as_secs_f64());
+    let light_time =
+        light.map_or(0.0, |l| (l.warmup + l.duration).as_secs_f64()) * settings.rounds as f64;
     println!(
-        "tollgate load test, loopback: {} round(s) × {} targets × ({:.1} s warm-up + {:.1} s) at {} connections, then {} at 1 connection; about {:.0} s",
+        "tollgate load test, loopback: {} round(s) × {} targets × ({:.1} s warm-up + {:.1} s) at {} connections, then as many rounds of {} at 1 connection; about {:.0} s",
         settings.rounds,
         targets.len(),
         heavy.warmup.as_secs_f64(),
@@ -327,7 +331,7 @@ fn run(settings: &Settings) -> Result<(), String> {
 
     let metered_balance_before = client_rt.block_on(balance(&setup, &tenants.metered_key))?;
     let loaded = run_pass(&client_rt, &targets, heavy, settings.rounds);
-    let unloaded = light.map(|l| run_pass(&client_rt, &targets, l, 1));
+    let unloaded = light.map(|l| run_pass(&client_rt, &targets, l, settings.rounds));
     let metered_balance_after = client_rt.block_on(balance(&setup, &tenants.metered_key))?;
 
     println!();
