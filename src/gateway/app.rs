@@ -12,7 +12,6 @@ use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
-use tower::util::BoxCloneService;
 use tower::ServiceExt;
 use tower_service::Service;
 
@@ -23,9 +22,6 @@ use super::state::AppState;
 
 /// The response body of every gateway response.
 pub type GatewayBody = UnsyncBoxBody<Bytes, BoxError>;
-
-/// The customer API as one type-erased service.
-pub type ApiService<B> = BoxCloneService<Request<B>, Response<GatewayBody>, Infallible>;
 
 /// Requests whose headers add up to more than this get a 431 (hyper itself refuses far larger
 /// ones before we see them).
@@ -65,14 +61,17 @@ fn rejection(r: Rejection) -> Response<GatewayBody> {
     r.into_response::<Full<Bytes>>().map(boxed)
 }
 
-/// The top-level service.
-pub struct App<B> {
+/// The top-level service, over the customer API stack `A`.
+///
+/// It implements hyper's `Service` (`call(&self)`), so serving a request clones only the
+/// (unboxed, allocation-free to clone) customer stack, and tower's `Service` for tests.
+pub struct App<A> {
     state: Arc<AppState>,
-    api: ApiService<B>,
+    api: A,
     table: CostTable,
 }
 
-impl<B> Clone for App<B> {
+impl<A: Clone> Clone for App<A> {
     fn clone(&self) -> Self {
         App {
             state: Arc::clone(&self.state),
@@ -82,15 +81,15 @@ impl<B> Clone for App<B> {
     }
 }
 
-impl<B> std::fmt::Debug for App<B> {
+impl<A> std::fmt::Debug for App<A> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("App").finish_non_exhaustive()
     }
 }
 
-impl<B> App<B> {
+impl<A> App<A> {
     /// The top-level service over the state and the customer API stack.
-    pub fn new(state: Arc<AppState>, api: ApiService<B>) -> Self {
+    pub fn new(state: Arc<AppState>, api: A) -> Self {
         App {
             state,
             api,
@@ -99,8 +98,13 @@ impl<B> App<B> {
     }
 }
 
-impl<B> Service<Request<B>> for App<B>
+impl<A, B> Service<Request<B>> for App<A>
 where
+    A: Service<Request<B>, Response = Response<GatewayBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    A::Future: Send,
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
@@ -113,6 +117,40 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        self.dispatch(req)
+    }
+}
+
+impl<A, B> hyper::service::Service<Request<B>> for App<A>
+where
+    A: Service<Request<B>, Response = Response<GatewayBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    A::Future: Send,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<GatewayBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<GatewayBody>, Infallible>>;
+
+    fn call(&self, req: Request<B>) -> Self::Future {
+        self.dispatch(req)
+    }
+}
+
+impl<A> App<A> {
+    fn dispatch<B>(&self, req: Request<B>) -> BoxFuture<Result<Response<GatewayBody>, Infallible>>
+    where
+        A: Service<Request<B>, Response = Response<GatewayBody>, Error = Infallible>
+            + Clone
+            + Send
+            + 'static,
+        A::Future: Send,
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         let header_bytes: usize = req
             .headers()
             .iter()
@@ -132,35 +170,9 @@ where
         let path = req.uri().path();
         if path == "/api" || path.starts_with("/api/") {
             // The request logger gives customer API responses their X-Request-Id.
-            return self.route(req);
-        }
-        // Everything else gets one here: every response carries X-Request-Id.
-        let id = RequestId::from_headers_or_generate(req.headers());
-        let fut = self.route(req);
-        Box::pin(async move {
-            let mut res = fut.await?;
-            res.headers_mut()
-                .insert(X_REQUEST_ID.clone(), id.to_header_value());
-            Ok(res)
-        })
-    }
-}
-
-impl<B> App<B>
-where
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    fn route(&mut self, req: Request<B>) -> BoxFuture<Result<Response<GatewayBody>, Infallible>> {
-        let state = Arc::clone(&self.state);
-        let path = req.uri().path();
-        if path == "/api" || path.starts_with("/api/") {
+            let state = Arc::clone(&self.state);
             let started = Instant::now();
-            let route = self
-                .table
-                .lookup(req.method(), path)
-                .map(|m| m.template().to_owned())
-                .unwrap_or_else(|| "unmatched".to_owned());
+            let route = self.table.lookup(req.method(), path);
             let api = self.api.clone();
             return Box::pin(async move {
                 let res = api.oneshot(req).await?;
@@ -168,13 +180,32 @@ where
                     .extensions()
                     .get::<ErrorCode>()
                     .map_or("OK", |c| c.as_str());
+                let template = route.as_ref().map_or("unmatched", |m| m.template());
                 state
                     .metrics
-                    .record_request(&route, code, started.elapsed());
+                    .record_request(template, code, started.elapsed());
                 Ok(res)
             });
         }
-        match (req.method(), path) {
+        // Everything else gets its X-Request-Id here: every response carries one.
+        let id = RequestId::from_headers_or_generate(req.headers());
+        let fut = self.local(req);
+        Box::pin(async move {
+            let mut res = fut.await?;
+            res.headers_mut()
+                .insert(X_REQUEST_ID.clone(), id.to_header_value());
+            Ok(res)
+        })
+    }
+
+    /// Health, metrics, the admin API, and 404 for the rest.
+    fn local<B>(&self, req: Request<B>) -> BoxFuture<Result<Response<GatewayBody>, Infallible>>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let state = Arc::clone(&self.state);
+        match (req.method(), req.uri().path()) {
             (&Method::GET, "/healthz") => Box::pin(std::future::ready(Ok(full_response(
                 StatusCode::OK,
                 "application/json",

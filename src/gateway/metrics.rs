@@ -15,7 +15,8 @@ const LATENCY_BUCKETS: [f64; 12] = [
 /// passed in when rendering.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    requests: RwLock<HashMap<(String, &'static str), AtomicU64>>,
+    /// route template → code → count (looked up by `&str`, so counting allocates nothing).
+    requests: RwLock<HashMap<String, HashMap<&'static str, AtomicU64>>>,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_sum_micros: AtomicU64,
     latency_count: AtomicU64,
@@ -39,7 +40,7 @@ impl Metrics {
     pub fn record_request(&self, route: &str, code: &'static str, latency: Duration) {
         let counted = {
             let map = self.requests.read().unwrap_or_else(|e| e.into_inner());
-            match map.get(&(route.to_owned(), code)) {
+            match map.get(route).and_then(|codes| codes.get(code)) {
                 Some(c) => {
                     c.fetch_add(1, Ordering::Relaxed);
                     true
@@ -49,7 +50,9 @@ impl Metrics {
         };
         if !counted {
             let mut map = self.requests.write().unwrap_or_else(|e| e.into_inner());
-            map.entry((route.to_owned(), code))
+            map.entry(route.to_owned())
+                .or_default()
+                .entry(code)
                 .or_default()
                 .fetch_add(1, Ordering::Relaxed);
         }
@@ -88,10 +91,9 @@ impl Metrics {
     /// Total requests counted for `(route, code)`.
     pub fn requests(&self, route: &str, code: &str) -> u64 {
         let map = self.requests.read().unwrap_or_else(|e| e.into_inner());
-        map.iter()
-            .filter(|((r, c), _)| r == route && *c == code)
-            .map(|(_, v)| v.load(Ordering::Relaxed))
-            .sum()
+        map.get(route)
+            .and_then(|codes| codes.get(code))
+            .map_or(0, |v| v.load(Ordering::Relaxed))
     }
 
     /// The Prometheus text format.
@@ -105,7 +107,11 @@ impl Metrics {
             let map = self.requests.read().unwrap_or_else(|e| e.into_inner());
             let mut rows: Vec<_> = map
                 .iter()
-                .map(|((r, c), v)| (r.clone(), *c, v.load(Ordering::Relaxed)))
+                .flat_map(|(r, codes)| {
+                    codes
+                        .iter()
+                        .map(move |(c, v)| (r.clone(), *c, v.load(Ordering::Relaxed)))
+                })
                 .collect();
             rows.sort();
             for (route, code, n) in rows {

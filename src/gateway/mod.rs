@@ -28,11 +28,9 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tower::util::BoxCloneService;
 use tower::{Layer, ServiceBuilder, ServiceExt};
 use tower_service::Service;
 
@@ -263,14 +261,14 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
         }));
     let dispatch = Dispatch {
         table: CostTable::onlyfans(),
-        upstream: BoxCloneService::new(upstream_stack),
-        local: BoxCloneService::new(local_stack),
+        upstream: upstream_stack,
+        local: local_stack,
     };
     let api = ServiceBuilder::new()
         .map_response(app::box_response)
         .layer(logger_layer)
         .service(dispatch);
-    let app = App::new(Arc::clone(&state), BoxCloneService::new(api));
+    let app = App::new(Arc::clone(&state), api);
 
     let demo = if config.demo {
         let sandbox = sandbox.as_ref().map(|(s, _)| s);
@@ -300,15 +298,28 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
 }
 
 /// Sends each `/api` request to the stack its route needs: proxied routes through the
-/// envelope, auth, window and meter; the gateway's own routes through auth only.
+/// envelope, auth, window and meter; the gateway's own routes through auth only. The stacks
+/// are kept unboxed, so cloning one per request costs reference-count increments only.
 #[derive(Clone)]
-struct Dispatch {
+struct Dispatch<U, L> {
     table: CostTable,
-    upstream: BoxCloneService<Request<Incoming>, Response<GatewayBody>, Infallible>,
-    local: BoxCloneService<Request<Incoming>, Response<GatewayBody>, Infallible>,
+    upstream: U,
+    local: L,
 }
 
-impl Service<Request<Incoming>> for Dispatch {
+impl<U, L> Service<Request<Incoming>> for Dispatch<U, L>
+where
+    U: Service<Request<Incoming>, Response = Response<GatewayBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    U::Future: Send,
+    L: Service<Request<Incoming>, Response = Response<GatewayBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    L::Future: Send,
+{
     type Response = Response<GatewayBody>;
     type Error = Infallible;
     type Future = tollgate_core::BoxFuture<Result<Response<GatewayBody>, Infallible>>;
@@ -333,7 +344,15 @@ impl Service<Request<Incoming>> for Dispatch {
     }
 }
 
-async fn serve(listener: TcpListener, app: App<Incoming>, mut shutdown: watch::Receiver<bool>) {
+async fn serve<A>(listener: TcpListener, app: App<A>, mut shutdown: watch::Receiver<bool>)
+where
+    A: Service<Request<Incoming>, Response = Response<GatewayBody>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    A::Future: Send,
+{
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         tokio::select! {
@@ -352,7 +371,7 @@ async fn serve(listener: TcpListener, app: App<Incoming>, mut shutdown: watch::R
                     .timer(TokioTimer::new())
                     .header_read_timeout(Duration::from_secs(30))
                     .max_buf_size(256 * 1024)
-                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+                    .serve_connection(TokioIo::new(stream), app.clone());
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {

@@ -190,6 +190,7 @@ pub struct CreditReceipt(Arc<ReceiptInner>);
 struct ReceiptInner {
     cost: u64,
     settled: OnceLock<CreditSettlement>,
+    json_checked: std::sync::atomic::AtomicBool,
 }
 
 impl CreditReceipt {
@@ -198,6 +199,7 @@ impl CreditReceipt {
         CreditReceipt(Arc::new(ReceiptInner {
             cost,
             settled: OnceLock::new(),
+            json_checked: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -215,6 +217,21 @@ impl CreditReceipt {
     /// The settlement, once there is one.
     pub fn settlement(&self) -> Option<CreditSettlement> {
         self.0.settled.get().copied()
+    }
+
+    /// Records that the meter parsed the whole body as JSON before charging (it does when
+    /// the request carried [`JsonBodyRequired`]), so an outer layer need not parse it again.
+    pub fn mark_json_checked(&self) {
+        self.0
+            .json_checked
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether the meter already parsed the body as JSON.
+    pub fn json_checked(&self) -> bool {
+        self.0
+            .json_checked
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Credits actually charged so far (0 until committed, 0 when released).

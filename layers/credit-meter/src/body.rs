@@ -91,12 +91,18 @@ fn finish(
     match buffer {
         None => (ticket.commit(), last),
         Some(mut buf) => {
-            if let Some(last) = last {
-                buf.extend_from_slice(&last);
-            }
-            let data = buf.freeze();
+            let data = match last {
+                // A body of one frame needs no copy.
+                Some(last) if buf.is_empty() => last,
+                Some(last) => {
+                    buf.extend_from_slice(&last);
+                    buf.freeze()
+                }
+                None => buf.freeze(),
+            };
             // A 2xx the envelope will turn into a 502 is not billed.
             let call = if is_json(&data) {
+                ticket.receipt().mark_json_checked();
                 ticket.commit()
             } else {
                 ticket.release()

@@ -214,8 +214,15 @@ fn envelope<B>(mut parts: Parts, mut buf: Vec<u8>) -> Response<GateBody<B>> {
     if std::str::from_utf8(data).is_err() {
         return upstream_error(parts, Invalid::NotUtf8);
     }
-    if let Err(err) = serde_json::from_slice::<IgnoredAny>(data) {
-        return upstream_error(parts, Invalid::NotJson(err));
+    // A credit meter inside already parsed it before charging: don't parse it twice.
+    let checked = parts
+        .extensions
+        .get::<CreditReceipt>()
+        .is_some_and(CreditReceipt::json_checked);
+    if !checked {
+        if let Err(err) = serde_json::from_slice::<IgnoredAny>(data) {
+            return upstream_error(parts, Invalid::NotJson(err));
+        }
     }
     let credits =
         parts
