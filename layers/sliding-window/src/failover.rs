@@ -16,6 +16,13 @@ use crate::store::{BucketKey, Decision, WindowLimits, WindowStore};
 /// The default bound on one call to the primary store.
 pub const DEFAULT_FAILOVER_TIMEOUT: Duration = Duration::from_millis(250);
 
+/// The longest a call waits while the primary keeps answering other calls: under a burst,
+/// a healthy Redis can take longer than [`DEFAULT_FAILOVER_TIMEOUT`] to reach a call queued
+/// behind hundreds of others, and deciding locally then would admit more than the shared
+/// limit. A dead or frozen primary answers nobody, so calls to it still give up after one
+/// timeout.
+pub const MAX_QUEUED_WAIT: Duration = Duration::from_secs(2);
+
 /// The default number of consecutive failures that opens the circuit.
 pub const DEFAULT_FAILURE_THRESHOLD: u32 = 3;
 
@@ -222,21 +229,39 @@ impl<P: WindowStore> WindowStore for FailoverWindowStore<P> {
             recorded: false,
         };
         let local = Arc::clone(&self.local);
+        let breaker = Arc::clone(&self.breaker);
         let (mode, timeout) = (self.mode, self.timeout);
         Box::pin(async move {
-            let failure = match tokio::time::timeout(timeout, call).await {
-                Ok(Ok(decision)) => {
-                    outcome.reachable();
-                    return Ok(decision);
+            let mut call = call;
+            let started = Instant::now();
+            let mut slice_started = started;
+            let failure = loop {
+                match tokio::time::timeout(timeout, &mut call).await {
+                    Ok(Ok(decision)) => {
+                        outcome.reachable();
+                        return Ok(decision);
+                    }
+                    Ok(Err(err)) if err.kind() == BackendErrorKind::Other => {
+                        outcome.reachable();
+                        return Err(err);
+                    }
+                    Ok(Err(err)) => break err,
+                    Err(_) => {
+                        // Slow, but alive: it answered other calls meanwhile, so this one is
+                        // queued behind them. Keep waiting (bounded) rather than deciding
+                        // alone.
+                        if breaker.answered_since(slice_started)
+                            && started.elapsed() + timeout <= MAX_QUEUED_WAIT
+                        {
+                            slice_started = Instant::now();
+                            continue;
+                        }
+                        break BackendError::unavailable(format!(
+                            "the rate-limit store did not answer within {:?}",
+                            started.elapsed()
+                        ));
+                    }
                 }
-                Ok(Err(err)) if err.kind() == BackendErrorKind::Other => {
-                    outcome.reachable();
-                    return Err(err);
-                }
-                Ok(Err(err)) => err,
-                Err(_) => BackendError::unavailable(format!(
-                    "the rate-limit store did not answer within {timeout:?}"
-                )),
             };
             outcome.unreachable(&failure);
             match mode {
@@ -265,6 +290,8 @@ struct Breaker {
     state: Mutex<State>,
     threshold: u32,
     cool_down: Duration,
+    /// When the primary last answered a call.
+    last_answer: Mutex<Option<Instant>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -280,7 +307,16 @@ impl Breaker {
             state: Mutex::new(State::Closed { failures: 0 }),
             threshold,
             cool_down,
+            last_answer: Mutex::new(None),
         }
+    }
+
+    /// Whether the primary answered any call after `since`.
+    fn answered_since(&self, since: Instant) -> bool {
+        self.last_answer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some_and(|at| at > since)
     }
 
     /// Nothing in a critical section can leave the state half-updated.
@@ -314,6 +350,11 @@ struct Outcome {
 impl Outcome {
     fn reachable(&mut self) {
         self.recorded = true;
+        *self
+            .breaker
+            .last_answer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
         let mut state = self.breaker.state();
         let was_open = !matches!(*state, State::Closed { .. });
         *state = State::Closed { failures: 0 };
