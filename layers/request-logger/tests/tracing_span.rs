@@ -57,7 +57,7 @@ async fn each_request_runs_in_a_span_and_ends_with_an_event() {
         .with_writer(move || writer.clone())
         .with_ansi(false)
         .without_time()
-        .with_max_level(tracing::Level::INFO)
+        .with_max_level(tracing::Level::DEBUG)
         .finish();
     let _default = tracing::subscriber::set_default(subscriber);
 
