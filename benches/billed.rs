@@ -1,0 +1,1782 @@
+//! Billed requests per second through the turnkey gateway: memory backends against
+//! PostgreSQL backends, in one run, under the same load.
+//!
+//! `cargo bench --bench billed` (release). `cargo test --benches` runs it as a short smoke test.
+//!
+//! # What runs
+//!
+//! One process, two tokio runtimes, as in `benches/load.rs`: the **server runtime**
+//! (`TOLLGATE_BILLED_SERVER_THREADS` workers, default 2) runs the gateways and their
+//! in-process sandbox upstreams; the **client runtime** (`TOLLGATE_BILLED_CLIENT_THREADS`,
+//! default 1) runs `TOLLGATE_BILLED_CONNS` keep-alive HTTP/1.1 connections (default 64), each a
+//! loop of sequential requests, `TOLLGATE_BILLED_WARMUP_MS` (default 1000) unrecorded then
+//! `TOLLGATE_BILLED_SECS` (default 3) recorded.
+//!
+//! Two gateways (`gateway::start`, everything else default):
+//!
+//! - **memory**: memory backends;
+//! - **postgres**: PostgreSQL backends (`Config::database_url`, `session_key`), in a fresh
+//!   schema (`tollgate_postgres::testing::TestDb`, on `DATABASE_URL` or the default test
+//!   server) passed as `?options=-csearch_path%3D<schema>`, dropped at the end. When the server
+//!   is unreachable the PostgreSQL part is skipped with a note and the memory part still runs.
+//!
+//! Each serves one org on the `pro` plan with a balance of 10¹² credits (`Ledger::set_balance`)
+//! and one model on its sandbox, and the load is `GET /api/models/<model>/users/me` (cost 1):
+//! every request holds a credit, gets a 200 and is charged — a *billed* request. Limits do not
+//! bind: bursts of `u32::MAX` (`Config::burst`) and a 1 ms window (`Config::window`, there is no
+//! knob for the per-window limit of 300 on `pro`: 300 per millisecond is out of reach of 64
+//! connections). The window store is in memory with both backends (the gateway keeps windows
+//! in memory unless `REDIS_URL` is set), so the difference is the key store, ledger, session
+//! store and log sink.
+//!
+//! A third target, `postgres/<n>orgs`, loads the PostgreSQL gateway with the same
+//! connections spread over `TOLLGATE_BILLED_ORGS` such orgs (default 16; connection `i` bills
+//! org `i mod n`; ≤ 1 leaves it out): a billed request updates its org's account row twice
+//! (hold, commit), and those updates queue on the row's lock, each held until its commit is
+//! flushed to the WAL — so one org's rate is bounded by the server's commit latency, and
+//! this target shows how much of the gap is that bound.
+//!
+//! The targets run one after the other in `TOLLGATE_BILLED_ROUNDS` paired rounds (default 5;
+//! every other round in reverse order), then the one-org targets as many rounds at one
+//! connection of `TOLLGATE_BILLED_LIGHT_SECS` (default 1; 0 skips them): latency without
+//! queueing. The PostgreSQL/memory ratios are the median of each round's own ratio, pooled
+//! beside it. The server's `synchronous_commit`, `fsync`, `wal_sync_method` and
+//! `commit_delay` are printed: they set that bound.
+//! `p50`/`p99` are nearest-rank over every recorded latency (request written to last body byte
+//! read). `cpu µs/req` is this process's CPU (client, gateway, sandbox) per answered request;
+//! `other procs` is the CPU the rest of the machine used meanwhile — the PostgreSQL server's
+//! backends are there, along with whatever else runs on the host.
+//!
+//! # Exactness
+//!
+//! After the load, for each target and each of its orgs: the balance fell by exactly the
+//! number of 200s the load got, the ledger holds exactly one `charge` row of 1 credit per 200
+//! (load and sanity check), each with its own request id, and no hold is left open. Any miss, any non-200, transport
+//! error or timeout fails the run (exit status 1).
+//!
+//! # PostgreSQL round trips per billed request
+//!
+//! `pg_stat_statements` needs `shared_preload_libraries`, and database-wide counters
+//! (`pg_stat_database.xact_commit`) count every other client of a shared server. So a third
+//! gateway, on a schema of its own, reaches PostgreSQL through a counting TCP proxy written
+//! below, which reads the frontend protocol: each `Sync` (extended protocol) or `Query`
+//! (simple protocol) is one round trip, attributed to the statement it executed (prepared
+//! statements are named per connection by their `Parse`). After a warm-up and an idle
+//! interval (background jobs, listener heartbeats: reported), exactly
+//! `TOLLGATE_BILLED_COUNT_REQUESTS` (default 10 000; 0 skips this part) billed requests run
+//! at the same concurrency; then the request log is flushed, and the round trips are divided
+//! by the requests. The rows each table gained (`pg_stat_user_tables` of that schema, read
+//! once the server has published its backends' counters: 11 s or more after each phase) are
+//! reported the same way. That gateway is not timed: the proxy costs CPU. Its ledger is
+//! checked for exactness too.
+//!
+//! Nothing leaves 127.0.0.1 except the PostgreSQL connections to `DATABASE_URL`; every request
+//! is under a 10 s timeout, and at most [`MAX_SAMPLES`] latencies are kept per phase.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, HOST};
+use http::{HeaderMap, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Runtime;
+use tokio::task::JoinHandle;
+
+use tollgate::gateway::{self, Config, RunningGateway};
+use tollgate_core::{OrgId, Plan};
+use tollgate_credit_meter::{EntryKind, Ledger};
+use tollgate_postgres::testing::TestDb;
+use tollgate_upstream_sign::Session;
+
+/// Most latencies kept per phase (all connections together).
+const MAX_SAMPLES: usize = 4_000_000;
+/// The longest a single request may take before it counts as an error.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The billed org's balance: far more than any run can spend.
+const BALANCE: u64 = 1_000_000_000_000;
+/// Errors whose details are printed, per phase.
+const ERROR_SAMPLES: usize = 5;
+
+fn main() {
+    // `cargo bench` passes `--bench`; anything else (`cargo test --benches`) is a smoke run.
+    let full = std::env::args().any(|a| a == "--bench");
+    let settings = match Settings::from_env(full) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("billed: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(&settings) {
+        eprintln!("billed: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// The run's parameters.
+#[derive(Debug, Clone)]
+struct Settings {
+    heavy: Load,
+    light: Option<Load>,
+    rounds: usize,
+    /// Orgs the PostgreSQL gateway's second target spreads its connections over (≤ 1: none).
+    orgs: usize,
+    count_requests: u64,
+    server_threads: usize,
+    client_threads: usize,
+    full: bool,
+}
+
+/// How one phase loads its gateway.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    conns: usize,
+    warmup: Duration,
+    duration: Duration,
+}
+
+impl Settings {
+    fn from_env(full: bool) -> Result<Self, String> {
+        let (secs, warmup_ms, conns, rounds, light_secs, count) = if full {
+            (3.0, 1_000, 64, 5, 1.0, 10_000)
+        } else {
+            (0.3, 100, 8, 1, 0.2, 300)
+        };
+        let warmup = Duration::from_millis(env_number(
+            "TOLLGATE_BILLED_WARMUP_MS",
+            warmup_ms,
+            0,
+            60_000,
+        )?);
+        let light_secs = env_number("TOLLGATE_BILLED_LIGHT_SECS", light_secs, 0.0, 60.0)?;
+        Ok(Settings {
+            heavy: Load {
+                conns: env_number("TOLLGATE_BILLED_CONNS", conns, 1, 1_024)?,
+                warmup,
+                duration: Duration::from_secs_f64(env_number(
+                    "TOLLGATE_BILLED_SECS",
+                    secs,
+                    0.1,
+                    300.0,
+                )?),
+            },
+            light: (light_secs > 0.0).then(|| Load {
+                conns: 1,
+                warmup: warmup.min(Duration::from_millis(200)),
+                duration: Duration::from_secs_f64(light_secs),
+            }),
+            rounds: env_number("TOLLGATE_BILLED_ROUNDS", rounds, 1, 20)?,
+            orgs: env_number("TOLLGATE_BILLED_ORGS", 16, 0, 1_024)?,
+            count_requests: env_number("TOLLGATE_BILLED_COUNT_REQUESTS", count, 0, 10_000_000)?,
+            server_threads: env_number("TOLLGATE_BILLED_SERVER_THREADS", 2, 1, 64)?,
+            client_threads: env_number("TOLLGATE_BILLED_CLIENT_THREADS", 1, 1, 64)?,
+            full,
+        })
+    }
+}
+
+fn env_number<T>(name: &str, default: T, min: T, max: T) -> Result<T, String>
+where
+    T: FromStr + PartialOrd + Copy + std::fmt::Display,
+{
+    let Ok(raw) = std::env::var(name) else {
+        return Ok(default);
+    };
+    match raw.trim().parse::<T>() {
+        Ok(v) if v >= min && v <= max => Ok(v),
+        _ => Err(format!(
+            "{name} must be a number from {min} to {max} (got {raw:?})"
+        )),
+    }
+}
+
+fn run(settings: &Settings) -> Result<(), String> {
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(settings.server_threads)
+        .thread_name("server")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("server runtime: {e}"))?;
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(settings.client_threads)
+        .thread_name("client")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("client runtime: {e}"))?;
+
+    let result = run_on(settings, &server_rt, &client_rt);
+    // Connections and pools wind down on the server runtime; give them a moment before it
+    // goes away, so PostgreSQL sees clean disconnects.
+    server_rt.block_on(async { tokio::time::sleep(Duration::from_millis(100)).await });
+    drop(client_rt);
+    drop(server_rt);
+    result
+}
+
+fn run_on(settings: &Settings, server_rt: &Runtime, client_rt: &Runtime) -> Result<(), String> {
+    let memory = server_rt.block_on(BilledGateway::start("memory", None))?;
+    let db = server_rt.block_on(TestDb::new());
+    let mut gateways = vec![memory];
+    let mut failures = Vec::new();
+    match &db {
+        Some(db) => {
+            let started = url_in_schema(db.url(), db.schema()).and_then(|url| {
+                server_rt.block_on(BilledGateway::start("postgres", Some(url)))
+            });
+            match started {
+                Ok(gw) => gateways.push(gw),
+                Err(e) => failures.push(e),
+            }
+        }
+        None => println!(
+            "PostgreSQL unreachable (see above): skipping the PostgreSQL gateway; the memory gateway runs alone"
+        ),
+    }
+
+    if failures.is_empty() {
+        match measure(settings, server_rt, client_rt, &gateways) {
+            Ok(checks) => failures.extend(checks),
+            Err(e) => failures.push(e),
+        }
+    }
+    server_rt.block_on(async {
+        for gw in gateways {
+            let _ = tokio::time::timeout(Duration::from_secs(10), gw.gateway.shutdown()).await;
+        }
+        if let Some(db) = db {
+            db.cleanup().await;
+        }
+    });
+
+    // Round trips per billed request, on a gateway of their own (not timed).
+    if settings.count_requests > 0 {
+        if let Err(e) = count_round_trips(settings, server_rt, client_rt) {
+            failures.push(e);
+        }
+    }
+
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("\n"))
+    }
+}
+
+/// The throughput passes and the exactness checks. `Err` for a setup failure; the list of
+/// failed checks otherwise.
+fn measure(
+    settings: &Settings,
+    server_rt: &Runtime,
+    client_rt: &Runtime,
+    gateways: &[BilledGateway],
+) -> Result<Vec<String>, String> {
+    // One org per gateway, plus, on PostgreSQL, the same load spread over several orgs: a
+    // billed request locks its org's account row, so one org's requests queue behind each
+    // other's commits while different orgs' do not.
+    let mut targets = Vec::new();
+    for gw in gateways {
+        targets.push(server_rt.block_on(gw.target(gw.name.to_owned(), 1))?);
+        if gw.name == "postgres" && settings.orgs > 1 {
+            let name = format!("postgres/{}orgs", settings.orgs);
+            targets.push(server_rt.block_on(gw.target(name, settings.orgs))?);
+        }
+    }
+    for target in &targets {
+        client_rt.block_on(sanity_check(target))?;
+    }
+    // At one connection only one org is ever loaded: the light pass runs the one-org targets.
+    let light_targets: Vec<Arc<Target>> = targets
+        .iter()
+        .filter(|t| t.tenants.len() == 1)
+        .cloned()
+        .collect();
+
+    let heavy = settings.heavy;
+    let seconds = |l: &Load, n: usize| (l.warmup + l.duration).as_secs_f64() * n as f64;
+    let total = (seconds(&heavy, targets.len())
+        + settings
+            .light
+            .as_ref()
+            .map_or(0.0, |l| seconds(l, light_targets.len())))
+        * settings.rounds as f64;
+    println!(
+        "tollgate billed requests (pro plan, GET /api/models/<model>/users/me, cost 1, every request held and charged), loopback:"
+    );
+    println!(
+        "{} round(s) × [{}] × ({:.1} s warm-up + {:.1} s) at {} connections, then as many at 1 connection ({}); about {:.0} s",
+        settings.rounds,
+        targets
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        heavy.warmup.as_secs_f64(),
+        heavy.duration.as_secs_f64(),
+        heavy.conns,
+        settings.light.map_or_else(
+            || "skipped".to_owned(),
+            |l| format!("{:.1} s each", l.duration.as_secs_f64())
+        ),
+        total
+    );
+    println!(
+        "server runtime: {} worker(s) (gateways, sandboxes); client runtime: {} worker(s); {} CPU(s); load average before: {}",
+        settings.server_threads,
+        settings.client_threads,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load_average().unwrap_or_else(|| "n/a".into())
+    );
+    if let Some(pg) = gateways.iter().find(|g| g.name == "postgres") {
+        println!(
+            "postgres: fresh schema {}, the gateway's pool of 32 connections; server settings: {}",
+            pg.schema.as_deref().unwrap_or("?"),
+            server_rt
+                .block_on(pg.durability())
+                .unwrap_or_else(|e| format!("unknown ({e})"))
+        );
+    }
+    if !settings.full {
+        println!("(smoke run: `cargo bench --bench billed` runs the full benchmark)");
+    }
+
+    let mut balances_before = Vec::new();
+    for target in &targets {
+        balances_before.push(server_rt.block_on(target.balances())?);
+    }
+
+    let loaded = run_pass(client_rt, &targets, heavy, settings.rounds);
+    let unloaded = settings
+        .light
+        .map(|l| run_pass(client_rt, &light_targets, l, settings.rounds));
+
+    println!();
+    println!("under load ({} connections):", heavy.conns);
+    print_table(&loaded);
+    compare(&loaded);
+    if let Some(unloaded) = &unloaded {
+        println!();
+        println!("light load (1 connection, latency without queueing):");
+        print_table(unloaded);
+        compare(unloaded);
+    }
+    println!();
+
+    let mut failures = Vec::new();
+    for (target, before) in targets.iter().zip(balances_before) {
+        let passes = std::iter::once(&loaded).chain(unloaded.as_ref());
+        let summaries: Vec<&Summary> = passes
+            .filter_map(|p| p.iter().find(|s| s.name == target.name))
+            .collect();
+        let mut ok = vec![0; target.tenants.len()];
+        for s in &summaries {
+            for (sum, n) in ok.iter_mut().zip(&s.ok_by_tenant) {
+                *sum += n;
+            }
+            if s.errors.total() > 0 {
+                failures.push(format!(
+                    "{}: {} errors ({} non-200, {} transport, {} timeouts); e.g. {}",
+                    s.name,
+                    s.errors.total(),
+                    s.errors.status,
+                    s.errors.transport,
+                    s.errors.timeout,
+                    s.errors.samples.join(" | ")
+                ));
+            }
+        }
+        match server_rt.block_on(target.check_exact(&before, &ok)) {
+            Ok(line) => println!("{line}"),
+            Err(e) => failures.push(e),
+        }
+    }
+    for gw in gateways {
+        let logger = &gw.gateway.state().logger;
+        server_rt.block_on(logger.flush());
+        let log = logger.stats();
+        println!(
+            "{}: request log: {} rows written, {} dropped (queue full), {} failed",
+            gw.name, log.written_rows, log.dropped_rows, log.failed_rows
+        );
+    }
+    println!(
+        "load average after: {}",
+        load_average().unwrap_or_else(|| "n/a".into())
+    );
+    Ok(failures)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The gateways and their billed tenants.
+
+/// A gateway on memory or PostgreSQL backends, with its in-process sandbox.
+struct BilledGateway {
+    name: &'static str,
+    gateway: RunningGateway,
+    schema: Option<String>,
+}
+
+impl BilledGateway {
+    /// Starts a gateway (memory backends, or PostgreSQL at `database_url`) whose limits do
+    /// not bind.
+    async fn start(name: &'static str, database_url: Option<String>) -> Result<Self, String> {
+        let schema = database_url.as_deref().and_then(schema_of);
+        let config = Config {
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_token: None,
+            session_key: database_url.as_ref().map(|_| random_key()),
+            database_url,
+            demo: false,
+            window: Duration::from_millis(1),
+            burst: [u32::MAX; 4],
+            ..Config::default()
+        };
+        let gateway = gateway::start(config)
+            .await
+            .map_err(|e| format!("{name} gateway: {e}"))?;
+        Ok(BilledGateway {
+            name,
+            gateway,
+            schema,
+        })
+    }
+
+    /// A target of `orgs` fresh billed tenants on this gateway.
+    async fn target(&self, name: String, orgs: usize) -> Result<Arc<Target>, String> {
+        let addr = self.gateway.local_addr();
+        let mut tenants = Vec::with_capacity(orgs);
+        for _ in 0..orgs {
+            let (org, model, key) = seed(&self.gateway)
+                .await
+                .map_err(|e| format!("{name}: seeding a billed tenant: {e}"))?;
+            let path = format!("/api/models/{model}/users/me");
+            let uri = Uri::try_from(path.as_str()).map_err(|e| format!("{path}: {e}"))?;
+            let value = |v: &str| HeaderValue::from_str(v).map_err(|e| format!("{name}: {e}"));
+            let mut headers = HeaderMap::new();
+            headers.insert(HOST, value(&addr.to_string())?);
+            headers.insert(HeaderName::from_static("x-api-key"), value(&key)?);
+            tenants.push(Tenant { org, uri, headers });
+        }
+        Ok(Arc::new(Target {
+            name,
+            addr,
+            tenants,
+            ledger: Arc::clone(&self.gateway.state().ledger),
+        }))
+    }
+
+    /// `synchronous_commit` and `fsync` of the server: they bound a single org's billed rate.
+    async fn durability(&self) -> Result<String, String> {
+        let url = self.gateway.state().config.database_url.clone();
+        let url = url.ok_or("no database")?;
+        let pool = tollgate_postgres::connect(&url).map_err(|e| e.to_string())?;
+        let client = pool.get().await.map_err(|e| e.to_string())?;
+        let rows = client
+            .query(
+                "SELECT name, setting FROM pg_settings \
+                 WHERE name IN ('synchronous_commit', 'fsync', 'wal_sync_method', 'commit_delay') \
+                 ORDER BY name",
+                &[],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(rows
+            .iter()
+            .map(|r| format!("{}={}", r.get::<_, String>(0), r.get::<_, String>(1)))
+            .collect::<Vec<_>>()
+            .join(", "))
+    }
+}
+
+/// One billed tenant set up through the gateway's own backends (as its admin API would): an
+/// org on `pro` with [`BALANCE`] credits, one model on the gateway's sandbox, one key.
+/// Returns the org, the model and the key's secret.
+async fn seed(gateway: &RunningGateway) -> Result<(OrgId, String, String), String> {
+    let sandbox = gateway
+        .sandbox()
+        .ok_or("the gateway runs no in-process sandbox")?;
+    let account = sandbox.add_account();
+    let state = gateway.state();
+    let e = |what: &'static str| move |err: tollgate_core::BackendError| format!("{what}: {err}");
+    let org = state
+        .orgs
+        .create("Billed Bench Org".to_owned())
+        .await
+        .map_err(e("creating the org"))?;
+    state
+        .ledger
+        .subscribe(org, Plan::Pro)
+        .await
+        .map_err(e("subscribing"))?;
+    state
+        .keys
+        .set_subscription(org, Some(Plan::Pro))
+        .await
+        .map_err(e("subscribing the keys"))?;
+    state
+        .ledger
+        .set_balance(org, BALANCE)
+        .await
+        .map_err(e("setting the balance"))?
+        .ok_or("setting the balance: unknown org")?;
+    let model = state
+        .sessions
+        .connect(
+            org,
+            "Billed Model".to_owned(),
+            Session {
+                cookie: account.cookie,
+                user_id: account.user_id,
+                x_bc: account.x_bc,
+                user_agent: account.user_agent,
+            },
+        )
+        .await
+        .map_err(e("connecting the model"))?;
+    state
+        .keys
+        .add_model(org, model.id)
+        .await
+        .map_err(e("adding the model"))?;
+    let key = state
+        .keys
+        .create_key(org, "billed".to_owned())
+        .await
+        .map_err(e("creating the key"))?;
+    Ok((org, model.id.to_string(), key.secret))
+}
+
+/// A session-encryption key for this run only.
+fn random_key() -> [u8; 32] {
+    let mut key = [0u8; 32];
+    key[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+    key[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+    key
+}
+
+/// `url` with every connection's `search_path` on `schema`: `options=-csearch_path%3D<schema>`
+/// in a `postgres://` URL (added to an `options` it already has), `options='…'` in a
+/// `key=value` connection string.
+fn url_in_schema(url: &str, schema: &str) -> Result<String, String> {
+    if !schema
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
+        return Err(format!("schema {schema:?} is not a plain identifier"));
+    }
+    let setting = format!("-csearch_path%3D{schema}");
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Ok(format!("{url} options='-csearch_path={schema}'"));
+    }
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut pairs: Vec<String> = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
+        .collect();
+    match pairs.iter_mut().find(|p| p.starts_with("options=")) {
+        Some(options) => {
+            options.push_str("%20");
+            options.push_str(&setting);
+        }
+        None => pairs.push(format!("options={setting}")),
+    }
+    Ok(format!("{base}?{}", pairs.join("&")))
+}
+
+/// The schema a URL made by [`url_in_schema`] names.
+fn schema_of(url: &str) -> Option<String> {
+    let at = url.find("search_path")?;
+    let rest = &url[at + "search_path".len()..];
+    let rest = rest
+        .strip_prefix("%3D")
+        .or_else(|| rest.strip_prefix('='))?;
+    Some(
+        rest.chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect(),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client.
+
+/// One billed tenant's request.
+struct Tenant {
+    org: OrgId,
+    uri: Uri,
+    /// `host` and the tenant's `x-api-key`.
+    headers: HeaderMap,
+}
+
+impl Tenant {
+    fn request(&self) -> Request<Empty<Bytes>> {
+        let mut req = Request::new(Empty::new());
+        *req.uri_mut() = self.uri.clone();
+        req.headers_mut().clone_from(&self.headers);
+        req
+    }
+}
+
+/// What one phase loads: a gateway and its tenants (connection `i` is tenant `i % n`'s), and
+/// the ledger that bills them.
+struct Target {
+    name: String,
+    addr: SocketAddr,
+    tenants: Vec<Tenant>,
+    ledger: Arc<dyn Ledger>,
+}
+
+impl Target {
+    /// Each tenant's balance.
+    async fn balances(&self) -> Result<Vec<u64>, String> {
+        let mut out = Vec::with_capacity(self.tenants.len());
+        for tenant in &self.tenants {
+            out.push(self.balance(tenant.org).await?);
+        }
+        Ok(out)
+    }
+
+    async fn balance(&self, org: OrgId) -> Result<u64, String> {
+        let account = self
+            .ledger
+            .account(org)
+            .await
+            .map_err(|e| format!("{}: reading the account: {e}", self.name))?
+            .ok_or_else(|| format!("{}: the billed org has no account", self.name))?;
+        account
+            .balance()
+            .ok_or_else(|| format!("{}: the billed org is on an unlimited plan", self.name))
+    }
+
+    /// Charged credits == 200s delivered, per org, read from the ledger: the balance fell by
+    /// the load's 200s (`ok`, per tenant), and the ledger holds one charge row of 1 credit
+    /// with its own request id per 200 (the load's and the sanity check's, which came
+    /// before `before` was read). No hold is left open.
+    async fn check_exact(&self, before: &[u64], ok: &[u64]) -> Result<String, String> {
+        // Settlement runs before the last body byte, so nothing should be open; wait briefly
+        // for a detached release anyway, so a straggler shows as what it is.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.ledger.open_holds() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let open = self.ledger.open_holds();
+        let mut wrong = Vec::new();
+        let (mut charged_sum, mut rows_sum, mut ids_sum) = (0u64, 0u64, 0u64);
+        for ((tenant, &before), &ok) in self.tenants.iter().zip(before).zip(ok) {
+            let after = self.balance(tenant.org).await?;
+            let entries = self
+                .ledger
+                .entries(tenant.org)
+                .await
+                .map_err(|e| format!("{}: reading the ledger: {e}", self.name))?;
+            let charges: Vec<_> = entries
+                .iter()
+                .filter(|e| e.kind == EntryKind::Charge)
+                .collect();
+            let credits: i64 = charges
+                .iter()
+                .map(|e| -(e.delta_plan + e.delta_topup))
+                .sum();
+            let ids: HashSet<&str> = charges
+                .iter()
+                .filter_map(|e| e.request_id.as_deref())
+                .collect();
+            let charged = before.saturating_sub(after);
+            let expected_rows = ok + 1;
+            charged_sum += charged;
+            rows_sum += charges.len() as u64;
+            ids_sum += ids.len() as u64;
+            if after > before
+                || charged != ok
+                || charges.len() as u64 != expected_rows
+                || credits != expected_rows as i64
+                || ids.len() as u64 != expected_rows
+            {
+                wrong.push(format!(
+                    "org {}: {ok} 200s under load, balance {before} → {after}, {} charge rows ({credits} credits, {} request ids) for {expected_rows} 200s",
+                    tenant.org,
+                    charges.len(),
+                    ids.len()
+                ));
+            }
+        }
+        let ok_sum: u64 = ok.iter().sum();
+        let line = format!(
+            "{}: {ok_sum} billed 200s under load over {} org(s); balances fell by {charged_sum}; {rows_sum} charge rows of 1 credit with {ids_sum} distinct request ids for {} 200s (with the sanity checks); {open} holds open",
+            self.name,
+            self.tenants.len(),
+            ok_sum + self.tenants.len() as u64
+        );
+        if wrong.is_empty() && open == 0 {
+            Ok(format!("{line}: exact"))
+        } else {
+            Err(format!("NOT EXACT: {line}; {}", wrong.join("; ")))
+        }
+    }
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+async fn connect(addr: SocketAddr) -> Result<Sender, String> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake {addr}: {e}"))?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+/// What one exchange on a connection came to.
+enum Answer {
+    Done(StatusCode, Bytes),
+    Transport(String),
+    TimedOut,
+}
+
+async fn exchange(sender: &mut Sender, req: Request<Empty<Bytes>>) -> Answer {
+    let round_trip = async {
+        sender.ready().await?;
+        let res = sender.send_request(req).await?;
+        let status = res.status();
+        let body = res.into_body().collect().await?.to_bytes();
+        Ok::<_, hyper::Error>((status, body))
+    };
+    match tokio::time::timeout(REQUEST_TIMEOUT, round_trip).await {
+        Err(_) => Answer::TimedOut,
+        Ok(Err(e)) => Answer::Transport(e.to_string()),
+        Ok(Ok((status, body))) => Answer::Done(status, body),
+    }
+}
+
+/// One billed request per tenant, checked as a client would: 200, the envelope around the
+/// profile, `_meta._credits` saying 1 credit used and a balance.
+async fn sanity_check(target: &Target) -> Result<(), String> {
+    for tenant in &target.tenants {
+        sanity_check_one(target, tenant).await?;
+    }
+    Ok(())
+}
+
+async fn sanity_check_one(target: &Target, tenant: &Tenant) -> Result<(), String> {
+    let mut sender = connect(target.addr).await?;
+    let (status, body) = match exchange(&mut sender, tenant.request()).await {
+        Answer::Done(status, body) => (status, body),
+        Answer::Transport(e) => return Err(format!("{}: {e}", target.name)),
+        Answer::TimedOut => return Err(format!("{}: timed out", target.name)),
+    };
+    let v: Value = serde_json::from_slice(&body).map_err(|e| {
+        format!(
+            "{}: {status}, not JSON ({e}): {}",
+            target.name,
+            String::from_utf8_lossy(&body)
+        )
+    })?;
+    let credits = &v["_meta"]["_credits"];
+    if status != StatusCode::OK
+        || v["data"]["isAuth"].as_bool() != Some(true)
+        || credits["used"].as_u64() != Some(1)
+        || !credits["balance"].is_u64()
+    {
+        return Err(format!(
+            "{}: not a billed 200 with the profile: {status} {v}",
+            target.name
+        ));
+    }
+    Ok(())
+}
+
+/// When a connection stops: at a time, or when a shared budget of requests runs out.
+#[derive(Clone)]
+struct Until {
+    end: Instant,
+    budget: Option<Arc<AtomicU64>>,
+}
+
+impl Until {
+    /// Whether another request may start (taking it from the budget).
+    fn take(&self) -> bool {
+        Instant::now() < self.end
+            && self.budget.as_ref().is_none_or(|b| {
+                b.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+            })
+    }
+}
+
+/// What one connection saw in one phase.
+#[derive(Default)]
+struct ConnResult {
+    /// Latencies (ns) of the 200s started after warm-up.
+    latencies: Vec<u64>,
+    /// 200s over the whole phase, warm-up included.
+    ok_total: u64,
+    last_done: Option<Instant>,
+    errors: Errors,
+}
+
+#[derive(Default, Clone)]
+struct Errors {
+    status: u64,
+    transport: u64,
+    timeout: u64,
+    samples: Vec<String>,
+}
+
+impl Errors {
+    fn total(&self) -> u64 {
+        self.status + self.transport + self.timeout
+    }
+
+    fn note(&mut self, sample: impl FnOnce() -> String) {
+        if self.samples.len() < ERROR_SAMPLES {
+            self.samples.push(sample());
+        }
+    }
+
+    fn merge(&mut self, other: Errors) {
+        self.status += other.status;
+        self.transport += other.transport;
+        self.timeout += other.timeout;
+        for s in other.samples {
+            self.note(|| s);
+        }
+    }
+}
+
+async fn connection_loop(
+    target: Arc<Target>,
+    tenant: usize,
+    measure_from: Instant,
+    until: Until,
+    cap: usize,
+) -> ConnResult {
+    let mut out = ConnResult {
+        latencies: Vec::with_capacity(cap.min(1 << 16)),
+        ..ConnResult::default()
+    };
+    let mut taken = false;
+    'connect: while taken || until.take() {
+        taken = true;
+        let mut sender = match connect(target.addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                out.errors.transport += 1;
+                out.errors.note(|| e);
+                taken = false;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        loop {
+            if !taken && !until.take() {
+                break 'connect;
+            }
+            taken = false;
+            let req = target.tenants[tenant].request();
+            let start = Instant::now();
+            let answer = exchange(&mut sender, req).await;
+            let done = Instant::now();
+            match answer {
+                Answer::Done(StatusCode::OK, _) => {
+                    out.ok_total += 1;
+                    if start >= measure_from && out.latencies.len() < cap {
+                        out.latencies.push(nanos(done - start));
+                        out.last_done = Some(done);
+                    }
+                }
+                Answer::Done(status, body) => {
+                    out.errors.status += 1;
+                    out.errors
+                        .note(|| format!("{status} {}", String::from_utf8_lossy(&body)));
+                }
+                Answer::Transport(e) => {
+                    out.errors.transport += 1;
+                    out.errors.note(|| e);
+                    // The connection is in an unknown state: open a new one.
+                    continue 'connect;
+                }
+                Answer::TimedOut => {
+                    out.errors.timeout += 1;
+                    out.errors.note(|| "timed out".to_owned());
+                    continue 'connect;
+                }
+            }
+        }
+    }
+    out
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// One gateway under load for one warm-up plus duration (or one budget of requests).
+struct Phase {
+    stats: Stats,
+    ok_total: u64,
+    /// 200s per tenant of the target, warm-up included.
+    ok_by_tenant: Vec<u64>,
+    errors: Errors,
+    /// This process's CPU time over the phase.
+    cpu: Option<Duration>,
+    /// Cores busy outside this process over the phase, on average.
+    elsewhere: Option<f64>,
+}
+
+async fn drive(target: Arc<Target>, load: Load, budget: Option<Arc<AtomicU64>>) -> Phase {
+    let cpu_before = process_cpu();
+    let machine_before = machine_busy();
+    let begin = Instant::now();
+    let measure_from = begin + load.warmup;
+    let until = Until {
+        end: measure_from + load.duration,
+        budget,
+    };
+    let cap = MAX_SAMPLES / load.conns;
+    let tenants = target.tenants.len();
+    let handles: Vec<JoinHandle<ConnResult>> = (0..load.conns)
+        .map(|i| {
+            tokio::spawn(connection_loop(
+                Arc::clone(&target),
+                i % tenants,
+                measure_from,
+                until.clone(),
+                cap,
+            ))
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    let mut errors = Errors::default();
+    let mut ok_by_tenant = vec![0; tenants];
+    let mut last_done = measure_from;
+    for (i, handle) in handles.into_iter().enumerate() {
+        match handle.await {
+            Ok(r) => {
+                latencies.extend_from_slice(&r.latencies);
+                ok_by_tenant[i % tenants] += r.ok_total;
+                errors.merge(r.errors);
+                if let Some(t) = r.last_done {
+                    last_done = last_done.max(t);
+                }
+            }
+            Err(e) => {
+                errors.transport += 1;
+                errors.note(|| format!("connection task failed: {e}"));
+            }
+        }
+    }
+    let wall = begin.elapsed();
+    let cpu = match (cpu_before, process_cpu()) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+        _ => None,
+    };
+    let elsewhere = match (machine_before, machine_busy(), cpu) {
+        (Some(a), Some(b), Some(ours)) => {
+            Some(b.saturating_sub(a).saturating_sub(ours).as_secs_f64() / wall.as_secs_f64())
+        }
+        _ => None,
+    };
+    Phase {
+        stats: Stats::new(latencies, last_done.saturating_duration_since(measure_from)),
+        ok_total: ok_by_tenant.iter().sum(),
+        ok_by_tenant,
+        errors,
+        cpu,
+        elsewhere,
+    }
+}
+
+/// Runs every target `rounds` times, alternating the order, and pools each target's rounds.
+fn run_pass(
+    client_rt: &Runtime,
+    targets: &[Arc<Target>],
+    load: Load,
+    rounds: usize,
+) -> Vec<Summary> {
+    let mut results: Vec<Vec<Phase>> = targets.iter().map(|_| Vec::new()).collect();
+    for round in 1..=rounds {
+        // Every other round backwards, so a drift in background load falls on both alike.
+        let order: Vec<usize> = if round % 2 == 1 {
+            (0..targets.len()).collect()
+        } else {
+            (0..targets.len()).rev().collect()
+        };
+        for i in order {
+            let target = &targets[i];
+            let phase = client_rt.block_on(drive(Arc::clone(target), load, None));
+            println!(
+                "  {:>2} conn(s), round {round:>2}  {:<17} {:>8.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  errors {}  other processes {}",
+                load.conns,
+                target.name,
+                phase.stats.rps(),
+                phase.stats.percentile_ms(0.50),
+                phase.stats.percentile_ms(0.99),
+                phase.errors.total(),
+                phase
+                    .elsewhere
+                    .map_or_else(|| "n/a".to_owned(), |c| format!("{c:.2} cores"))
+            );
+            results[i].push(phase);
+        }
+    }
+    targets
+        .iter()
+        .zip(results)
+        .map(|(t, phases)| Summary::pool(t.name.clone(), phases))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics and the report.
+
+/// Sorted latencies over a measured span.
+struct Stats {
+    sorted_ns: Vec<u64>,
+    elapsed: Duration,
+}
+
+impl Stats {
+    fn new(mut latencies: Vec<u64>, elapsed: Duration) -> Self {
+        latencies.sort_unstable();
+        Stats {
+            sorted_ns: latencies,
+            elapsed,
+        }
+    }
+
+    fn rps(&self) -> f64 {
+        let secs = self.elapsed.as_secs_f64();
+        if secs > 0.0 {
+            self.sorted_ns.len() as f64 / secs
+        } else {
+            0.0
+        }
+    }
+
+    /// Nearest-rank percentile, in ms.
+    fn percentile_ms(&self, p: f64) -> f64 {
+        if self.sorted_ns.is_empty() {
+            return f64::NAN;
+        }
+        let rank = (p * self.sorted_ns.len() as f64).ceil() as usize;
+        let i = rank.clamp(1, self.sorted_ns.len()) - 1;
+        self.sorted_ns[i] as f64 / 1e6
+    }
+
+    fn max_ms(&self) -> f64 {
+        self.sorted_ns.last().map_or(f64::NAN, |&n| n as f64 / 1e6)
+    }
+}
+
+/// One gateway's figures in one round.
+#[derive(Debug, Clone, Copy)]
+struct RoundFigures {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// A gateway's rounds pooled.
+struct Summary {
+    name: String,
+    stats: Stats,
+    rounds: Vec<RoundFigures>,
+    elsewhere: Option<f64>,
+    ok_total: u64,
+    ok_by_tenant: Vec<u64>,
+    errors: Errors,
+    cpu: Option<Duration>,
+}
+
+impl Summary {
+    fn pool(name: String, phases: Vec<Phase>) -> Self {
+        let mut latencies = Vec::new();
+        let mut elapsed = Duration::ZERO;
+        let mut ok_total = 0;
+        let mut ok_by_tenant: Vec<u64> = Vec::new();
+        let mut errors = Errors::default();
+        let mut cpu = Some(Duration::ZERO);
+        let mut rounds = Vec::with_capacity(phases.len());
+        let elsewhere: Option<Vec<f64>> = phases.iter().map(|p| p.elsewhere).collect();
+        let elsewhere = elsewhere
+            .filter(|e| !e.is_empty())
+            .map(|e| e.iter().sum::<f64>() / e.len() as f64);
+        for p in phases {
+            rounds.push(RoundFigures {
+                rps: p.stats.rps(),
+                p50_ms: p.stats.percentile_ms(0.50),
+                p99_ms: p.stats.percentile_ms(0.99),
+            });
+            latencies.extend_from_slice(&p.stats.sorted_ns);
+            elapsed += p.stats.elapsed;
+            ok_total += p.ok_total;
+            ok_by_tenant.resize(p.ok_by_tenant.len().max(ok_by_tenant.len()), 0);
+            for (sum, n) in ok_by_tenant.iter_mut().zip(&p.ok_by_tenant) {
+                *sum += n;
+            }
+            errors.merge(p.errors);
+            cpu = cpu.zip(p.cpu).map(|(a, b)| a + b);
+        }
+        Summary {
+            name,
+            stats: Stats::new(latencies, elapsed),
+            rounds,
+            elsewhere,
+            ok_total,
+            ok_by_tenant,
+            errors,
+            cpu,
+        }
+    }
+
+    /// This process's CPU per answered request, warm-up included.
+    fn cpu_us_per_req(&self) -> Option<f64> {
+        let cpu = self.cpu?;
+        (self.ok_total > 0).then(|| cpu.as_secs_f64() * 1e6 / self.ok_total as f64)
+    }
+}
+
+fn print_table(summaries: &[Summary]) {
+    println!(
+        "{:<17} {:>10} {:>10} {:>9} {:>9} {:>9} {:>11} {:>7} {:>12}",
+        "target",
+        "requests",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "cpu µs/req",
+        "errors",
+        "other procs"
+    );
+    for s in summaries {
+        println!(
+            "{:<17} {:>10} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>11} {:>7} {:>12}",
+            s.name,
+            s.stats.sorted_ns.len(),
+            s.stats.rps(),
+            s.stats.percentile_ms(0.50),
+            s.stats.percentile_ms(0.99),
+            s.stats.max_ms(),
+            s.cpu_us_per_req()
+                .map_or_else(|| "n/a".to_owned(), |c| format!("{c:.1}")),
+            s.errors.total(),
+            s.elsewhere
+                .map_or_else(|| "n/a".to_owned(), |c| format!("{c:.2} cores"))
+        );
+    }
+}
+
+/// Each PostgreSQL target against memory: the median of each round's own comparison (they
+/// ran back to back), the pooled figure beside it.
+fn compare(summaries: &[Summary]) {
+    let Some(mem) = summaries.iter().find(|s| s.name == "memory") else {
+        return;
+    };
+    for pg in summaries.iter().filter(|s| s.name.starts_with("postgres")) {
+        let paired = |f: fn(&RoundFigures, &RoundFigures) -> f64| {
+            let per_round: Vec<f64> = pg
+                .rounds
+                .iter()
+                .zip(&mem.rounds)
+                .map(|(p, m)| f(p, m))
+                .collect();
+            (median(&per_round), per_round)
+        };
+        let (ratio, ratios) = paired(|p, m| p.rps / m.rps);
+        let (p50_delta, _) = paired(|p, m| p.p50_ms - m.p50_ms);
+        let (p99_delta, _) = paired(|p, m| p.p99_ms - m.p99_ms);
+        let per_round = ratios
+            .iter()
+            .map(|r| format!("{r:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let cpu = match (pg.cpu_us_per_req(), mem.cpu_us_per_req()) {
+            (Some(p), Some(m)) => format!("; this process's CPU per request {:+.1} µs", p - m),
+            _ => String::new(),
+        };
+        println!(
+            "{} / memory: throughput ratio {ratio:.3} [rounds: {per_round}; pooled {:.3}], p50 {p50_delta:+.3} ms [pooled {:+.3}], p99 {p99_delta:+.3} ms [pooled {:+.3}]{cpu}",
+            pg.name,
+            pg.stats.rps() / mem.stats.rps(),
+            pg.stats.percentile_ms(0.50) - mem.stats.percentile_ms(0.50),
+            pg.stats.percentile_ms(0.99) - mem.stats.percentile_ms(0.99),
+        );
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// User plus system CPU time of this process (Linux; `None` elsewhere).
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // After the command name (which may hold spaces): `state` is the first field, `utime` and
+    // `stime` the 12th and 13th, in clock ticks (USER_HZ, 100 on Linux).
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_millis((utime + stime) * 10))
+}
+
+/// CPU time (`user`, `nice`, `system`) all processes ran since boot (Linux; `None` elsewhere).
+fn machine_busy() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks = line
+        .split_whitespace()
+        .skip(1)
+        .take(3)
+        .map(|t| t.parse::<u64>().ok())
+        .sum::<Option<u64>>()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
+fn load_average() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    Some(
+        text.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL round trips per billed request, through a counting proxy.
+
+/// Round trips and executions of one statement.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct StatementCount {
+    round_trips: u64,
+    executes: u64,
+}
+
+/// What the proxy saw, by statement.
+#[derive(Debug, Default)]
+struct WireCounts {
+    by_statement: Mutex<BTreeMap<String, StatementCount>>,
+    /// Set when a connection's stream could not be parsed: its later traffic is not counted.
+    unparsed_connections: AtomicU64,
+}
+
+impl WireCounts {
+    fn add(&self, statement: &str, round_trips: u64, executes: u64) {
+        let mut map = self
+            .by_statement
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let entry = map.entry(label(statement)).or_default();
+        entry.round_trips += round_trips;
+        entry.executes += executes;
+    }
+
+    fn snapshot(&self) -> BTreeMap<String, StatementCount> {
+        self.by_statement
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+}
+
+/// A statement's text on one line, shortened.
+fn label(sql: &str) -> String {
+    let one_line = sql.split_whitespace().collect::<Vec<_>>().join(" ");
+    match one_line.char_indices().nth(110) {
+        Some((at, _)) => format!("{}…", &one_line[..at]),
+        None => one_line,
+    }
+}
+
+/// Counts differences between two snapshots.
+fn delta(
+    before: &BTreeMap<String, StatementCount>,
+    after: &BTreeMap<String, StatementCount>,
+) -> Vec<(String, StatementCount)> {
+    let mut out: Vec<(String, StatementCount)> = after
+        .iter()
+        .map(|(k, a)| {
+            let b = before.get(k).copied().unwrap_or_default();
+            (
+                k.clone(),
+                StatementCount {
+                    round_trips: a.round_trips - b.round_trips,
+                    executes: a.executes - b.executes,
+                },
+            )
+        })
+        .filter(|(_, c)| c.round_trips > 0 || c.executes > 0)
+        .collect();
+    out.sort_by(|a, b| b.1.round_trips.cmp(&a.1.round_trips).then(a.0.cmp(&b.0)));
+    out
+}
+
+/// Startup-phase request codes that are followed by another untyped message.
+const SSL_REQUEST: u32 = 80_877_103;
+const GSSENC_REQUEST: u32 = 80_877_104;
+
+/// Reads the frontend (client → server) side of one PostgreSQL connection.
+#[derive(Default)]
+struct FrontendParser {
+    buf: Vec<u8>,
+    /// Past the startup message: every message is `tag, length, body`.
+    started: bool,
+    broken: bool,
+    /// Prepared statements of this connection, by name (`""`: the unnamed one).
+    statements: HashMap<Vec<u8>, Arc<str>>,
+    /// The statement the last `Bind` bound.
+    bound: Option<Arc<str>>,
+    /// Executed since the last `Sync`.
+    executed: Vec<Arc<str>>,
+    /// Parsed (prepared) since the last `Sync`.
+    parsed: Vec<Arc<str>>,
+}
+
+impl FrontendParser {
+    fn feed(&mut self, data: &[u8], counts: &WireCounts) {
+        if self.broken {
+            return;
+        }
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.extend_from_slice(data);
+        let mut at = 0;
+        while let Some(used) = self.message(&buf[at..], counts) {
+            at += used;
+        }
+        if self.broken {
+            counts.unparsed_connections.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        buf.drain(..at);
+        self.buf = buf;
+    }
+
+    /// Handles the first complete message of `rest`, returning its length.
+    fn message(&mut self, rest: &[u8], counts: &WireCounts) -> Option<usize> {
+        if !self.started {
+            let len = be_u32(rest.get(..4)?) as usize;
+            if len < 8 {
+                self.broken = true;
+                return None;
+            }
+            let message = rest.get(..len)?;
+            let code = be_u32(&message[4..8]);
+            if code != SSL_REQUEST && code != GSSENC_REQUEST {
+                self.started = true;
+            }
+            return Some(len);
+        }
+        let len = be_u32(rest.get(1..5)?) as usize;
+        if len < 4 {
+            self.broken = true;
+            return None;
+        }
+        let message = rest.get(..1 + len)?;
+        let body = &message[5..];
+        match message[0] {
+            b'Q' => {
+                let (sql, _) = cstr(body);
+                counts.add(&String::from_utf8_lossy(sql), 1, 1);
+            }
+            b'P' => {
+                let (name, rest) = cstr(body);
+                let (sql, _) = cstr(rest);
+                let sql: Arc<str> = Arc::from(String::from_utf8_lossy(sql).as_ref());
+                self.statements.insert(name.to_vec(), Arc::clone(&sql));
+                self.parsed.push(sql);
+            }
+            b'B' => {
+                let (_portal, rest) = cstr(body);
+                let (name, _) = cstr(rest);
+                self.bound = self.statements.get(name).cloned();
+            }
+            b'E' => {
+                let statement = self
+                    .bound
+                    .clone()
+                    .unwrap_or_else(|| Arc::from("<unknown statement>"));
+                self.executed.push(statement);
+            }
+            b'S' => {
+                // One round trip: the client waits for ReadyForQuery.
+                if let Some((first, others)) = self.executed.split_first() {
+                    counts.add(first, 1, 1);
+                    for other in others {
+                        counts.add(other, 0, 1);
+                    }
+                } else if let Some(first) = self.parsed.first() {
+                    counts.add(&format!("(prepare) {first}"), 1, 0);
+                } else {
+                    counts.add("(sync only)", 1, 0);
+                }
+                self.executed.clear();
+                self.parsed.clear();
+            }
+            _ => {}
+        }
+        Some(1 + len)
+    }
+}
+
+fn be_u32(bytes: &[u8]) -> u32 {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&bytes[..4]);
+    u32::from_be_bytes(b)
+}
+
+/// A NUL-terminated string at the start of `bytes`, and what follows it.
+fn cstr(bytes: &[u8]) -> (&[u8], &[u8]) {
+    match bytes.iter().position(|&b| b == 0) {
+        Some(end) => (&bytes[..end], &bytes[end + 1..]),
+        None => (bytes, &[]),
+    }
+}
+
+/// A TCP proxy to PostgreSQL that counts what clients send.
+struct CountingProxy {
+    addr: SocketAddr,
+    counts: Arc<WireCounts>,
+    accept: JoinHandle<()>,
+}
+
+impl CountingProxy {
+    async fn start(upstream: String) -> std::io::Result<CountingProxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let counts = Arc::new(WireCounts::default());
+        let shared = Arc::clone(&counts);
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                };
+                let upstream = upstream.clone();
+                let counts = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    let (mut client_rd, mut client_wr) = client.into_split();
+                    let (mut server_rd, mut server_wr) = server.into_split();
+                    let down = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut server_rd, &mut client_wr).await;
+                        let _ = client_wr.shutdown().await;
+                    });
+                    let mut parser = FrontendParser::default();
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = match client_rd.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        parser.feed(&buf[..n], &counts);
+                        if server_wr.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = server_wr.shutdown().await;
+                    let _ = down.await;
+                });
+            }
+        });
+        Ok(CountingProxy {
+            addr,
+            counts,
+            accept,
+        })
+    }
+}
+
+/// `host:port` of a `postgres://` URL, and the URL with them replaced by `to`. `None` for a
+/// `key=value` string or several hosts.
+fn reroute(url: &str, to: SocketAddr) -> Option<(String, String)> {
+    let scheme_end = url.find("://")? + 3;
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let host_start = authority.rfind('@').map_or(0, |at| at + 1);
+    let hostport = &authority[host_start..];
+    if hostport.is_empty() || hostport.contains(',') {
+        return None;
+    }
+    let upstream = if hostport.starts_with('[') {
+        if hostport.contains("]:") {
+            hostport.to_owned()
+        } else {
+            format!("{hostport}:5432")
+        }
+    } else if hostport.contains(':') {
+        hostport.to_owned()
+    } else {
+        format!("{hostport}:5432")
+    };
+    let rerouted = format!(
+        "{}{}{}{}",
+        &url[..scheme_end],
+        &authority[..host_start],
+        to,
+        &rest[authority_end..]
+    );
+    Some((upstream, rerouted))
+}
+
+/// Rows inserted, updated and deleted per table of `schema`, from `pg_stat_user_tables`.
+type TableWrites = BTreeMap<String, [i64; 3]>;
+
+async fn table_writes(db: &TestDb) -> Result<TableWrites, String> {
+    let client = db.pool().get().await.map_err(|e| e.to_string())?;
+    let schema = db.schema();
+    let rows = client
+        .query(
+            "SELECT relname::text, n_tup_ins, n_tup_upd, n_tup_del \
+             FROM pg_stat_user_tables WHERE schemaname = $1",
+            &[&schema],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<_, String>(0), [r.get(1), r.get(2), r.get(3)]))
+        .collect())
+}
+
+/// `pg_stat_user_tables` once the server has published what its backends did. A backend
+/// publishes its counters when it goes idle, but at most once a second, and otherwise only
+/// after 10 s more of idleness (`PGSTAT_IDLE_INTERVAL`): so wait 11 s, then read until two
+/// readings a second apart agree (at most 25 s in all).
+async fn settled_table_writes(db: &TestDb) -> Result<TableWrites, String> {
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let mut last = table_writes(db).await?;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = table_writes(db).await?;
+        if now == last || start.elapsed() > Duration::from_secs(25) {
+            return Ok(now);
+        }
+        last = now;
+    }
+}
+
+fn count_round_trips(
+    settings: &Settings,
+    server_rt: &Runtime,
+    client_rt: &Runtime,
+) -> Result<(), String> {
+    let Some(db) = server_rt.block_on(TestDb::new()) else {
+        println!("PostgreSQL unreachable: round trips per billed request not measured");
+        return Ok(());
+    };
+    let result = count_in(settings, server_rt, client_rt, &db);
+    server_rt.block_on(db.cleanup());
+    result
+}
+
+fn count_in(
+    settings: &Settings,
+    server_rt: &Runtime,
+    client_rt: &Runtime,
+    db: &TestDb,
+) -> Result<(), String> {
+    let url = url_in_schema(db.url(), db.schema())?;
+    // The proxy's address is only known once it listens: reroute to a placeholder first to
+    // learn the upstream, then for real.
+    let Some((upstream, _)) = reroute(&url, SocketAddr::from(([127, 0, 0, 1], 0))) else {
+        println!(
+            "round trips per billed request not measured: DATABASE_URL is not a single-host postgres:// URL"
+        );
+        return Ok(());
+    };
+    let proxy = server_rt
+        .block_on(CountingProxy::start(upstream))
+        .map_err(|e| format!("counting proxy: {e}"))?;
+    let (_, proxied_url) =
+        reroute(&url, proxy.addr).ok_or("counting proxy: rerouting the URL failed")?;
+    let gw = server_rt.block_on(BilledGateway::start("postgres", Some(proxied_url)))?;
+    let result = server_rt
+        .block_on(gw.target("postgres (counted)".to_owned(), 1))
+        .and_then(|target| {
+            count_with(
+                settings,
+                server_rt,
+                client_rt,
+                db,
+                &gw,
+                &target,
+                &proxy.counts,
+            )
+        });
+    server_rt.block_on(async {
+        let _ = tokio::time::timeout(Duration::from_secs(10), gw.gateway.shutdown()).await;
+    });
+    proxy.accept.abort();
+    result
+}
+
+fn count_with(
+    settings: &Settings,
+    server_rt: &Runtime,
+    client_rt: &Runtime,
+    db: &TestDb,
+    gw: &BilledGateway,
+    target: &Arc<Target>,
+    counts: &WireCounts,
+) -> Result<(), String> {
+    let n = settings.count_requests;
+    let conns = settings.heavy.conns;
+    println!();
+    println!(
+        "PostgreSQL round trips: a third gateway (fresh schema {}) through a counting proxy; warm-up, an idle interval, then exactly {n} billed requests at {conns} connections",
+        db.schema(),
+    );
+    client_rt.block_on(sanity_check(target))?;
+    let balances_before = server_rt.block_on(target.balances())?;
+    // Warm-up: every pooled connection opened and its statements prepared, as in the timed
+    // runs.
+    let warm = Load {
+        conns,
+        warmup: Duration::ZERO,
+        duration: settings.heavy.warmup.max(Duration::from_millis(500)),
+    };
+    let warm_phase = client_rt.block_on(drive(Arc::clone(target), warm, None));
+    let settle = || {
+        server_rt.block_on(async {
+            gw.gateway.state().logger.flush().await;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while gw.gateway.state().ledger.open_holds() > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    settle();
+
+    // What the gateway does with no traffic at all (background jobs, listener heartbeats),
+    // while the server publishes the warm-up's table counters.
+    let idle_before = counts.snapshot();
+    let idle_started = Instant::now();
+    let writes_before = server_rt.block_on(settled_table_writes(db))?;
+    let idle_secs = idle_started.elapsed().as_secs_f64();
+    let idle = delta(&idle_before, &counts.snapshot());
+    let idle_trips: u64 = idle.iter().map(|(_, c)| c.round_trips).sum();
+
+    let before = counts.snapshot();
+    let started = Instant::now();
+    let load = Load {
+        conns,
+        warmup: Duration::ZERO,
+        duration: Duration::from_secs(600),
+    };
+    let budget = Arc::new(AtomicU64::new(n));
+    let phase = client_rt.block_on(drive(Arc::clone(target), load, Some(budget)));
+    settle();
+    let elapsed = started.elapsed();
+    let during = delta(&before, &counts.snapshot());
+    let writes_after = server_rt.block_on(settled_table_writes(db))?;
+
+    let mut failures = Vec::new();
+    for (what, p) in [("warm-up", &warm_phase), ("counted", &phase)] {
+        if p.errors.total() > 0 {
+            failures.push(format!(
+                "{}, {what}: {} errors; e.g. {}",
+                target.name,
+                p.errors.total(),
+                p.errors.samples.join(" | ")
+            ));
+        }
+    }
+    if phase.ok_total != n {
+        failures.push(format!(
+            "{}: {} of {n} requests got a 200",
+            target.name, phase.ok_total
+        ));
+    }
+    let unparsed = counts.unparsed_connections.load(Ordering::Relaxed);
+    if unparsed > 0 {
+        failures.push(format!(
+            "counting proxy: {unparsed} connection(s) could not be parsed; counts are incomplete"
+        ));
+    }
+
+    let per = |x: u64| x as f64 / n.max(1) as f64;
+    let trips: u64 = during.iter().map(|(_, c)| c.round_trips).sum();
+    let idle_share = idle_trips as f64 * elapsed.as_secs_f64() / idle_secs.max(1e-3);
+    println!(
+        "{n} billed requests in {:.2} s ({:.0} req/s through the proxy: not a throughput figure)",
+        elapsed.as_secs_f64(),
+        phase.stats.rps()
+    );
+    println!(
+        "PostgreSQL round trips per billed request: {:.3} ({trips} in all; with no traffic the gateway made {idle_trips} in {idle_secs:.1} s, i.e. ≈{idle_share:.1} of them are background)",
+        per(trips),
+    );
+    println!("  {:>9} {:>9}  statement", "trips/req", "execs/req");
+    for (statement, c) in &during {
+        println!(
+            "  {:>9.4} {:>9.4}  {statement}",
+            per(c.round_trips),
+            per(c.executes)
+        );
+    }
+    if !idle.is_empty() {
+        println!("  with no traffic ({idle_secs:.1} s), in all:");
+        for (statement, c) in &idle {
+            println!("  {:>9} {:>9}  {statement}", c.round_trips, c.executes);
+        }
+    }
+    println!("rows written per billed request (pg_stat_user_tables of that schema):");
+    println!(
+        "  {:>9} {:>9} {:>9}  table",
+        "inserted", "updated", "deleted"
+    );
+    for (table, after) in &writes_after {
+        let before = writes_before.get(table).copied().unwrap_or_default();
+        let d: Vec<i64> = (0..3).map(|i| after[i] - before[i]).collect();
+        if d.iter().any(|&x| x != 0) {
+            let per = |x: i64| x as f64 / n.max(1) as f64;
+            println!(
+                "  {:>9.4} {:>9.4} {:>9.4}  {table}",
+                per(d[0]),
+                per(d[1]),
+                per(d[2])
+            );
+        }
+    }
+    let ok: Vec<u64> = warm_phase
+        .ok_by_tenant
+        .iter()
+        .zip(&phase.ok_by_tenant)
+        .map(|(a, b)| a + b)
+        .collect();
+    match server_rt.block_on(target.check_exact(&balances_before, &ok)) {
+        Ok(line) => println!("{line}"),
+        Err(e) => failures.push(e),
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("\n"))
+    }
+}
