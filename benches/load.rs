@@ -61,6 +61,10 @@
 //! under a 10 s timeout) and in memory (at most [`MAX_SAMPLES`] latencies per phase).
 
 use std::convert::Infallible;
+
+// The allocator the gateway example uses; it serves every target of this process alike.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::str::FromStr;
