@@ -172,7 +172,9 @@ impl<A> App<A> {
             // The request logger gives customer API responses their X-Request-Id.
             let state = Arc::clone(&self.state);
             let started = Instant::now();
-            let route = self.table.lookup(req.method(), path);
+            let mut req = req;
+            // Resolved once here; every layer inside reuses the match from the extensions.
+            let route = self.table.resolve(&mut req);
             let api = self.api.clone();
             return Box::pin(async move {
                 let res = api.oneshot(req).await?;
