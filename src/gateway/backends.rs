@@ -74,11 +74,11 @@ async fn postgres(
         upkeep: vec![Arc::new(move || {
             sweep.sweep_now();
             let keys = flush_keys.clone();
-            tokio::spawn(async move {
+            Box::pin(async move {
                 if let Err(e) = keys.flush_last_used().await {
                     tracing::warn!(error = %e, "writing last-used times failed");
                 }
-            });
+            })
         })],
     })
 }

@@ -90,6 +90,7 @@ pub struct RunningGateway {
     shutdown: watch::Sender<bool>,
     server: JoinHandle<()>,
     jobs: Vec<JoinHandle<()>>,
+    upkeep: Vec<state::Upkeep>,
     /// Re-reads `TOLLGATE_SIGN_RULES`; stops when dropped.
     _rules_watcher: Option<tollgate_upstream_sign::RulesWatcher>,
 }
@@ -146,6 +147,9 @@ impl RunningGateway {
         let _ = self.shutdown.send(true);
         let _ = self.server.await;
         self.state.logger.flush().await;
+        for job in &self.upkeep {
+            job().await;
+        }
         for job in &self.jobs {
             job.abort();
         }
@@ -170,6 +174,7 @@ pub fn memory_backends_with(clock: SharedClock, hold_ttl: Duration) -> Backends 
         windows,
         upkeep: vec![Arc::new(move || {
             sweep.sweep_now();
+            Box::pin(std::future::ready(()))
         })],
         sessions: Arc::new(MemorySessionStore::new()),
         logs: Arc::new(MemoryLogSink::new(clock)),
@@ -278,6 +283,7 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
     };
 
     let jobs = spawn_jobs(&state, backends.upkeep.clone());
+    let upkeep = backends.upkeep.clone();
 
     let listener = TcpListener::bind(config.bind).await?;
     let addr = listener.local_addr()?;
@@ -293,6 +299,7 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
         shutdown,
         server,
         jobs,
+        upkeep,
         _rules_watcher: rules_watcher,
     })
 }
@@ -389,10 +396,7 @@ where
     }
 }
 
-fn spawn_jobs(
-    state: &Arc<AppState>,
-    upkeep: Vec<Arc<dyn Fn() + Send + Sync>>,
-) -> Vec<JoinHandle<()>> {
+fn spawn_jobs(state: &Arc<AppState>, upkeep: Vec<state::Upkeep>) -> Vec<JoinHandle<()>> {
     let renew = {
         let ledger = state.ledger.clone();
         // Sweep often enough that no hold outlives its TTL by more than half of it.
@@ -433,7 +437,7 @@ fn spawn_jobs(
         loop {
             tick.tick().await;
             for job in &upkeep {
-                job();
+                job().await;
             }
         }
     });

@@ -12,6 +12,9 @@ use super::config::Config;
 use super::metrics::{Gauges, Metrics};
 use super::orgs::OrgStore;
 
+/// One upkeep task of a backend.
+pub type Upkeep = Arc<dyn Fn() -> tollgate_core::BoxFuture<()> + Send + Sync>;
+
 /// The backends a gateway runs on.
 #[derive(Clone)]
 pub struct Backends {
@@ -27,9 +30,9 @@ pub struct Backends {
     pub logs: Arc<dyn LogSink>,
     /// Organizations.
     pub orgs: Arc<dyn OrgStore>,
-    /// Periodic upkeep the backends need (e.g. evicting idle in-memory windows), run by the
-    /// gateway's background job every minute.
-    pub upkeep: Vec<Arc<dyn Fn() + Send + Sync>>,
+    /// Periodic upkeep the backends need (evicting idle in-memory windows, writing buffered
+    /// last-used times), run every minute and once more at graceful shutdown.
+    pub upkeep: Vec<Upkeep>,
 }
 
 impl std::fmt::Debug for Backends {
