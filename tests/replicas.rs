@@ -4,6 +4,8 @@
 //!
 //! - two replicas enforce one balance and one window exactly under 1,000 concurrent requests,
 //!   and a key revoked on one is refused by the other within 1 s;
+//! - the same window exactly on a three-node Redis Cluster the test starts
+//!   (`REDIS_URL=redis+cluster://…`);
 //! - a replica stopped with SIGTERM and started again keeps keys, balance, model status,
 //!   window and logs;
 //! - a replica killed with requests in flight leaves holds that the sweeper releases;
@@ -12,8 +14,8 @@
 //!   and the shared limit is back once Redis is.
 //!
 //! Needs PostgreSQL (`DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`),
-//! Redis (`REDIS_URL`, default `redis://127.0.0.1:6379`) and `redis-server`; each test skips
-//! without them unless `TOLLGATE_REQUIRE_SERVICES=1`. Run:
+//! Redis (`REDIS_URL`, default `redis://127.0.0.1:6379`), `redis-server` and `redis-cli`;
+//! each test skips without them unless `TOLLGATE_REQUIRE_SERVICES=1`. Run:
 //! `cargo build --example gateway && TOLLGATE_REQUIRE_SERVICES=1 cargo test --test replicas`.
 
 mod support_proc;
@@ -29,8 +31,9 @@ use tollgate::sandbox::{sandbox_rules, Fault, Sandbox, SandboxAccount, SandboxSe
 use tollgate_postgres::testing::TestDb;
 
 use support_proc::{
-    postgres_addr, redis_server_available, serial, session_key, shared_redis, test_db,
-    url_in_schema, url_via, Answer, Gateway, GatewayEnv, Http, LogDir, RedisServer, TcpProxy,
+    postgres_addr, redis_cluster_tools_available, redis_server_available, serial, session_key,
+    shared_redis, test_db, url_in_schema, url_via, Answer, Gateway, GatewayEnv, Http, LogDir,
+    RedisCluster, RedisServer, TcpProxy,
 };
 
 /// An org with a plan, a balance, a key and models, set up through one replica's admin API.
@@ -231,17 +234,21 @@ impl Pair {
     async fn start(test: &str, burst: &str) -> Option<Pair> {
         let db = test_db().await?;
         let redis_url = shared_redis().await?;
-        let logs = LogDir::new(test);
+        Some(Pair::on(db, LogDir::new(test), &redis_url, burst).await)
+    }
+
+    /// Two replicas on `db` and the Redis (or Redis Cluster) at `redis_url`.
+    async fn on(db: TestDb, logs: LogDir, redis_url: &str, burst: &str) -> Pair {
         let (sandbox, upstream) = sandbox().await;
         let account = sandbox.add_account();
         let env = env_on(&db, db.url(), &upstream, &session_key())
-            .set("REDIS_URL", &redis_url)
+            .set("REDIS_URL", redis_url)
             .set("TOLLGATE_BURST", burst);
         let (a, b) = tokio::join!(
             Gateway::start("A", &env, &logs),
             Gateway::start("B", &env, &logs)
         );
-        Some(Pair {
+        Pair {
             db,
             logs,
             sandbox,
@@ -250,7 +257,7 @@ impl Pair {
             a,
             b,
             http: Http::new(),
-        })
+        }
     }
 
     async fn finish(self) {
@@ -353,6 +360,88 @@ async fn two_replicas_enforce_one_balance_and_one_window_under_1000_concurrent_r
         .collect();
     assert_eq!(remaining, (0..300).collect::<BTreeSet<u64>>());
     pair.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_a_redis_cluster_admit_exactly_the_limit() {
+    let _serial = serial().await;
+    if !redis_cluster_tools_available() {
+        return;
+    }
+    let Some(db) = test_db().await else { return };
+    let logs = LogDir::new("cluster");
+    let cluster = RedisCluster::start(&logs).await;
+    let pair = Pair::on(db, logs, &cluster.url(), "pro=1000").await;
+    let Pair {
+        sandbox,
+        account,
+        a,
+        b,
+        http,
+        ..
+    } = &pair;
+
+    // Pro: 300 requests a minute; the burst is out of the way, and so are the credits.
+    let tenant = Tenant::create(http, a, "pro", 10_000, &[account]).await;
+
+    // 1,000 concurrent requests, half on each replica.
+    let mut tasks = JoinSet::new();
+    for i in 0..1000 {
+        let http = http.clone();
+        let url = if i % 2 == 0 { a } else { b }
+            .url(&format!("/api/models/{}/users/me", tenant.models[0]));
+        let key = tenant.key.clone();
+        tasks.spawn(async move { http.customer(url, &key, &format!("cluster-{i}")).await });
+    }
+    let answers: Vec<Answer> = tasks.join_all().await;
+
+    // One window for both replicas: exactly the plan's 300 admitted (each replica alone
+    // would have admitted 300 of its 500), the other 700 refused with 429.
+    let expected: BTreeMap<String, usize> = [
+        ("200 ".to_owned(), 300),
+        ("429 RATE_LIMIT_EXCEEDED".to_owned(), 700),
+    ]
+    .into();
+    assert_eq!(
+        histogram(&answers),
+        expected,
+        "one window of 300 shared through the cluster"
+    );
+    for refused in answers.iter().filter(|a| a.status != StatusCode::OK) {
+        refused.assert_error(StatusCode::TOO_MANY_REQUESTS, "RATE_LIMIT_EXCEEDED");
+    }
+    // Each admitted request took its own place in the window: remaining 299, …, 0, once each.
+    let mut remaining: Vec<u64> = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::OK)
+        .map(|a| {
+            a.header_u64("ratelimit-remaining")
+                .unwrap_or_else(|| panic!("RateLimit-Remaining on a 200: {:?}", a.headers))
+        })
+        .collect();
+    remaining.sort_unstable();
+    assert_eq!(remaining, (0..300).collect::<Vec<u64>>());
+
+    // Only the admitted reached the upstream and were charged, once each.
+    assert_eq!(sandbox.requests_received(), 300);
+    assert_eq!(tenant.balance(http, a).await, 10_000 - 300);
+    assert_eq!(tenant.balance(http, b).await, 10_000 - 300);
+
+    // The window lives in the cluster: one key for the bucket, on one node (the one owning
+    // its hash tag's slot), nothing anywhere else.
+    let bucket = format!("tollgate:{{{}:{}}}:w", tenant.org, tenant.models[0]);
+    let keys = cluster.keys_by_node().await;
+    let holders: Vec<(&u16, &BTreeSet<String>)> =
+        keys.iter().filter(|(_, own)| !own.is_empty()).collect();
+    assert_eq!(holders.len(), 1, "exactly one node holds keys: {keys:?}");
+    assert_eq!(
+        holders[0].1,
+        &BTreeSet::from([bucket]),
+        "the bucket's log is the only key: {keys:?}"
+    );
+
+    pair.finish().await;
+    drop(cluster);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

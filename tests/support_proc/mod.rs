@@ -1,11 +1,12 @@
 //! Support of the multi-process tests (`tests/replicas.rs`): gateway processes (the `gateway`
-//! example binary) on loopback ports, a private `redis-server`, a TCP proxy that can "stop"
-//! PostgreSQL, and an HTTP client.
+//! example binary) on loopback ports, a private `redis-server`, a private three-node Redis
+//! Cluster, a TCP proxy that can "stop" PostgreSQL, and an HTTP client.
 //!
 //! Every child process is killed when its guard is dropped (also when a test panics), and its
 //! stdout/stderr go to a log file whose tail is printed when the test fails.
 #![allow(dead_code)]
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::net::SocketAddr;
@@ -371,20 +372,33 @@ impl Drop for Gateway {
 
 /// Whether `redis-server` can be run; skips or fails (`TOLLGATE_REQUIRE_SERVICES=1`) if not.
 pub fn redis_server_available() -> bool {
-    match Command::new("redis-server").arg("--version").output() {
+    runnable("redis-server")
+}
+
+/// Whether `redis-server` and `redis-cli` (to create a cluster) can be run; skips or fails
+/// (`TOLLGATE_REQUIRE_SERVICES=1`) if not.
+pub fn redis_cluster_tools_available() -> bool {
+    runnable("redis-server") && runnable("redis-cli")
+}
+
+/// Whether `<bin> --version` runs; skips or fails (`TOLLGATE_REQUIRE_SERVICES=1`) if not.
+fn runnable(bin: &str) -> bool {
+    match Command::new(bin).arg("--version").output() {
         Ok(out) if out.status.success() => true,
         Ok(out) => unavailable::<()>(format!(
-            "`redis-server --version` failed: {}",
+            "`{bin} --version` failed: {}",
             String::from_utf8_lossy(&out.stderr)
         ))
         .is_some(),
-        Err(e) => unavailable::<()>(format!("redis-server cannot be run: {e}")).is_some(),
+        Err(e) => unavailable::<()>(format!("{bin} cannot be run: {e}")).is_some(),
     }
 }
 
 /// A private `redis-server` (no persistence) on a fixed loopback port; killed when dropped.
 pub struct RedisServer {
     port: u16,
+    /// Options after the defaults (`--port`, `--bind`, no persistence, not daemonized).
+    extra: Vec<String>,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -392,10 +406,16 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts it on a free port.
     pub async fn start(logs: &LogDir) -> RedisServer {
+        Self::start_with(free_port(), Vec::new(), logs.file("redis")).await
+    }
+
+    /// Starts it on `port` with `extra` options, its output appended to `log`.
+    async fn start_with(port: u16, extra: Vec<String>, log: PathBuf) -> RedisServer {
         let mut server = RedisServer {
-            port: free_port(),
+            port,
+            extra,
             child: None,
-            log: logs.file("redis"),
+            log,
         };
         server.restart().await;
         server
@@ -403,6 +423,10 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// (Re)starts the server on its port (empty: nothing was saved) and waits for `PONG`.
@@ -427,6 +451,7 @@ impl RedisServer {
                 "--daemonize",
                 "no",
             ])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
@@ -481,6 +506,158 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A three-node Redis Cluster (masters only) on free loopback ports: `redis-server
+/// --cluster-enabled yes` children of this process (not daemonized, so their exits are
+/// reaped), joined with `redis-cli --cluster create`. Dropping it kills the nodes and removes
+/// their directory (cluster configuration files); their output goes to the [`LogDir`].
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+    dir: PathBuf,
+}
+
+impl RedisCluster {
+    /// Starts the nodes, creates the cluster and waits until every node reports
+    /// `cluster_state:ok`. Check [`redis_cluster_tools_available`] first.
+    pub async fn start(logs: &LogDir) -> RedisCluster {
+        let dir = std::env::temp_dir().join(format!(
+            "tollgate-redis-cluster-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).expect("a directory for the cluster nodes");
+        let mut cluster = RedisCluster {
+            nodes: Vec::new(),
+            dir,
+        };
+        let mut taken = Vec::new();
+        for _ in 0..3 {
+            let port = cluster_port(&taken);
+            taken.push(port);
+            let extra = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                &format!("nodes-{port}.conf"),
+                "--cluster-node-timeout",
+                "5000",
+                "--dir",
+                cluster.dir.to_str().expect("a UTF-8 temporary directory"),
+            ]
+            .map(str::to_owned)
+            .to_vec();
+            let log = logs.file(&format!("redis-cluster-{port}"));
+            cluster
+                .nodes
+                .push(RedisServer::start_with(port, extra, log).await);
+        }
+
+        let addrs: Vec<String> = taken.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let mut args = vec!["--cluster", "create"];
+        args.extend(addrs.iter().map(String::as_str));
+        args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+        let created = redis_cli(&args).await;
+        assert!(
+            created.is_ok(),
+            "redis-cli --cluster create failed: {created:?}"
+        );
+
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for port in &taken {
+            loop {
+                let info = redis_cli(&["-p", &port.to_string(), "cluster", "info"])
+                    .await
+                    .unwrap_or_else(|e| e);
+                if info.lines().any(|l| l.trim() == "cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the cluster is not ok on node {port} within 20 s:\n{info}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        cluster
+    }
+
+    /// `redis+cluster://127.0.0.1:<p1>,127.0.0.1:<p2>,127.0.0.1:<p3>`: every node a seed.
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        format!("redis+cluster://{}", seeds.join(","))
+    }
+
+    /// The keys each node holds itself (`KEYS *` is not redirected: it lists the node's own
+    /// slots only), by node port.
+    pub async fn keys_by_node(&self) -> BTreeMap<u16, BTreeSet<String>> {
+        let mut keys = BTreeMap::new();
+        for node in &self.nodes {
+            let port = node.port();
+            let out = redis_cli(&["-p", &port.to_string(), "keys", "*"])
+                .await
+                .unwrap_or_else(|e| panic!("KEYS on node {port}: {e}"));
+            let own = out
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_owned)
+                .collect();
+            keys.insert(port, own);
+        }
+        keys
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A free loopback port for a cluster node whose bus port (port + 10 000) is free too, and
+/// neither of which is one of `taken` or their bus ports.
+fn cluster_port(taken: &[u16]) -> u16 {
+    loop {
+        let port = free_port();
+        if port > 55_000 {
+            continue;
+        }
+        let bus = port + 10_000;
+        let clashes = taken
+            .iter()
+            .any(|&t| [port, bus].iter().any(|p| *p == t || *p == t + 10_000));
+        if !clashes && std::net::TcpListener::bind(("127.0.0.1", bus)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Runs `redis-cli <args>`: its stdout, or stdout and stderr when it fails.
+async fn redis_cli(args: &[&str]) -> Result<String, String> {
+    let out = tokio::process::Command::new("redis-cli")
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| format!("redis-cli cannot be run: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!(
+            "{}: {stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 }
 
