@@ -2,6 +2,7 @@
 //! with `DATABASE_URL`, Redis for the windows with `REDIS_URL`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tollgate_core::{BoxError, SharedClock};
 
@@ -107,7 +108,11 @@ async fn redis(
     };
     // Start even while Redis is down: the failover store decides locally (or answers 503)
     // until it is back.
-    let redis = RedisWindowStore::open(url)?;
+    // The failover bounds each call itself (one 250 ms timeout while Redis answers nobody,
+    // up to MAX_QUEUED_WAIT while it answers others), so the store's own bound must not cut
+    // a queued call short first.
+    let redis = RedisWindowStore::open(url)?
+        .with_timeout(tollgate_sliding_window::MAX_QUEUED_WAIT + Duration::from_millis(100));
     if let Err(e) = redis.ping().await {
         tracing::warn!(error = %e, mode = ?mode, "Redis is not reachable at start; rate limits fail {}", match mode { FailureMode::Open => "open to the local limiter", FailureMode::Closed => "closed (503)" });
     }

@@ -88,7 +88,7 @@ mod store;
 #[cfg(feature = "memory")]
 pub use failover::{
     CircuitState, FailoverWindowStore, FailureMode, FailureModeParseError, DEFAULT_COOL_DOWN,
-    DEFAULT_FAILOVER_TIMEOUT, DEFAULT_FAILURE_THRESHOLD,
+    DEFAULT_FAILOVER_TIMEOUT, DEFAULT_FAILURE_THRESHOLD, MAX_QUEUED_WAIT,
 };
 pub use future::ResponseFuture;
 pub use layer::{BucketFn, PerModelSlidingWindowLayer};
