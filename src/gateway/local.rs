@@ -5,19 +5,19 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
-use http::{Request, Response, StatusCode};
-use http_body_util::Full;
+use http::{Request, Response};
+use http_body::Frame;
+use http_body_util::{Full, StreamBody};
 use serde_json::json;
 
 use tollgate_core::time::{ms_from_rfc3339, rfc3339_from_ms};
-use tollgate_core::{ErrorCode, ModelId, Principal, Rejection, RouteMatch};
+use tollgate_core::{BoxError, ErrorCode, ModelId, Principal, Rejection, RouteMatch};
 use tollgate_request_logger::{ExportFormat, LogCursor, LogQuery, LogRecord};
 
+use super::app::{boxed, GatewayBody};
 use super::state::AppState;
 
-/// Rows per export response unless `limit` says otherwise.
-pub const DEFAULT_EXPORT_LIMIT: usize = 1_000;
-/// The most rows one export response carries; `X-Next-Cursor` continues.
+/// The most rows one paged export response (`limit=`) carries; `X-Next-Cursor` continues.
 pub const MAX_EXPORT_LIMIT: usize = 10_000;
 /// Rows fetched from the sink per page.
 const PAGE: usize = 500;
@@ -26,9 +26,11 @@ const PAGE: usize = 500;
 pub static X_NEXT_CURSOR: HeaderName = HeaderName::from_static("x-next-cursor");
 
 /// Answers `/api/credits` or `/api/logs` for the authenticated caller.
-pub async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response<Full<Bytes>> {
+pub async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response<GatewayBody> {
     let Some(principal) = req.extensions().get::<Principal>().copied() else {
-        return Rejection::new(ErrorCode::InvalidApiKey).into_response();
+        return Rejection::new(ErrorCode::InvalidApiKey)
+            .into_response::<Full<Bytes>>()
+            .map(boxed);
     };
     let template = req
         .extensions()
@@ -40,13 +42,13 @@ pub async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response<Full<B
         "/api/logs" => logs(&state, principal, req.uri().query().unwrap_or("")).await,
         _ => Err(Rejection::new(ErrorCode::NotFound)),
     };
-    result.unwrap_or_else(Rejection::into_response)
+    result.unwrap_or_else(|r| r.into_response::<Full<Bytes>>().map(boxed))
 }
 
 async fn credits(
     state: &AppState,
     principal: Principal,
-) -> Result<Response<Full<Bytes>>, Rejection> {
+) -> Result<Response<GatewayBody>, Rejection> {
     let account = state
         .ledger
         .account(principal.org)
@@ -60,7 +62,7 @@ async fn credits(
         "topup_credits": account.topup_credits,
         "period_end": rfc3339_from_ms(account.period_end_ms),
     });
-    let mut res = Response::new(Full::new(Bytes::from(body.to_string())));
+    let mut res = Response::new(boxed(Full::new(Bytes::from(body.to_string()))));
     res.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok(res)
@@ -111,7 +113,7 @@ async fn logs(
     state: &AppState,
     principal: Principal,
     query: &str,
-) -> Result<Response<Full<Bytes>>, Rejection> {
+) -> Result<Response<GatewayBody>, Rejection> {
     let mut params = HashMap::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -129,7 +131,7 @@ async fn logs(
         limit: PAGE,
     };
     let mut format = ExportFormat::Ndjson;
-    let mut limit = DEFAULT_EXPORT_LIMIT;
+    let mut limit = None;
     for (k, v) in &params {
         match k.as_str() {
             "from" => q.from_ms = Some(instant("from", v)?),
@@ -159,18 +161,22 @@ async fn logs(
                 q.cursor = Some(v.clone())
             }
             "limit" => {
-                limit = v
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=MAX_EXPORT_LIMIT).contains(n))
-                    .ok_or_else(|| {
-                        bad(format!("`limit` must be between 1 and {MAX_EXPORT_LIMIT}."))
-                    })?
+                limit = Some(
+                    v.parse::<usize>()
+                        .ok()
+                        .filter(|n| (1..=MAX_EXPORT_LIMIT).contains(n))
+                        .ok_or_else(|| {
+                            bad(format!("`limit` must be between 1 and {MAX_EXPORT_LIMIT}."))
+                        })?,
+                )
             }
             other => return Err(bad(format!("Unknown parameter `{other}`."))),
         }
     }
 
+    let Some(limit) = limit else {
+        return stream_all(state, q, format).await;
+    };
     let mut rows: Vec<LogRecord> = Vec::new();
     let next = loop {
         q.limit = PAGE.min(limit - rows.len());
@@ -190,11 +196,8 @@ async fn logs(
     if format == ExportFormat::Csv {
         out.extend_from_slice(tollgate_request_logger::CSV_HEADER.as_bytes());
     }
-    for r in &rows {
-        out.extend_from_slice(format.render(r).as_bytes());
-    }
-    let mut res = Response::new(Full::new(Bytes::from(out)));
-    *res.status_mut() = StatusCode::OK;
+    out.extend_from_slice(&render(format, &rows));
+    let mut res = Response::new(boxed(Full::new(Bytes::from(out))));
     res.headers_mut().insert(
         CONTENT_TYPE,
         HeaderValue::from_static(format.content_type()),
@@ -204,5 +207,65 @@ async fn logs(
             res.headers_mut().insert(X_NEXT_CURSOR.clone(), v);
         }
     }
+    Ok(res)
+}
+
+fn render(format: ExportFormat, rows: &[LogRecord]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(rows.len() * 256);
+    for r in rows {
+        out.extend_from_slice(format.render(r).as_bytes());
+    }
+    out
+}
+
+/// Without `limit`: every matching row, streamed page by page from the sink as the client
+/// reads (memory stays one page however long the export). The first page is fetched before
+/// answering, so a sink that is down still gets a clean 503; a failure later ends the body
+/// with an error.
+async fn stream_all(
+    state: &AppState,
+    mut q: LogQuery,
+    format: ExportFormat,
+) -> Result<Response<GatewayBody>, Rejection> {
+    q.limit = PAGE;
+    let first = state
+        .logs
+        .query(q.clone())
+        .await
+        .map_err(|e| e.rejection())?;
+    let mut head = Vec::new();
+    if format == ExportFormat::Csv {
+        head.extend_from_slice(tollgate_request_logger::CSV_HEADER.as_bytes());
+    }
+    head.extend_from_slice(&render(format, &first.records));
+    q.cursor = first.next_cursor;
+    let sink = Arc::clone(&state.logs);
+    let rest = futures_util::stream::unfold(Some(q), move |next| {
+        let sink = Arc::clone(&sink);
+        async move {
+            let q = next?;
+            q.cursor.as_ref()?;
+            match sink.query(q.clone()).await {
+                Ok(page) => {
+                    let chunk = Bytes::from(render(format, &page.records));
+                    let next = LogQuery {
+                        cursor: page.next_cursor,
+                        ..q
+                    };
+                    Some((Ok::<_, BoxError>(Frame::data(chunk)), Some(next)))
+                }
+                Err(e) => Some((Err(BoxError::from(e)), None)),
+            }
+        }
+    });
+    let head = futures_util::stream::once(std::future::ready(Ok::<_, BoxError>(Frame::data(
+        Bytes::from(head),
+    ))));
+    let body = StreamBody::new(futures_util::StreamExt::chain(head, rest));
+    let mut res = Response::new(boxed(body));
+    res.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
     Ok(res)
 }
