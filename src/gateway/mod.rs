@@ -213,11 +213,16 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
         Arc::new(RulesSigner::new(sandbox_rules()))
     };
 
+    // Small request/response exchanges on kept-alive connections: no Nagle delay.
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(config.upstream_timeout));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_webpki_roots()
         .https_or_http()
         .enable_http1()
-        .build();
+        .wrap_connector(http);
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(256)
