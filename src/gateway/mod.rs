@@ -35,6 +35,7 @@ use tower::{Layer, ServiceBuilder, ServiceExt};
 use tower_service::Service;
 
 use tollgate_api_key_auth::{ApiKeyAuthLayer, KeyStore, MemoryKeyStore};
+use tollgate_core::Clock as _;
 use tollgate_core::{
     BoxError, CostTable, ErrorCode, KeyId, ModelId, OrgId, Plan, Rejection, SharedClock,
     SystemClock,
@@ -478,5 +479,3 @@ async fn seed_demo(state: &AppState, sandbox: Option<&Sandbox>) -> Result<Demo, 
         key: key.secret,
     })
 }
-
-use tollgate_core::Clock as _;
