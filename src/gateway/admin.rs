@@ -51,6 +51,14 @@ fn backend(e: BackendError) -> Rejection {
     e.rejection()
 }
 
+/// `backend`, counted in `/metrics`.
+fn counted(state: &AppState) -> impl Fn(BackendError) -> Rejection + '_ {
+    move |e| {
+        state.metrics.record_backend_error("admin");
+        backend(e)
+    }
+}
+
 /// Compares the presented token with the configured one without leaking, through timing,
 /// how much of it matched.
 fn token_matches(presented: &[u8], expected: &[u8]) -> bool {
@@ -93,7 +101,7 @@ where
             (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &v[7..])
         })
         .unwrap_or_default();
-    if !token_matches(presented, expected.as_bytes()) {
+    if presented.is_empty() || !token_matches(presented, expected.as_bytes()) {
         return Err(Rejection::new(ErrorCode::Unauthorized));
     }
 
@@ -240,7 +248,7 @@ async fn require_org(state: &AppState, org: OrgId) -> Result<String, Rejection> 
         .orgs
         .name(org)
         .await
-        .map_err(backend)?
+        .map_err(counted(state))?
         .ok_or_else(|| not_found("organization"))
 }
 
@@ -256,7 +264,7 @@ struct OrgView {
 
 async fn org_view(state: &AppState, org: OrgId) -> Result<OrgView, Rejection> {
     let name = require_org(state, org).await?;
-    let account = state.ledger.account(org).await.map_err(backend)?;
+    let account = state.ledger.account(org).await.map_err(counted(state))?;
     let (plan, balance, period_end) = match &account {
         Some(a) => (
             a.plan,
@@ -277,7 +285,11 @@ async fn org_view(state: &AppState, org: OrgId) -> Result<OrgView, Rejection> {
 
 async fn create_org(state: &AppState, body: Value) -> AdminResult {
     let name = string_field(&body, "name")?;
-    let id = state.orgs.create(name.clone()).await.map_err(backend)?;
+    let id = state
+        .orgs
+        .create(name.clone())
+        .await
+        .map_err(counted(state))?;
     created(&json!({"id": id, "name": name}))
 }
 
@@ -286,12 +298,16 @@ async fn subscribe(state: &AppState, org: OrgId, body: Value) -> AdminResult {
     let plan: Plan = string_field(&body, "plan")?
         .parse()
         .map_err(|e: tollgate_core::PlanParseError| invalid(format!("{e}.")))?;
-    state.ledger.subscribe(org, plan).await.map_err(backend)?;
+    state
+        .ledger
+        .subscribe(org, plan)
+        .await
+        .map_err(counted(state))?;
     state
         .keys
         .set_subscription(org, Some(plan))
         .await
-        .map_err(backend)?;
+        .map_err(counted(state))?;
     ok(&org_view(state, org).await?)
 }
 
@@ -301,8 +317,8 @@ async fn cancel(state: &AppState, org: OrgId) -> AdminResult {
         .keys
         .set_subscription(org, None)
         .await
-        .map_err(backend)?;
-    state.ledger.cancel(org).await.map_err(backend)?;
+        .map_err(counted(state))?;
+    state.ledger.cancel(org).await.map_err(counted(state))?;
     ok(&org_view(state, org).await?)
 }
 
@@ -316,7 +332,7 @@ async fn top_up(state: &AppState, org: OrgId, body: Value) -> AdminResult {
         .ledger
         .top_up(org, amount)
         .await
-        .map_err(backend)?
+        .map_err(counted(state))?
         .ok_or_else(no_account)?;
     ok(&json!({"balance": account.balance()}))
 }
@@ -328,7 +344,7 @@ async fn set_balance(state: &AppState, org: OrgId, body: Value) -> AdminResult {
         .ledger
         .set_balance(org, balance)
         .await
-        .map_err(backend)?
+        .map_err(counted(state))?
         .ok_or_else(no_account)?;
     ok(&json!({"balance": account.balance()}))
 }
@@ -336,7 +352,11 @@ async fn set_balance(state: &AppState, org: OrgId, body: Value) -> AdminResult {
 async fn create_key(state: &AppState, org: OrgId, body: Value) -> AdminResult {
     require_org(state, org).await?;
     let name = string_field(&body, "name")?;
-    let key = state.keys.create_key(org, name).await.map_err(backend)?;
+    let key = state
+        .keys
+        .create_key(org, name)
+        .await
+        .map_err(counted(state))?;
     created(&json!({"id": key.id, "key": key.secret}))
 }
 
@@ -353,15 +373,15 @@ fn key_view(k: &KeyInfo) -> Value {
 
 async fn list_keys(state: &AppState, org: OrgId) -> AdminResult {
     require_org(state, org).await?;
-    let keys = state.keys.list_keys(org).await.map_err(backend)?;
+    let keys = state.keys.list_keys(org).await.map_err(counted(state))?;
     ok(&keys.iter().map(key_view).collect::<Vec<_>>())
 }
 
 async fn revoke_key(state: &AppState, key: KeyId) -> AdminResult {
-    if !state.keys.revoke_key(key).await.map_err(backend)? {
+    if !state.keys.revoke_key(key).await.map_err(counted(state))? {
         return Err(not_found("key"));
     }
-    let info = state.keys.key_info(key).await.map_err(backend)?;
+    let info = state.keys.key_info(key).await.map_err(counted(state))?;
     ok(&info
         .as_ref()
         .map(key_view)
@@ -369,11 +389,23 @@ async fn revoke_key(state: &AppState, key: KeyId) -> AdminResult {
 }
 
 async fn rotate_key(state: &AppState, key: KeyId) -> AdminResult {
+    // Rotating replaces a working key; a revoked key stays revoked (no way around a revoke).
+    let info = state
+        .keys
+        .key_info(key)
+        .await
+        .map_err(counted(state))?
+        .ok_or_else(|| not_found("key"))?;
+    if info.status == KeyStatus::Revoked {
+        return Err(invalid(
+            "The key is revoked; create a new key instead of rotating it.",
+        ));
+    }
     let new = state
         .keys
         .rotate_key(key)
         .await
-        .map_err(backend)?
+        .map_err(counted(state))?
         .ok_or_else(|| not_found("key"))?;
     ok(&json!({"id": new.id, "key": new.secret}))
 }
@@ -390,18 +422,18 @@ async fn add_model(state: &AppState, org: OrgId, body: Value) -> AdminResult {
         .sessions
         .connect(org, name, session)
         .await
-        .map_err(backend)?;
+        .map_err(counted(state))?;
     state
         .keys
         .add_model(org, record.id)
         .await
-        .map_err(backend)?;
+        .map_err(counted(state))?;
     created(&model_view(&record))
 }
 
 async fn list_models(state: &AppState, org: OrgId) -> AdminResult {
     require_org(state, org).await?;
-    let models = state.sessions.list(org).await.map_err(backend)?;
+    let models = state.sessions.list(org).await.map_err(counted(state))?;
     ok(&models.iter().map(model_view).collect::<Vec<_>>())
 }
 
@@ -411,7 +443,7 @@ async fn reconnect(state: &AppState, model: ModelId, body: Value) -> AdminResult
         .sessions
         .reconnect(model, session)
         .await
-        .map_err(backend)?
+        .map_err(counted(state))?
         .ok_or_else(|| not_found("model"))?;
     ok(&model_view(&record))
 }

@@ -232,16 +232,46 @@ impl<A> App<A> {
     }
 }
 
-/// `/readyz`: every backend answers a cheap query.
+/// `/readyz`: every backend the requests need answers a cheap query within 2 s.
 async fn readiness(state: &AppState) -> Response<GatewayBody> {
+    use tollgate_sliding_window::{BucketKey, WindowLimits};
+    let within = |fut: BoxFuture<bool>| async move {
+        tokio::time::timeout(std::time::Duration::from_secs(2), fut)
+            .await
+            .unwrap_or(false)
+    };
     let probe = tollgate_core::OrgId::new();
-    let ledger = state.ledger.account(probe).await.is_ok();
-    let keys = state.keys.list_keys(probe).await.is_ok();
-    let sessions = state.sessions.list(probe).await.is_ok();
-    let ready = ledger && keys && sessions;
+    let ledger = state.ledger.account(probe);
+    let keys = state.keys.list_keys(probe);
+    let sessions = state.sessions.list(probe);
+    let windows = state.windows.check(
+        BucketKey::new(probe, tollgate_core::ModelId::new()),
+        WindowLimits {
+            limit: 1,
+            burst: 1,
+            window_ms: 1_000,
+        },
+    );
+    let logs = state
+        .logs
+        .query(tollgate_request_logger::LogQuery::new(probe));
+    let (ledger, keys, sessions, windows, logs) = tokio::join!(
+        within(Box::pin(async move { ledger.await.is_ok() })),
+        within(Box::pin(async move { keys.await.is_ok() })),
+        within(Box::pin(async move { sessions.await.is_ok() })),
+        within(Box::pin(async move { windows.await.is_ok() })),
+        within(Box::pin(async move { logs.await.is_ok() })),
+    );
+    let ready = ledger && keys && sessions && windows && logs;
+    if !ready {
+        state.metrics.record_backend_error("readiness");
+    }
     let body = serde_json::json!({
         "status": if ready { "ready" } else { "unavailable" },
-        "backends": {"ledger": ledger, "keys": keys, "sessions": sessions},
+        "backends": {
+            "ledger": ledger, "keys": keys, "sessions": sessions,
+            "rate_limits": windows, "logs": logs,
+        },
     });
     full_response(
         if ready {

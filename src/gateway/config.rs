@@ -68,9 +68,9 @@ impl fmt::Debug for Config {
             .field("admin_api", &self.admin_token.is_some())
             .field("database", &self.database_url.as_ref().map(|_| "<set>"))
             .field("redis", &self.redis_url.as_ref().map(|_| "<set>"))
-            .field("upstream", &self.upstream)
+            .field("upstream", &self.upstream.as_deref().map(redact_url))
             .field("sign_rules", &self.sign_rules)
-            .field("signer_url", &self.signer_url)
+            .field("signer_url", &self.signer_url.as_deref().map(redact_url))
             .field("signer_timeout", &self.signer_timeout)
             .field("upstream_timeout", &self.upstream_timeout)
             .field("window", &self.window)
@@ -207,7 +207,13 @@ impl Config {
             let bad = |why: &str| ConfigError(format!("{var}: {why} (got {value:?})"));
             match *var {
                 "TOLLGATE_BIND" => c.bind = value.parse().map_err(|_| bad("expected host:port"))?,
-                "TOLLGATE_ADMIN_TOKEN" => c.admin_token = Some(value.clone()),
+                "TOLLGATE_ADMIN_TOKEN" => {
+                    // An empty or trivially short token would let anyone in.
+                    if value.trim().len() < 8 {
+                        return Err(bad("the admin token must be at least 8 characters"));
+                    }
+                    c.admin_token = Some(value.clone())
+                }
                 "DATABASE_URL" => c.database_url = Some(value.clone()),
                 "REDIS_URL" => c.redis_url = Some(value.clone()),
                 "TOLLGATE_UPSTREAM" => {
@@ -278,6 +284,18 @@ impl Config {
     /// The burst limit of a plan.
     pub fn burst_for(&self, plan: Plan) -> u32 {
         self.burst[plan.index()]
+    }
+}
+
+/// `scheme://host[:port]` of a URL: credentials, paths and queries (tokens) stay out of logs.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = authority.rsplit('@').next().unwrap_or("");
+    if scheme.is_empty() {
+        host.to_owned()
+    } else {
+        format!("{scheme}://{host}")
     }
 }
 
@@ -401,6 +419,8 @@ mod tests {
             let err = Config::from_sources(&env(&[(k, v)]), &[]).unwrap_err();
             assert!(err.0.contains(needle), "{k}={v}: {err}");
         }
+        let err = Config::from_sources(&HashMap::new(), &args(&["--admin-token="])).unwrap_err();
+        assert!(err.0.contains("at least 8"), "{err}");
         let err = Config::from_sources(&HashMap::new(), &args(&["--nope"])).unwrap_err();
         assert!(err.0.contains("unknown argument"));
         let err = Config::from_sources(&env(&[("DATABASE_URL", "postgres://x")]), &[]).unwrap_err();
@@ -420,5 +440,9 @@ mod tests {
         .unwrap();
         let text = format!("{c:?}");
         assert!(!text.contains("s3cret-admin") && !text.contains("pw@") && !text.contains("abab"));
+        assert_eq!(
+            redact_url("https://user:tok@signer.example:8443/sign?key=abc"),
+            "https://signer.example:8443"
+        );
     }
 }

@@ -229,12 +229,14 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
         .pool_max_idle_per_host(256)
         .build(https);
     let signed = UpstreamSignLayer::new(signer, backends.sessions.clone()).layer(client);
+    let metrics = Arc::new(metrics::Metrics::default());
     let proxy = proxy::Proxy::new(
         signed,
         &upstream,
         config.body_limit,
         config.upstream_timeout,
-    );
+    )
+    .with_metrics(Arc::clone(&metrics));
 
     let logger_layer = RequestLoggerLayer::new(backends.logs.clone());
     let logger = logger_layer.handle();
@@ -246,7 +248,7 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
         sessions: backends.sessions.clone(),
         logs: backends.logs.clone(),
         orgs: backends.orgs.clone(),
-        metrics: metrics::Metrics::default(),
+        metrics: Arc::clone(&metrics),
         logger,
     });
 

@@ -34,6 +34,7 @@ struct Shared {
     body_limit: usize,
     timeout: Duration,
     table: CostTable,
+    metrics: Option<Arc<super::metrics::Metrics>>,
 }
 
 impl<C: Clone> Clone for Proxy<C> {
@@ -66,8 +67,17 @@ impl<C> Proxy<C> {
                 body_limit,
                 timeout,
                 table: CostTable::onlyfans(),
+                metrics: None,
             }),
         }
+    }
+
+    /// Counts upstream and signer failures in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<super::metrics::Metrics>) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.metrics = Some(metrics);
+        }
+        self
     }
 
     /// Uses another cost table (for routes not in an outer `RouteMatch`).
@@ -148,15 +158,21 @@ where
     if declared_too_large {
         return reject(ErrorCode::PayloadTooLarge);
     }
-    let body = match Limited::new(req.into_body(), shared.body_limit)
-        .collect()
-        .await
-    {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<LengthLimitError>() => return reject(ErrorCode::PayloadTooLarge),
-        Err(_) => {
+    // A client that declares a body and then stalls must not hold a connection (and a credit
+    // hold) forever.
+    let read = Limited::new(req.into_body(), shared.body_limit).collect();
+    let body = match tokio::time::timeout(shared.timeout, read).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => return reject(ErrorCode::PayloadTooLarge),
+        Ok(Err(_)) => {
             return Rejection::new(ErrorCode::InvalidRequest)
                 .with_message("The request body could not be read.")
+                .into_response()
+        }
+        Err(_) => {
+            return Rejection::new(ErrorCode::InvalidRequest)
+                .with_status(StatusCode::REQUEST_TIMEOUT)
+                .with_message("The request body was not received in time.")
                 .into_response()
         }
     };
@@ -202,13 +218,27 @@ where
             .to_bytes();
         Ok::<_, BoxError>((parts, bytes))
     };
+    let count = |backend: &'static str| {
+        if let Some(m) = &shared.metrics {
+            m.record_backend_error(backend);
+        }
+    };
     match tokio::time::timeout(shared.timeout, exchange).await {
-        Err(_) => reject(ErrorCode::UpstreamTimeout),
+        Err(_) => {
+            count("upstream");
+            reject(ErrorCode::UpstreamTimeout)
+        }
         Ok(Err(e)) => {
+            count("upstream");
             tracing::warn!(error = %e, "upstream exchange failed");
             reject(ErrorCode::UpstreamError)
         }
         Ok(Ok((mut parts, bytes))) => {
+            match parts.extensions.get::<ErrorCode>() {
+                Some(ErrorCode::UpstreamError | ErrorCode::UpstreamTimeout) => count("upstream"),
+                Some(ErrorCode::SigningFailed) => count("signer"),
+                _ => {}
+            }
             // Only what describes the body (and a rejection's Retry-After) goes back to the
             // customer: upstream cookies, hop-by-hop and server headers stay behind.
             let mut headers = http::HeaderMap::new();

@@ -58,7 +58,7 @@ pub struct AppState {
     /// Organizations.
     pub orgs: Arc<dyn OrgStore>,
     /// Request counters.
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     /// The request logger's queue (dropped rows, flush).
     pub logger: LoggerHandle,
 }

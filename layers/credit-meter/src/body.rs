@@ -150,7 +150,10 @@ impl<B: Body> From<Bytes> for MeterBody<B> {
 }
 
 fn is_json(data: &[u8]) -> bool {
-    serde_json::from_slice::<serde::de::IgnoredAny>(data).is_ok()
+    // serde_json's slice reader skips string contents without checking UTF-8, and JSON must be
+    // UTF-8: a body the envelope would refuse must never be charged.
+    std::str::from_utf8(data)
+        .is_ok_and(|text| serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok())
 }
 
 impl<B> Body for MeterBody<B>
@@ -338,5 +341,21 @@ impl<B: Body> fmt::Debug for MeterBody<B> {
             Meter::Done => "done",
         };
         f.debug_struct("MeterBody").field("meter", &state).finish()
+    }
+}
+
+#[cfg(test)]
+mod json_tests {
+    use super::is_json;
+
+    #[test]
+    fn only_utf8_json_counts_as_json() {
+        assert!(is_json(br#"{"a":"b","n":[1,2.5,null]}"#));
+        assert!(is_json("{\"name\":\"Stella 💕\"}".as_bytes()));
+        // Valid JSON syntax around a string that is not UTF-8: the envelope refuses it, so
+        // the meter must not charge it.
+        assert!(!is_json(b"{\"a\":\"\xff\"}"));
+        assert!(!is_json(b"<html></html>"));
+        assert!(!is_json(b""));
     }
 }

@@ -106,7 +106,7 @@ pub use ledger::{
     Account, CreditsView, EntryKind, Hold, HoldId, HoldOutcome, Ledger, LedgerEntry, MAX_CREDITS,
 };
 #[cfg(feature = "memory")]
-pub use memory::{MemoryLedger, DEFAULT_HOLD_TTL};
+pub use memory::{MemoryLedger, DEFAULT_HOLD_TTL, MAX_ENTRIES_PER_ORG};
 #[cfg(feature = "postgres")]
 pub use postgres::{PostgresLedger, DEFAULT_RELEASE_QUEUE};
 pub use service::CreditMeter;

@@ -74,8 +74,13 @@ struct Book {
     period_end_ms: u64,
     holds: HashMap<HoldId, HoldRecord>,
     swept: HashMap<HoldId, SweptHold>,
-    entries: Vec<LedgerEntry>,
+    /// The newest [`MAX_ENTRIES_PER_ORG`] ledger rows.
+    entries: std::collections::VecDeque<LedgerEntry>,
 }
+
+/// Ledger rows the memory ledger keeps per org, newest first out last: a process that runs
+/// for months must not grow without bound (the PostgreSQL ledger keeps every row).
+pub const MAX_ENTRIES_PER_ORG: usize = 100_000;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic elsewhere while holding the lock cannot leave a book half-updated (every update
@@ -107,7 +112,7 @@ impl Book {
             period_end_ms: 0,
             holds: HashMap::new(),
             swept: HashMap::new(),
-            entries: Vec::new(),
+            entries: std::collections::VecDeque::new(),
         }
     }
 
@@ -148,7 +153,10 @@ impl Book {
             balance_after: self.balance(),
             request_id: request_id.map(|id| id.as_str().to_owned()),
         };
-        self.entries.push(entry);
+        if self.entries.len() >= MAX_ENTRIES_PER_ORG {
+            self.entries.pop_front();
+        }
+        self.entries.push_back(entry);
     }
 
     /// Starts every period that has ended by `now`, one ledger row each; returns how many.
@@ -557,7 +565,7 @@ impl Ledger for MemoryLedger {
     fn entries(&self, org: OrgId) -> BoxFuture<Result<Vec<LedgerEntry>, BackendError>> {
         let entries = self
             .book(org)
-            .map(|book| lock(&book).entries.clone())
+            .map(|book| lock(&book).entries.iter().cloned().collect())
             .unwrap_or_default();
         Box::pin(ready(Ok(entries)))
     }
