@@ -297,7 +297,7 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
     let addr = listener.local_addr()?;
     let (shutdown, shutdown_rx) = watch::channel(false);
     let server = tokio::spawn(serve(listener, app, shutdown_rx));
-    tracing::info!(%addr, upstream = %upstream, demo = config.demo, "tollgate gateway listening");
+    tracing::info!(%addr, upstream = %config::redact_url(&upstream), demo = config.demo, "tollgate gateway listening");
 
     Ok(RunningGateway {
         addr,
