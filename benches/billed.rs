@@ -71,11 +71,10 @@
 //! checked for exactness too.
 //!
 //! Nothing leaves 127.0.0.1 except the PostgreSQL connections to `DATABASE_URL`; every request
-//! is under a 10 s timeout, and at most [`MAX_SAMPLES`] latencies are kept per phase.
+//! is under a 10 s timeout, and at most [`driver::MAX_SAMPLES`] latencies are kept per phase.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -83,8 +82,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, HOST};
 use http::{HeaderMap, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
+use http_body_util::Empty;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -97,29 +95,29 @@ use tollgate_credit_meter::{EntryKind, Ledger};
 use tollgate_postgres::testing::TestDb;
 use tollgate_upstream_sign::Session;
 
-/// Most latencies kept per phase (all connections together).
-const MAX_SAMPLES: usize = 4_000_000;
-/// The longest a single request may take before it counts as an error.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+#[path = "driver/mod.rs"]
+mod driver;
+
+use driver::{
+    connect, env_number, exchange, load_average, median, print_table, run_pass, runtimes, Answer,
+    Load, RoundFigures, Style, Summary,
+};
+
+/// Column widths of the per-round lines and tables.
+const STYLE: Style = Style {
+    round_width: 2,
+    name_width: 17,
+    rps_width: 8,
+    ms_width: 7,
+    other_procs_width: 12,
+    cpu_needs_ok: false,
+};
+
 /// The billed org's balance: far more than any run can spend.
 const BALANCE: u64 = 1_000_000_000_000;
-/// Errors whose details are printed, per phase.
-const ERROR_SAMPLES: usize = 5;
 
 fn main() {
-    // `cargo bench` passes `--bench`; anything else (`cargo test --benches`) is a smoke run.
-    let full = std::env::args().any(|a| a == "--bench");
-    let settings = match Settings::from_env(full) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("billed: {e}");
-            std::process::exit(2);
-        }
-    };
-    if let Err(e) = run(&settings) {
-        eprintln!("billed: {e}");
-        std::process::exit(1);
-    }
+    driver::main("billed", Settings::from_env, run);
 }
 
 /// The run's parameters.
@@ -134,14 +132,6 @@ struct Settings {
     server_threads: usize,
     client_threads: usize,
     full: bool,
-}
-
-/// How one phase loads its gateway.
-#[derive(Debug, Clone, Copy)]
-struct Load {
-    conns: usize,
-    warmup: Duration,
-    duration: Duration,
 }
 
 impl Settings {
@@ -184,34 +174,8 @@ impl Settings {
     }
 }
 
-fn env_number<T>(name: &str, default: T, min: T, max: T) -> Result<T, String>
-where
-    T: FromStr + PartialOrd + Copy + std::fmt::Display,
-{
-    let Ok(raw) = std::env::var(name) else {
-        return Ok(default);
-    };
-    match raw.trim().parse::<T>() {
-        Ok(v) if v >= min && v <= max => Ok(v),
-        _ => Err(format!(
-            "{name} must be a number from {min} to {max} (got {raw:?})"
-        )),
-    }
-}
-
 fn run(settings: &Settings) -> Result<(), String> {
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(settings.server_threads)
-        .thread_name("server")
-        .enable_all()
-        .build()
-        .map_err(|e| format!("server runtime: {e}"))?;
-    let client_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(settings.client_threads)
-        .thread_name("client")
-        .enable_all()
-        .build()
-        .map_err(|e| format!("client runtime: {e}"))?;
+    let (server_rt, client_rt) = runtimes(settings.server_threads, settings.client_threads)?;
 
     let result = run_on(settings, &server_rt, &client_rt);
     // Connections and pools wind down on the server runtime; give them a moment before it
@@ -353,19 +317,19 @@ fn measure(
         balances_before.push(server_rt.block_on(target.balances())?);
     }
 
-    let loaded = run_pass(client_rt, &targets, heavy, settings.rounds);
+    let loaded = run_pass(client_rt, &targets, heavy, settings.rounds, STYLE);
     let unloaded = settings
         .light
-        .map(|l| run_pass(client_rt, &light_targets, l, settings.rounds));
+        .map(|l| run_pass(client_rt, &light_targets, l, settings.rounds, STYLE));
 
     println!();
     println!("under load ({} connections):", heavy.conns);
-    print_table(&loaded);
+    print_table(&loaded, STYLE);
     compare(&loaded);
     if let Some(unloaded) = &unloaded {
         println!();
         println!("light load (1 connection, latency without queueing):");
-        print_table(unloaded);
+        print_table(unloaded, STYLE);
         compare(unloaded);
     }
     println!();
@@ -374,7 +338,7 @@ fn measure(
     for (target, before) in targets.iter().zip(balances_before) {
         let passes = std::iter::once(&loaded).chain(unloaded.as_ref());
         let summaries: Vec<&Summary> = passes
-            .filter_map(|p| p.iter().find(|s| s.name == target.name))
+            .filter_map(|p| p.iter().find(|s| s.id == target.name))
             .collect();
         let mut ok = vec![0; target.tenants.len()];
         for s in &summaries {
@@ -724,39 +688,21 @@ impl Target {
     }
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+impl driver::Target for Target {
+    fn name(&self) -> &str {
+        &self.name
+    }
 
-async fn connect(addr: SocketAddr) -> Result<Sender, String> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    let _ = stream.set_nodelay(true);
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("handshake {addr}: {e}"))?;
-    tokio::spawn(conn);
-    Ok(sender)
-}
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
 
-/// What one exchange on a connection came to.
-enum Answer {
-    Done(StatusCode, Bytes),
-    Transport(String),
-    TimedOut,
-}
+    fn tenants(&self) -> usize {
+        self.tenants.len()
+    }
 
-async fn exchange(sender: &mut Sender, req: Request<Empty<Bytes>>) -> Answer {
-    let round_trip = async {
-        sender.ready().await?;
-        let res = sender.send_request(req).await?;
-        let status = res.status();
-        let body = res.into_body().collect().await?.to_bytes();
-        Ok::<_, hyper::Error>((status, body))
-    };
-    match tokio::time::timeout(REQUEST_TIMEOUT, round_trip).await {
-        Err(_) => Answer::TimedOut,
-        Ok(Err(e)) => Answer::Transport(e.to_string()),
-        Ok(Ok((status, body))) => Answer::Done(status, body),
+    fn request(&self, tenant: usize) -> Request<Empty<Bytes>> {
+        self.tenants[tenant].request()
     }
 }
 
@@ -797,388 +743,6 @@ async fn sanity_check_one(target: &Target, tenant: &Tenant) -> Result<(), String
     Ok(())
 }
 
-/// When a connection stops: at a time, or when a shared budget of requests runs out.
-#[derive(Clone)]
-struct Until {
-    end: Instant,
-    budget: Option<Arc<AtomicU64>>,
-}
-
-impl Until {
-    /// Whether another request may start (taking it from the budget).
-    fn take(&self) -> bool {
-        Instant::now() < self.end
-            && self.budget.as_ref().is_none_or(|b| {
-                b.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-                    .is_ok()
-            })
-    }
-}
-
-/// What one connection saw in one phase.
-#[derive(Default)]
-struct ConnResult {
-    /// Latencies (ns) of the 200s started after warm-up.
-    latencies: Vec<u64>,
-    /// 200s over the whole phase, warm-up included.
-    ok_total: u64,
-    last_done: Option<Instant>,
-    errors: Errors,
-}
-
-#[derive(Default, Clone)]
-struct Errors {
-    status: u64,
-    transport: u64,
-    timeout: u64,
-    samples: Vec<String>,
-}
-
-impl Errors {
-    fn total(&self) -> u64 {
-        self.status + self.transport + self.timeout
-    }
-
-    fn note(&mut self, sample: impl FnOnce() -> String) {
-        if self.samples.len() < ERROR_SAMPLES {
-            self.samples.push(sample());
-        }
-    }
-
-    fn merge(&mut self, other: Errors) {
-        self.status += other.status;
-        self.transport += other.transport;
-        self.timeout += other.timeout;
-        for s in other.samples {
-            self.note(|| s);
-        }
-    }
-}
-
-async fn connection_loop(
-    target: Arc<Target>,
-    tenant: usize,
-    measure_from: Instant,
-    until: Until,
-    cap: usize,
-) -> ConnResult {
-    let mut out = ConnResult {
-        latencies: Vec::with_capacity(cap.min(1 << 16)),
-        ..ConnResult::default()
-    };
-    let mut taken = false;
-    'connect: while taken || until.take() {
-        taken = true;
-        let mut sender = match connect(target.addr).await {
-            Ok(s) => s,
-            Err(e) => {
-                out.errors.transport += 1;
-                out.errors.note(|| e);
-                taken = false;
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        loop {
-            if !taken && !until.take() {
-                break 'connect;
-            }
-            taken = false;
-            let req = target.tenants[tenant].request();
-            let start = Instant::now();
-            let answer = exchange(&mut sender, req).await;
-            let done = Instant::now();
-            match answer {
-                Answer::Done(StatusCode::OK, _) => {
-                    out.ok_total += 1;
-                    if start >= measure_from && out.latencies.len() < cap {
-                        out.latencies.push(nanos(done - start));
-                        out.last_done = Some(done);
-                    }
-                }
-                Answer::Done(status, body) => {
-                    out.errors.status += 1;
-                    out.errors
-                        .note(|| format!("{status} {}", String::from_utf8_lossy(&body)));
-                }
-                Answer::Transport(e) => {
-                    out.errors.transport += 1;
-                    out.errors.note(|| e);
-                    // The connection is in an unknown state: open a new one.
-                    continue 'connect;
-                }
-                Answer::TimedOut => {
-                    out.errors.timeout += 1;
-                    out.errors.note(|| "timed out".to_owned());
-                    continue 'connect;
-                }
-            }
-        }
-    }
-    out
-}
-
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
-/// One gateway under load for one warm-up plus duration (or one budget of requests).
-struct Phase {
-    stats: Stats,
-    ok_total: u64,
-    /// 200s per tenant of the target, warm-up included.
-    ok_by_tenant: Vec<u64>,
-    errors: Errors,
-    /// This process's CPU time over the phase.
-    cpu: Option<Duration>,
-    /// Cores busy outside this process over the phase, on average.
-    elsewhere: Option<f64>,
-}
-
-async fn drive(target: Arc<Target>, load: Load, budget: Option<Arc<AtomicU64>>) -> Phase {
-    let cpu_before = process_cpu();
-    let machine_before = machine_busy();
-    let begin = Instant::now();
-    let measure_from = begin + load.warmup;
-    let until = Until {
-        end: measure_from + load.duration,
-        budget,
-    };
-    let cap = MAX_SAMPLES / load.conns;
-    let tenants = target.tenants.len();
-    let handles: Vec<JoinHandle<ConnResult>> = (0..load.conns)
-        .map(|i| {
-            tokio::spawn(connection_loop(
-                Arc::clone(&target),
-                i % tenants,
-                measure_from,
-                until.clone(),
-                cap,
-            ))
-        })
-        .collect();
-    let mut latencies = Vec::new();
-    let mut errors = Errors::default();
-    let mut ok_by_tenant = vec![0; tenants];
-    let mut last_done = measure_from;
-    for (i, handle) in handles.into_iter().enumerate() {
-        match handle.await {
-            Ok(r) => {
-                latencies.extend_from_slice(&r.latencies);
-                ok_by_tenant[i % tenants] += r.ok_total;
-                errors.merge(r.errors);
-                if let Some(t) = r.last_done {
-                    last_done = last_done.max(t);
-                }
-            }
-            Err(e) => {
-                errors.transport += 1;
-                errors.note(|| format!("connection task failed: {e}"));
-            }
-        }
-    }
-    let wall = begin.elapsed();
-    let cpu = match (cpu_before, process_cpu()) {
-        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
-        _ => None,
-    };
-    let elsewhere = match (machine_before, machine_busy(), cpu) {
-        (Some(a), Some(b), Some(ours)) => {
-            Some(b.saturating_sub(a).saturating_sub(ours).as_secs_f64() / wall.as_secs_f64())
-        }
-        _ => None,
-    };
-    Phase {
-        stats: Stats::new(latencies, last_done.saturating_duration_since(measure_from)),
-        ok_total: ok_by_tenant.iter().sum(),
-        ok_by_tenant,
-        errors,
-        cpu,
-        elsewhere,
-    }
-}
-
-/// Runs every target `rounds` times, alternating the order, and pools each target's rounds.
-fn run_pass(
-    client_rt: &Runtime,
-    targets: &[Arc<Target>],
-    load: Load,
-    rounds: usize,
-) -> Vec<Summary> {
-    let mut results: Vec<Vec<Phase>> = targets.iter().map(|_| Vec::new()).collect();
-    for round in 1..=rounds {
-        // Every other round backwards, so a drift in background load falls on both alike.
-        let order: Vec<usize> = if round % 2 == 1 {
-            (0..targets.len()).collect()
-        } else {
-            (0..targets.len()).rev().collect()
-        };
-        for i in order {
-            let target = &targets[i];
-            let phase = client_rt.block_on(drive(Arc::clone(target), load, None));
-            println!(
-                "  {:>2} conn(s), round {round:>2}  {:<17} {:>8.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  errors {}  other processes {}",
-                load.conns,
-                target.name,
-                phase.stats.rps(),
-                phase.stats.percentile_ms(0.50),
-                phase.stats.percentile_ms(0.99),
-                phase.errors.total(),
-                phase
-                    .elsewhere
-                    .map_or_else(|| "n/a".to_owned(), |c| format!("{c:.2} cores"))
-            );
-            results[i].push(phase);
-        }
-    }
-    targets
-        .iter()
-        .zip(results)
-        .map(|(t, phases)| Summary::pool(t.name.clone(), phases))
-        .collect()
-}
-
-// ---------------------------------------------------------------------------------------------
-// Statistics and the report.
-
-/// Sorted latencies over a measured span.
-struct Stats {
-    sorted_ns: Vec<u64>,
-    elapsed: Duration,
-}
-
-impl Stats {
-    fn new(mut latencies: Vec<u64>, elapsed: Duration) -> Self {
-        latencies.sort_unstable();
-        Stats {
-            sorted_ns: latencies,
-            elapsed,
-        }
-    }
-
-    fn rps(&self) -> f64 {
-        let secs = self.elapsed.as_secs_f64();
-        if secs > 0.0 {
-            self.sorted_ns.len() as f64 / secs
-        } else {
-            0.0
-        }
-    }
-
-    /// Nearest-rank percentile, in ms.
-    fn percentile_ms(&self, p: f64) -> f64 {
-        if self.sorted_ns.is_empty() {
-            return f64::NAN;
-        }
-        let rank = (p * self.sorted_ns.len() as f64).ceil() as usize;
-        let i = rank.clamp(1, self.sorted_ns.len()) - 1;
-        self.sorted_ns[i] as f64 / 1e6
-    }
-
-    fn max_ms(&self) -> f64 {
-        self.sorted_ns.last().map_or(f64::NAN, |&n| n as f64 / 1e6)
-    }
-}
-
-/// One gateway's figures in one round.
-#[derive(Debug, Clone, Copy)]
-struct RoundFigures {
-    rps: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-}
-
-/// A gateway's rounds pooled.
-struct Summary {
-    name: String,
-    stats: Stats,
-    rounds: Vec<RoundFigures>,
-    elsewhere: Option<f64>,
-    ok_total: u64,
-    ok_by_tenant: Vec<u64>,
-    errors: Errors,
-    cpu: Option<Duration>,
-}
-
-impl Summary {
-    fn pool(name: String, phases: Vec<Phase>) -> Self {
-        let mut latencies = Vec::new();
-        let mut elapsed = Duration::ZERO;
-        let mut ok_total = 0;
-        let mut ok_by_tenant: Vec<u64> = Vec::new();
-        let mut errors = Errors::default();
-        let mut cpu = Some(Duration::ZERO);
-        let mut rounds = Vec::with_capacity(phases.len());
-        let elsewhere: Option<Vec<f64>> = phases.iter().map(|p| p.elsewhere).collect();
-        let elsewhere = elsewhere
-            .filter(|e| !e.is_empty())
-            .map(|e| e.iter().sum::<f64>() / e.len() as f64);
-        for p in phases {
-            rounds.push(RoundFigures {
-                rps: p.stats.rps(),
-                p50_ms: p.stats.percentile_ms(0.50),
-                p99_ms: p.stats.percentile_ms(0.99),
-            });
-            latencies.extend_from_slice(&p.stats.sorted_ns);
-            elapsed += p.stats.elapsed;
-            ok_total += p.ok_total;
-            ok_by_tenant.resize(p.ok_by_tenant.len().max(ok_by_tenant.len()), 0);
-            for (sum, n) in ok_by_tenant.iter_mut().zip(&p.ok_by_tenant) {
-                *sum += n;
-            }
-            errors.merge(p.errors);
-            cpu = cpu.zip(p.cpu).map(|(a, b)| a + b);
-        }
-        Summary {
-            name,
-            stats: Stats::new(latencies, elapsed),
-            rounds,
-            elsewhere,
-            ok_total,
-            ok_by_tenant,
-            errors,
-            cpu,
-        }
-    }
-
-    /// This process's CPU per answered request, warm-up included.
-    fn cpu_us_per_req(&self) -> Option<f64> {
-        let cpu = self.cpu?;
-        (self.ok_total > 0).then(|| cpu.as_secs_f64() * 1e6 / self.ok_total as f64)
-    }
-}
-
-fn print_table(summaries: &[Summary]) {
-    println!(
-        "{:<17} {:>10} {:>10} {:>9} {:>9} {:>9} {:>11} {:>7} {:>12}",
-        "target",
-        "requests",
-        "req/s",
-        "p50 ms",
-        "p99 ms",
-        "max ms",
-        "cpu µs/req",
-        "errors",
-        "other procs"
-    );
-    for s in summaries {
-        println!(
-            "{:<17} {:>10} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>11} {:>7} {:>12}",
-            s.name,
-            s.stats.sorted_ns.len(),
-            s.stats.rps(),
-            s.stats.percentile_ms(0.50),
-            s.stats.percentile_ms(0.99),
-            s.stats.max_ms(),
-            s.cpu_us_per_req()
-                .map_or_else(|| "n/a".to_owned(), |c| format!("{c:.1}")),
-            s.errors.total(),
-            s.elsewhere
-                .map_or_else(|| "n/a".to_owned(), |c| format!("{c:.2} cores"))
-        );
-    }
-}
-
 /// Each PostgreSQL target against memory: the median of each round's own comparison (they
 /// ran back to back), the pooled figure beside it.
 fn compare(summaries: &[Summary]) {
@@ -1215,51 +779,6 @@ fn compare(summaries: &[Summary]) {
             pg.stats.percentile_ms(0.99) - mem.stats.percentile_ms(0.99),
         );
     }
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-/// User plus system CPU time of this process (Linux; `None` elsewhere).
-fn process_cpu() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // After the command name (which may hold spaces): `state` is the first field, `utime` and
-    // `stime` the 12th and 13th, in clock ticks (USER_HZ, 100 on Linux).
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(Duration::from_millis((utime + stime) * 10))
-}
-
-/// CPU time (`user`, `nice`, `system`) all processes ran since boot (Linux; `None` elsewhere).
-fn machine_busy() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
-    let ticks = line
-        .split_whitespace()
-        .skip(1)
-        .take(3)
-        .map(|t| t.parse::<u64>().ok())
-        .sum::<Option<u64>>()?;
-    Some(Duration::from_millis(ticks * 10))
-}
-
-fn load_average() -> Option<String> {
-    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
-    Some(
-        text.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" "),
-    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1661,7 +1180,7 @@ fn count_with(
         warmup: Duration::ZERO,
         duration: settings.heavy.warmup.max(Duration::from_millis(500)),
     };
-    let warm_phase = client_rt.block_on(drive(Arc::clone(target), warm, None));
+    let warm_phase = client_rt.block_on(driver::drive(Arc::clone(target), warm, None));
     let settle = || {
         server_rt.block_on(async {
             gw.gateway.state().logger.flush().await;
@@ -1690,7 +1209,7 @@ fn count_with(
         duration: Duration::from_secs(600),
     };
     let budget = Arc::new(AtomicU64::new(n));
-    let phase = client_rt.block_on(drive(Arc::clone(target), load, Some(budget)));
+    let phase = client_rt.block_on(driver::drive(Arc::clone(target), load, Some(budget)));
     settle();
     let elapsed = started.elapsed();
     let during = delta(&before, &counts.snapshot());

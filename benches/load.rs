@@ -58,7 +58,7 @@
 //! measurements.
 //!
 //! Nothing leaves 127.0.0.1; the run is bounded in time (printed at the start; every request
-//! under a 10 s timeout) and in memory (at most [`MAX_SAMPLES`] latencies per phase).
+//! under a 10 s timeout) and in memory (at most [`driver::MAX_SAMPLES`] latencies per phase).
 
 use std::convert::Infallible;
 
@@ -67,9 +67,8 @@ use std::convert::Infallible;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::str::FromStr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE, HOST};
@@ -81,38 +80,36 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::runtime::Runtime;
-use tokio::task::JoinHandle;
 
 use tollgate::gateway::{self, Config, RunningGateway};
 use tollgate::sandbox::{Sandbox, SandboxAccount};
 
-/// Most latencies kept per phase (all connections together).
-const MAX_SAMPLES: usize = 4_000_000;
-/// The longest a single request may take before it counts as an error.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+#[path = "driver/mod.rs"]
+mod driver;
+
+use driver::{
+    connect, env_number, exchange, load_average, median, print_table, run_pass, runtimes, Answer,
+    Load, RoundFigures, Style, Summary, Target as _, REQUEST_TIMEOUT,
+};
+
+/// Column widths of the per-round lines and tables; a phase without a 200 reports no CPU.
+const STYLE: Style = Style {
+    round_width: 0,
+    name_width: 20,
+    rps_width: 9,
+    ms_width: 6,
+    other_procs_width: 14,
+    cpu_needs_ok: true,
+};
+
 /// The admin token of the gateway under test (loopback only, this process only).
 const ADMIN_TOKEN: &str = "load-test-admin-token";
 /// Targets for the gateway against the bare forwarder.
 const MIN_THROUGHPUT_RATIO: f64 = 0.85;
 const MAX_ADDED_P99_MS: f64 = 1.0;
-/// Errors whose details are printed, per phase.
-const ERROR_SAMPLES: usize = 5;
 
 fn main() {
-    // `cargo bench` passes `--bench`; anything else (`cargo test --benches`) is a smoke run.
-    let full = std::env::args().any(|a| a == "--bench");
-    let settings = match Settings::from_env(full) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("load: {e}");
-            std::process::exit(2);
-        }
-    };
-    if let Err(e) = run(&settings) {
-        eprintln!("load: {e}");
-        std::process::exit(1);
-    }
+    driver::main("load", Settings::from_env, run);
 }
 
 /// The run's parameters.
@@ -175,14 +172,6 @@ impl Settings {
     }
 }
 
-/// How one phase loads its target.
-#[derive(Debug, Clone, Copy)]
-struct Load {
-    conns: usize,
-    warmup: Duration,
-    duration: Duration,
-}
-
 /// `TOLLGATE_LOAD_TARGETS=bare,enterprise` runs only those targets (to profile one).
 fn env_targets() -> Result<Vec<&'static str>, String> {
     let Ok(raw) = std::env::var("TOLLGATE_LOAD_TARGETS") else {
@@ -205,21 +194,6 @@ fn env_targets() -> Result<Vec<&'static str>, String> {
 
 /// The targets, in the order they run.
 const TARGET_IDS: [&str; 4] = ["direct", "bare", "enterprise", "metered"];
-
-fn env_number<T>(name: &str, default: T, min: T, max: T) -> Result<T, String>
-where
-    T: FromStr + PartialOrd + Copy + std::fmt::Display,
-{
-    let Ok(raw) = std::env::var(name) else {
-        return Ok(default);
-    };
-    match raw.trim().parse::<T>() {
-        Ok(v) if v >= min && v <= max => Ok(v),
-        _ => Err(format!(
-            "{name} must be a number from {min} to {max} (got {raw:?})"
-        )),
-    }
-}
 
 /// One thing the client can load: an address, a request, and (for the sandbox itself) the
 /// signing the client must do per request.
@@ -265,8 +239,22 @@ impl Target {
             check,
         }))
     }
+}
 
-    fn request(&self) -> Request<Empty<Bytes>> {
+impl driver::Target for Target {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn id(&self) -> &str {
+        self.id
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn request(&self, _tenant: usize) -> Request<Empty<Bytes>> {
         let mut req = Request::new(Empty::new());
         *req.uri_mut() = self.uri.clone();
         let headers = req.headers_mut();
@@ -279,18 +267,7 @@ impl Target {
 }
 
 fn run(settings: &Settings) -> Result<(), String> {
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(settings.server_threads)
-        .thread_name("server")
-        .enable_all()
-        .build()
-        .map_err(|e| format!("server runtime: {e}"))?;
-    let client_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(settings.client_threads)
-        .thread_name("client")
-        .enable_all()
-        .build()
-        .map_err(|e| format!("client runtime: {e}"))?;
+    let (server_rt, client_rt) = runtimes(settings.server_threads, settings.client_threads)?;
 
     let setup = server_rt.block_on(start_servers())?;
     let tenants = client_rt.block_on(seed_tenants(&setup))?;
@@ -334,18 +311,18 @@ fn run(settings: &Settings) -> Result<(), String> {
     }
 
     let metered_balance_before = client_rt.block_on(balance(&setup, &tenants.metered_key))?;
-    let loaded = run_pass(&client_rt, &targets, heavy, settings.rounds);
-    let unloaded = light.map(|l| run_pass(&client_rt, &targets, l, settings.rounds));
+    let loaded = run_pass(&client_rt, &targets, heavy, settings.rounds, STYLE);
+    let unloaded = light.map(|l| run_pass(&client_rt, &targets, l, settings.rounds, STYLE));
     let metered_balance_after = client_rt.block_on(balance(&setup, &tenants.metered_key))?;
 
     println!();
     println!("under load ({} connections):", heavy.conns);
-    print_table(&loaded);
+    print_table(&loaded, STYLE);
     report_ratios(&loaded, true);
     if let Some(unloaded) = &unloaded {
         println!();
         println!("light load (1 connection, latency without queueing):");
-        print_table(unloaded);
+        print_table(unloaded, STYLE);
         report_ratios(unloaded, false);
     }
     println!();
@@ -382,7 +359,7 @@ fn run(settings: &Settings) -> Result<(), String> {
     let charged = metered_balance_before.saturating_sub(metered_balance_after);
     let metered_ok: u64 = all()
         .filter(|s| s.id == "metered")
-        .map(|s| s.ok_total)
+        .map(Summary::ok_total)
         .sum();
     if charged != metered_ok {
         failures.push(format!(
@@ -397,47 +374,6 @@ fn run(settings: &Settings) -> Result<(), String> {
         Err(failures.join("\n"))
     }
 }
-
-/// Runs every target `rounds` times, interleaved, and pools each target's rounds.
-fn run_pass(
-    client_rt: &Runtime,
-    targets: &[Arc<Target>],
-    load: Load,
-    rounds: usize,
-) -> Vec<Summary> {
-    let mut results: Vec<Vec<Phase>> = targets.iter().map(|_| Vec::new()).collect();
-    for round in 1..=rounds {
-        // Every other round backwards, so a drift in background load cancels out.
-        let order: Vec<usize> = if round % 2 == 1 {
-            (0..targets.len()).collect()
-        } else {
-            (0..targets.len()).rev().collect()
-        };
-        for i in order {
-            let target = &targets[i];
-            let phase = client_rt.block_on(drive(Arc::clone(target), load));
-            println!(
-                "  {:>2} conn(s), round {round}  {:<20} {:>9.0} req/s  p50 {:>6.3} ms  p99 {:>6.3} ms  errors {}  other processes {}",
-                load.conns,
-                target.name,
-                phase.stats.rps(),
-                phase.stats.percentile_ms(0.50),
-                phase.stats.percentile_ms(0.99),
-                phase.errors.total(),
-                phase
-                    .elsewhere
-                    .map_or_else(|| "n/a".to_owned(), |c| format!("{c:.2} cores"))
-            );
-            results[i].push(phase);
-        }
-    }
-    targets
-        .iter()
-        .zip(results)
-        .map(|(t, phases)| Summary::pool(t, phases))
-        .collect()
-}
-
 /// The gateway against the bare forwarder (with the targets when `judge`), and each proxy's
 /// own CPU per request.
 fn report_ratios(summaries: &[Summary], judge: bool) {
@@ -807,9 +743,11 @@ fn check_metered_envelope(v: &Value) -> Result<(), String> {
 
 async fn sanity_check(target: &Target) -> Result<(), String> {
     let mut sender = connect(target.addr).await?;
-    let (status, body) = exchange(&mut sender, target.request())
-        .await
-        .map_err(|e| format!("{}: {e}", target.name))?;
+    let (status, body) = match exchange(&mut sender, target.request(0)).await {
+        Answer::Done(status, body) => (status, body),
+        Answer::Transport(e) => return Err(format!("{}: {e}", target.name)),
+        Answer::TimedOut => return Err(format!("{}: timed out", target.name)),
+    };
     if status != StatusCode::OK {
         return Err(format!(
             "{}: {status} {}",
@@ -824,38 +762,6 @@ async fn sanity_check(target: &Target) -> Result<(), String> {
 
 // ---------------------------------------------------------------------------------------------
 // The client.
-
-type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
-
-async fn connect(addr: SocketAddr) -> Result<Sender, String> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    let _ = stream.set_nodelay(true);
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("handshake {addr}: {e}"))?;
-    tokio::spawn(conn);
-    Ok(sender)
-}
-
-async fn exchange(
-    sender: &mut Sender,
-    req: Request<Empty<Bytes>>,
-) -> Result<(StatusCode, Bytes), String> {
-    let round_trip = async {
-        sender.ready().await?;
-        let res = sender.send_request(req).await?;
-        let status = res.status();
-        let body = res.into_body().collect().await?.to_bytes();
-        Ok::<_, hyper::Error>((status, body))
-    };
-    match tokio::time::timeout(REQUEST_TIMEOUT, round_trip).await {
-        Err(_) => Err("timed out".into()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Ok(Ok(answer)) => Ok(answer),
-    }
-}
 
 /// A one-off request on its own connection (admin calls, balance checks).
 async fn call(
@@ -900,310 +806,6 @@ async fn call(
         .map_err(|e| format!("{path}: {e}"))?
         .to_bytes();
     Ok((status, body))
-}
-
-/// What one connection saw in one phase.
-#[derive(Default)]
-struct ConnResult {
-    /// Latencies (ns) of the 200s started after warm-up.
-    latencies: Vec<u64>,
-    /// 200s over the whole phase, warm-up included.
-    ok_total: u64,
-    last_done: Option<Instant>,
-    errors: Errors,
-}
-
-#[derive(Default, Clone)]
-struct Errors {
-    status: u64,
-    transport: u64,
-    timeout: u64,
-    samples: Vec<String>,
-}
-
-impl Errors {
-    fn total(&self) -> u64 {
-        self.status + self.transport + self.timeout
-    }
-
-    fn merge(&mut self, other: Errors) {
-        self.status += other.status;
-        self.transport += other.transport;
-        self.timeout += other.timeout;
-        for s in other.samples {
-            if self.samples.len() < ERROR_SAMPLES {
-                self.samples.push(s);
-            }
-        }
-    }
-
-    fn note(&mut self, sample: impl FnOnce() -> String) {
-        if self.samples.len() < ERROR_SAMPLES {
-            self.samples.push(sample());
-        }
-    }
-}
-
-async fn connection_loop(
-    target: Arc<Target>,
-    measure_from: Instant,
-    end: Instant,
-    cap: usize,
-) -> ConnResult {
-    let mut out = ConnResult {
-        latencies: Vec::with_capacity(cap.min(1 << 16)),
-        ..ConnResult::default()
-    };
-    'connect: while Instant::now() < end {
-        let mut sender = match connect(target.addr).await {
-            Ok(s) => s,
-            Err(e) => {
-                out.errors.transport += 1;
-                out.errors.note(|| e);
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        loop {
-            let req = target.request();
-            let start = Instant::now();
-            if start >= end {
-                break 'connect;
-            }
-            let answer = exchange(&mut sender, req).await;
-            let done = Instant::now();
-            match answer {
-                Ok((StatusCode::OK, _)) => {
-                    out.ok_total += 1;
-                    if start >= measure_from && out.latencies.len() < cap {
-                        out.latencies.push(nanos(done - start));
-                        out.last_done = Some(done);
-                    }
-                }
-                Ok((status, body)) => {
-                    out.errors.status += 1;
-                    out.errors
-                        .note(|| format!("{status} {}", String::from_utf8_lossy(&body)));
-                }
-                Err(e) => {
-                    if e == "timed out" {
-                        out.errors.timeout += 1;
-                    } else {
-                        out.errors.transport += 1;
-                    }
-                    out.errors.note(|| e);
-                    // The connection is in an unknown state: open a new one.
-                    continue 'connect;
-                }
-            }
-        }
-    }
-    out
-}
-
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
-/// One target under load for one warm-up plus duration.
-struct Phase {
-    stats: Stats,
-    ok_total: u64,
-    errors: Errors,
-    /// This process's CPU time over the phase.
-    cpu: Option<Duration>,
-    /// Cores busy outside this process over the phase, on average.
-    elsewhere: Option<f64>,
-}
-
-async fn drive(target: Arc<Target>, load: Load) -> Phase {
-    let cpu_before = process_cpu();
-    let machine_before = machine_busy();
-    let begin = Instant::now();
-    let measure_from = begin + load.warmup;
-    let end = measure_from + load.duration;
-    let cap = MAX_SAMPLES / load.conns;
-    let handles: Vec<JoinHandle<ConnResult>> = (0..load.conns)
-        .map(|_| tokio::spawn(connection_loop(Arc::clone(&target), measure_from, end, cap)))
-        .collect();
-    let mut latencies = Vec::new();
-    let mut errors = Errors::default();
-    let mut ok_total = 0;
-    let mut last_done = measure_from;
-    for handle in handles {
-        match handle.await {
-            Ok(r) => {
-                latencies.extend_from_slice(&r.latencies);
-                ok_total += r.ok_total;
-                errors.merge(r.errors);
-                if let Some(t) = r.last_done {
-                    last_done = last_done.max(t);
-                }
-            }
-            Err(e) => {
-                errors.transport += 1;
-                errors.note(|| format!("connection task failed: {e}"));
-            }
-        }
-    }
-    let wall = begin.elapsed();
-    let cpu = match (cpu_before, process_cpu()) {
-        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
-        _ => None,
-    };
-    // CPU the rest of the machine used meanwhile: other processes competing for the cores.
-    let elsewhere = match (machine_before, machine_busy(), cpu) {
-        (Some(a), Some(b), Some(ours)) => {
-            Some(b.saturating_sub(a).saturating_sub(ours).as_secs_f64() / wall.as_secs_f64())
-        }
-        _ => None,
-    };
-    let cpu_per_ok = cpu.filter(|_| ok_total > 0);
-    Phase {
-        stats: Stats::new(latencies, last_done - measure_from),
-        ok_total,
-        errors,
-        cpu: cpu_per_ok,
-        elsewhere,
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Statistics and the report.
-
-/// Sorted latencies over a measured span.
-struct Stats {
-    sorted_ns: Vec<u64>,
-    elapsed: Duration,
-}
-
-impl Stats {
-    fn new(mut latencies: Vec<u64>, elapsed: Duration) -> Self {
-        latencies.sort_unstable();
-        Stats {
-            sorted_ns: latencies,
-            elapsed,
-        }
-    }
-
-    fn rps(&self) -> f64 {
-        let secs = self.elapsed.as_secs_f64();
-        if secs > 0.0 {
-            self.sorted_ns.len() as f64 / secs
-        } else {
-            0.0
-        }
-    }
-
-    /// Nearest-rank percentile, in ms.
-    fn percentile_ms(&self, p: f64) -> f64 {
-        if self.sorted_ns.is_empty() {
-            return f64::NAN;
-        }
-        let rank = (p * self.sorted_ns.len() as f64).ceil() as usize;
-        let i = rank.clamp(1, self.sorted_ns.len()) - 1;
-        self.sorted_ns[i] as f64 / 1e6
-    }
-
-    fn max_ms(&self) -> f64 {
-        self.sorted_ns.last().map_or(f64::NAN, |&n| n as f64 / 1e6)
-    }
-}
-
-/// One target's throughput and latency in one round.
-#[derive(Debug, Clone, Copy)]
-struct RoundFigures {
-    rps: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-}
-
-/// A target's rounds pooled.
-struct Summary {
-    id: &'static str,
-    name: &'static str,
-    stats: Stats,
-    /// Each round's figures, for comparisons paired by round.
-    rounds: Vec<RoundFigures>,
-    /// Cores busy outside this process, averaged over the rounds.
-    elsewhere: Option<f64>,
-    ok_total: u64,
-    errors: Errors,
-    cpu: Option<Duration>,
-}
-
-impl Summary {
-    fn pool(target: &Target, phases: Vec<Phase>) -> Self {
-        let mut latencies = Vec::new();
-        let mut elapsed = Duration::ZERO;
-        let mut ok_total = 0;
-        let mut errors = Errors::default();
-        let mut cpu = Some(Duration::ZERO);
-        let mut rounds = Vec::with_capacity(phases.len());
-        let elsewhere: Option<Vec<f64>> = phases.iter().map(|p| p.elsewhere).collect();
-        let elsewhere = elsewhere
-            .filter(|e| !e.is_empty())
-            .map(|e| e.iter().sum::<f64>() / e.len() as f64);
-        for p in phases {
-            rounds.push(RoundFigures {
-                rps: p.stats.rps(),
-                p50_ms: p.stats.percentile_ms(0.50),
-                p99_ms: p.stats.percentile_ms(0.99),
-            });
-            latencies.extend_from_slice(&p.stats.sorted_ns);
-            elapsed += p.stats.elapsed;
-            ok_total += p.ok_total;
-            errors.merge(p.errors);
-            cpu = cpu.zip(p.cpu).map(|(a, b)| a + b);
-        }
-        Summary {
-            id: target.id,
-            name: target.name,
-            stats: Stats::new(latencies, elapsed),
-            rounds,
-            elsewhere,
-            ok_total,
-            errors,
-            cpu,
-        }
-    }
-
-    /// Whole-process CPU per answered request, warm-up included on both sides.
-    fn cpu_us_per_req(&self) -> Option<f64> {
-        let cpu = self.cpu?;
-        (self.ok_total > 0).then(|| cpu.as_secs_f64() * 1e6 / self.ok_total as f64)
-    }
-}
-
-fn print_table(summaries: &[Summary]) {
-    println!(
-        "{:<20} {:>10} {:>10} {:>9} {:>9} {:>9} {:>11} {:>7} {:>14}",
-        "target",
-        "requests",
-        "req/s",
-        "p50 ms",
-        "p99 ms",
-        "max ms",
-        "cpu µs/req",
-        "errors",
-        "other procs"
-    );
-    for s in summaries {
-        println!(
-            "{:<20} {:>10} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>11} {:>7} {:>14}",
-            s.name,
-            s.stats.sorted_ns.len(),
-            s.stats.rps(),
-            s.stats.percentile_ms(0.50),
-            s.stats.percentile_ms(0.99),
-            s.stats.max_ms(),
-            s.cpu_us_per_req()
-                .map_or_else(|| "n/a".to_owned(), |c| format!("{c:.1}")),
-            s.errors.total(),
-            s.elsewhere
-                .map_or_else(|| "n/a".to_owned(), |c| format!("{c:.2} cores"))
-        );
-    }
 }
 
 /// The gateway against the bare forwarder. Each figure is the median over rounds of the
@@ -1252,52 +854,4 @@ fn compare(gw: &Summary, bare: &Summary, judge_throughput: bool) {
         pooled_p99,
         p50_delta
     );
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-/// User plus system CPU time of this process (Linux; `None` elsewhere).
-fn process_cpu() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command name (which may hold spaces) start at field 3 (`state`);
-    // `utime` and `stime` are fields 14 and 15, in clock ticks (USER_HZ, 100 on Linux).
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(Duration::from_millis((utime + stime) * 10))
-}
-
-/// CPU time all processes together ran since boot (Linux; `None` elsewhere): `user`, `nice`
-/// and `system` of the `cpu` line of `/proc/stat`, in USER_HZ ticks (100 per second).
-/// Interrupt and softirq time are left out: loopback TCP is mostly processed there, on
-/// behalf of this process, without being charged to it.
-fn machine_busy() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
-    let ticks = line
-        .split_whitespace()
-        .skip(1)
-        .take(3)
-        .map(|t| t.parse::<u64>().ok())
-        .sum::<Option<u64>>()?;
-    Some(Duration::from_millis(ticks * 10))
-}
-
-fn load_average() -> Option<String> {
-    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
-    Some(
-        text.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" "),
-    )
 }
