@@ -74,8 +74,6 @@ const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(30);
 const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(2);
 const DEFAULT_LAST_USED_INTERVAL: Duration = Duration::from_secs(1);
 const DEFAULT_CACHE_CAPACITY: usize = 100_000;
-/// How long `build` waits for the listener before starting with the cache off.
-const LISTENER_START_WAIT: Duration = Duration::from_secs(2);
 /// Keys per last-used statement.
 const LAST_USED_CHUNK: usize = 5_000;
 
@@ -216,14 +214,16 @@ impl PostgresKeyStoreBuilder {
         let listener = match self.listen {
             Some(config) => {
                 let handler: Arc<dyn NotificationHandler> = cache.clone();
-                let listener =
-                    Listener::spawn(config, KEYS_CHANNEL, handler, self.listener_options)?;
-                if !listener.wait_live(LISTENER_START_WAIT).await {
-                    tracing::warn!(
-                        "key store listener not live yet: lookups read the database until it is"
-                    );
-                }
-                Some(listener)
+                Some(
+                    Listener::start(
+                        config,
+                        KEYS_CHANNEL,
+                        handler,
+                        self.listener_options,
+                        "key store",
+                    )
+                    .await?,
+                )
             }
             None => None,
         };

@@ -97,6 +97,9 @@ impl fmt::Debug for Listener {
     }
 }
 
+/// How long [`Listener::start`] waits for the first heartbeat.
+pub const START_WAIT: Duration = Duration::from_secs(2);
+
 impl Drop for Listener {
     fn drop(&mut self) {
         self.task.abort();
@@ -132,6 +135,26 @@ impl Listener {
             task,
             channel: channel.to_owned(),
         })
+    }
+
+    /// [`spawn`](Self::spawn), then waits up to [`START_WAIT`] for the first heartbeat. A
+    /// listener not live yet is still returned (caches it feeds stay unused until it is),
+    /// with a warning naming `what` it serves.
+    pub async fn start(
+        config: tokio_postgres::Config,
+        channel: &str,
+        handler: Arc<dyn NotificationHandler>,
+        options: ListenerOptions,
+        what: &str,
+    ) -> Result<Listener, BackendError> {
+        let listener = Listener::spawn(config, channel, handler, options)?;
+        if !listener.wait_live(START_WAIT).await {
+            tracing::warn!(
+                channel,
+                "{what} listener not live yet: the database is read until it is"
+            );
+        }
+        Ok(listener)
     }
 
     /// Whether caches fed by this listener may be trusted right now.

@@ -59,7 +59,6 @@ pub const MIGRATION_SET: &str = "upstream_sign";
 const NONCE_LEN: usize = 24;
 const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(30);
 const DEFAULT_CACHE_CAPACITY: usize = 100_000;
-const LISTENER_START_WAIT: Duration = Duration::from_secs(2);
 
 const SESSION_SQL: &str =
     "SELECT status, session_ciphertext, session_nonce FROM tollgate_models WHERE id = $1";
@@ -159,14 +158,16 @@ impl PostgresSessionStoreBuilder {
         let listener = match self.listen {
             Some(config) => {
                 let handler: Arc<dyn NotificationHandler> = cache.clone();
-                let listener =
-                    Listener::spawn(config, MODELS_CHANNEL, handler, self.listener_options)?;
-                if !listener.wait_live(LISTENER_START_WAIT).await {
-                    tracing::warn!(
-                        "session store listener not live yet: sessions are read from the table until it is"
-                    );
-                }
-                Some(listener)
+                Some(
+                    Listener::start(
+                        config,
+                        MODELS_CHANNEL,
+                        handler,
+                        self.listener_options,
+                        "session store",
+                    )
+                    .await?,
+                )
             }
             None => None,
         };
