@@ -108,12 +108,12 @@ async fn redis(
     };
     // Start even while Redis is down: the failover store decides locally (or answers 503)
     // until it is back.
-    // The failover bounds each call itself (one 250 ms timeout while Redis answers nobody,
+    // The failover bounds each call itself (one DEFAULT_FAILOVER_TIMEOUT while Redis answers nobody,
     // up to MAX_QUEUED_WAIT while it answers others), so the store's own bound must not cut
     // a queued call short first.
     let redis = RedisWindowStore::open(url)?
         .with_timeout(tollgate_sliding_window::MAX_QUEUED_WAIT + Duration::from_millis(100));
-    if let Err(e) = redis.ping().await {
+    if let Err(e) = redis.warm_up().await {
         tracing::warn!(error = %e, mode = ?mode, "Redis is not reachable at start; rate limits fail {}", match mode { FailureMode::Open => "open to the local limiter", FailureMode::Closed => "closed (503)" });
     }
     // While Redis is down and the mode is open, this replica decides alone.
