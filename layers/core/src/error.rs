@@ -178,6 +178,15 @@ struct RejectionBody<'a> {
 }
 
 impl Rejection {
+    /// 503 `SERVICE_UNAVAILABLE` for a successful response that is withheld because its
+    /// charge could not be recorded: nothing was billed and the client should retry.
+    pub fn charge_unrecorded() -> Self {
+        Rejection::new(ErrorCode::ServiceUnavailable).with_message(
+            "The charge for this request could not be recorded, so its response was withheld \
+             and nothing was billed. Retry the request.",
+        )
+    }
+
     /// A rejection with the code's status and default message.
     pub fn new(code: ErrorCode) -> Self {
         Self {

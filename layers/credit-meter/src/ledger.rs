@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
 use tollgate_core::time::rfc3339_from_ms;
@@ -49,6 +50,36 @@ pub enum HoldOutcome {
     },
     /// The org was never subscribed or has cancelled.
     NoSubscription,
+}
+
+/// What [`Ledger::commit`] did with a hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// The hold was charged.
+    Charged {
+        /// Credits taken from the balance: the hold's amount, or what was left when support
+        /// lowered the balance while the hold was open; 0 on an unlimited plan.
+        charged: u64,
+        /// The balance after the charge; `None` on an unlimited plan.
+        balance: Option<u64>,
+    },
+    /// The hold had expired and been released by the sweeper, and the credits it held are no
+    /// longer available: nothing was charged.
+    Expired,
+    /// No such hold (never made, or already settled): nothing was charged.
+    Unknown,
+}
+
+/// What [`Ledger::release`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseOutcome {
+    /// The hold was open: its credits are available again.
+    Released,
+    /// The hold had already expired and been released by the sweeper.
+    Swept,
+    /// No such hold: it was committed or released before (or never made). After a commit
+    /// whose answer was lost, this means the commit was applied.
+    Gone,
 }
 
 /// An org's credit account.
@@ -167,20 +198,34 @@ pub trait Ledger: Send + Sync + 'static {
         request_id: Option<RequestId>,
     ) -> BoxFuture<Result<HoldOutcome, BackendError>>;
 
-    /// Charges a hold (plan credits first, then top-ups). Returns the balance after the
-    /// charge, `None` on an unlimited plan. Committing an unknown or already settled hold
-    /// charges nothing and fails.
-    fn commit(&self, hold: Hold) -> BoxFuture<Result<Option<u64>, BackendError>>;
+    /// Charges a hold (plan credits first, then top-ups) and says what was taken.
+    /// Committing an unknown or already settled hold charges nothing
+    /// ([`CommitOutcome::Unknown`]). An `Err` means the outcome is not known (the ledger
+    /// failed or its answer was lost): [`release`](Ledger::release) the hold to settle it
+    /// either way — it answers [`ReleaseOutcome::Gone`] if the commit was applied after all.
+    fn commit(&self, hold: Hold) -> BoxFuture<Result<CommitOutcome, BackendError>>;
 
-    /// Gives a hold's credits back without charging. Releasing twice is harmless.
-    fn release(&self, hold: Hold) -> BoxFuture<Result<(), BackendError>>;
+    /// Gives a hold's credits back without charging, and says whether the hold was still
+    /// open. Releasing twice is harmless.
+    fn release(&self, hold: Hold) -> BoxFuture<Result<ReleaseOutcome, BackendError>>;
 
     /// Releases without waiting (for `Drop`): in-memory ledgers release at once, remote ones
-    /// queue the release; holds also expire on their own ([`Ledger::sweep_expired_holds`]).
+    /// queue the release and retry it until it lands; holds also expire on their own
+    /// ([`Ledger::sweep_expired_holds`]).
     fn release_detached(&self, hold: Hold);
 
+    /// Pushes the expiry of each of `holds` that is still open to one hold TTL from now:
+    /// what keeps the holds of requests still in flight from being swept, however long they
+    /// take. Returns how many were still open.
+    fn extend_holds(&self, holds: Vec<Hold>) -> BoxFuture<Result<usize, BackendError>>;
+
+    /// How long a hold that nobody extends stays open before the sweeper releases it.
+    fn hold_ttl(&self) -> Duration;
+
     /// Subscribes `org` to `plan` or changes its plan: a new period starts now, plan credits
-    /// become the plan's monthly credits, top-ups are kept.
+    /// become the plan's monthly credits, top-ups are kept. Subscribing an org to the plan it
+    /// is already on changes nothing (no new period, no ledger row), so a retried
+    /// subscription is safe.
     fn subscribe(&self, org: OrgId, plan: Plan) -> BoxFuture<Result<Account, BackendError>>;
 
     /// Cancels the subscription (plan credits are dropped, top-ups kept). `false` when the org
@@ -225,16 +270,24 @@ impl<T: Ledger + ?Sized> Ledger for Arc<T> {
         (**self).hold(org, amount, request_id)
     }
 
-    fn commit(&self, hold: Hold) -> BoxFuture<Result<Option<u64>, BackendError>> {
+    fn commit(&self, hold: Hold) -> BoxFuture<Result<CommitOutcome, BackendError>> {
         (**self).commit(hold)
     }
 
-    fn release(&self, hold: Hold) -> BoxFuture<Result<(), BackendError>> {
+    fn release(&self, hold: Hold) -> BoxFuture<Result<ReleaseOutcome, BackendError>> {
         (**self).release(hold)
     }
 
     fn release_detached(&self, hold: Hold) {
         (**self).release_detached(hold)
+    }
+
+    fn extend_holds(&self, holds: Vec<Hold>) -> BoxFuture<Result<usize, BackendError>> {
+        (**self).extend_holds(holds)
+    }
+
+    fn hold_ttl(&self) -> Duration {
+        (**self).hold_ttl()
     }
 
     fn subscribe(&self, org: OrgId, plan: Plan) -> BoxFuture<Result<Account, BackendError>> {

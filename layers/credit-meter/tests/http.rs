@@ -587,16 +587,29 @@ impl Ledger for DownLedger {
     fn commit(
         &self,
         _: tollgate_credit_meter::Hold,
-    ) -> tollgate_core::BoxFuture<Result<Option<u64>, tollgate_core::BackendError>> {
+    ) -> tollgate_core::BoxFuture<
+        Result<tollgate_credit_meter::CommitOutcome, tollgate_core::BackendError>,
+    > {
         Box::pin(async { Err(down()) })
     }
     fn release(
         &self,
         _: tollgate_credit_meter::Hold,
-    ) -> tollgate_core::BoxFuture<Result<(), tollgate_core::BackendError>> {
+    ) -> tollgate_core::BoxFuture<
+        Result<tollgate_credit_meter::ReleaseOutcome, tollgate_core::BackendError>,
+    > {
         Box::pin(async { Err(down()) })
     }
     fn release_detached(&self, _: tollgate_credit_meter::Hold) {}
+    fn extend_holds(
+        &self,
+        _: Vec<tollgate_credit_meter::Hold>,
+    ) -> tollgate_core::BoxFuture<Result<usize, tollgate_core::BackendError>> {
+        Box::pin(async { Err(down()) })
+    }
+    fn hold_ttl(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(300)
+    }
     fn subscribe(
         &self,
         _: tollgate_core::OrgId,

@@ -63,6 +63,8 @@ memory_suite!(
     a_swept_hold_is_forgotten_after_another_ttl,
     a_released_swept_hold_cannot_be_charged_later,
     the_periodic_job_renews_and_sweeps_without_requests,
+    subscribing_again_to_the_same_plan_changes_nothing,
+    extended_holds_are_not_swept,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

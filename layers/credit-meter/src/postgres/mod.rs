@@ -17,9 +17,23 @@
 //! - `commit` deletes the hold row and charges it (plan credits first, then top-ups) under
 //!   the account row's lock, appending the charge row, and returns the balance after.
 //! - `release` deletes the hold row and gives its amount back.
+//! - `extend_holds` pushes the expiry of the open holds of requests still in flight (one
+//!   statement for any number of holds).
 //!
 //! Operations of one org are ordered by the lock on its account row, exactly like the
-//! per-org mutex of [`MemoryLedger`](crate::MemoryLedger); different orgs never contend. The
+//! per-org mutex of [`MemoryLedger`](crate::MemoryLedger); different orgs never contend.
+//!
+//! **One slow tenant cannot starve the others.** While an org's account row is locked (a
+//! long transaction, a struggling server), its statements wait on that lock. At most
+//! [`with_org_concurrency`](PostgresLedger::with_org_concurrency) holds and as many
+//! settlements of one org (default [`DEFAULT_ORG_CONCURRENCY`] each) take pooled connections
+//! at a time; the rest wait without a connection and give up as unavailable after a while. Give the
+//! request path a pool of its own with a short `statement_timeout`
+//! ([`PoolOptions::with_statement_timeout`](tollgate_postgres::PoolOptions)) so a blocked
+//! statement fails (and is rolled back) instead of waiting, and put the administrative
+//! operations and the periodic jobs on another ([`with_admin_pool`](PostgresLedger::with_admin_pool)).
+//!
+//! The
 //! two ledgers behave the same (one behaviour suite runs against both), including the
 //! handling of expired holds: a hold older than the TTL is released by
 //! [`sweep_expired_holds`](Ledger::sweep_expired_holds) (holds of a crashed replica), and a
@@ -29,8 +43,9 @@
 //! drive renewals and expiry; all replicas should run NTP.
 //!
 //! [`release_detached`](Ledger::release_detached) (called from `Drop`) never waits: it
-//! queues the release for a background task over a bounded channel; when the queue is full the
-//! hold is left to the sweeper and counted ([`PostgresLedger::detached_releases_dropped`]).
+//! queues the release for a background task over a bounded channel, which retries a failed
+//! release with back-off; when the queue is full the hold is left to the sweeper and counted
+//! ([`PostgresLedger::detached_releases_dropped`]).
 //! [`open_holds`](Ledger::open_holds) is a cached gauge: the number of open holds in the
 //! database as of the last sweep (or [`refresh_open_holds`](PostgresLedger::refresh_open_holds)),
 //! adjusted by this instance's own holds since.
@@ -42,92 +57,41 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use tokio::sync::mpsc;
-use tokio_postgres::types::FromSql;
-use tokio_postgres::Row;
 use tollgate_core::{BackendError, BoxFuture, Clock, OrgId, Plan, RequestId, SharedClock};
 use tollgate_postgres::to_backend_error;
 
 use crate::ledger::{
-    Account, EntryKind, Hold, HoldId, HoldOutcome, Ledger, LedgerEntry, MAX_CREDITS,
+    Account, CommitOutcome, Hold, HoldId, HoldOutcome, Ledger, LedgerEntry, ReleaseOutcome,
+    MAX_CREDITS,
 };
+
+mod gate;
+mod releaser;
+mod sql;
+
+use gate::{Lane, OrgGate};
+use sql::*;
 
 mod embedded {
     refinery::embed_migrations!("migrations");
 }
 
-/// The default hold TTL: 5 minutes (as the memory ledger's), well above the default upstream
-/// timeout (30 s).
+/// The default hold TTL: 5 minutes (as the memory ledger's). Holds of requests in flight are
+/// extended by the meter, so the TTL only bounds how long the holds of a crashed replica keep
+/// their credits.
 const DEFAULT_TTL: Duration = Duration::from_secs(5 * 60);
 
 /// Releases queued by [`Ledger::release_detached`] before further ones are left to the
 /// sweeper.
 pub const DEFAULT_RELEASE_QUEUE: usize = 1_024;
 
-/// Expired holds released per sweep statement (a sweep runs statements until done).
-const SWEEP_BATCH: i64 = 10_000;
+/// Holds, and separately settlements (commits and releases), of one org that may hold pooled
+/// connections at once (see [`PostgresLedger::with_org_concurrency`]).
+pub const DEFAULT_ORG_CONCURRENCY: usize = 4;
 
-/// First key of the advisory lock a sweep holds ("tgsw"), so replicas sweep one at a time.
-/// The second key is the schema's hash.
-const SWEEP_LOCK_KEY: i32 = 0x7467_7377;
-
-/// A period end meaning "no next period" (the end of the calendar); `u64::MAX` in Rust.
-const NO_NEXT_PERIOD: i64 = i64::MAX;
-
-const HOLD: &str = "SELECT outcome, hold_id, available \
-                    FROM tollgate_credit_hold($1, $2, $3, $4, $5)";
-const COMMIT: &str = "SELECT outcome, balance, note FROM tollgate_credit_commit($1, $2, $3)";
-const RELEASE: &str = "\
-    WITH released AS ( \
-        DELETE FROM tollgate_credit_holds WHERE id = $1 AND org = $2 \
-        RETURNING org, amount, forget_at_ms \
-    ) \
-    UPDATE tollgate_credit_accounts a \
-       SET held = greatest(a.held - r.amount, 0) \
-      FROM released r \
-     WHERE a.org = r.org AND r.forget_at_ms IS NULL \
-    RETURNING a.org";
-const SUBSCRIBE: &str = "SELECT * FROM tollgate_credit_subscribe($1, $2, $3, $4)";
-const CANCEL: &str = "SELECT tollgate_credit_cancel($1, $2)";
-const TOP_UP: &str = "SELECT * FROM tollgate_credit_top_up($1, $2, $3)";
-const SET_BALANCE: &str = "SELECT * FROM tollgate_credit_set_balance($1, $2, $3)";
-const ACCOUNT: &str = "SELECT * FROM tollgate_credit_account($1, $2)";
-const ENTRIES: &str = "\
-    SELECT at_ms, kind, delta_plan, delta_topup, balance_after, request_id \
-      FROM tollgate_credit_ledger WHERE org = $1 ORDER BY id";
-const DUE: &str = "\
-    SELECT org FROM tollgate_credit_accounts \
-     WHERE plan IS NOT NULL AND period_end_ms <= $1 AND period_end_ms <> $2 \
-     ORDER BY org LIMIT $3";
-const RENEW: &str = "SELECT tollgate_credit_renew($1, $2)";
-// One sweeper at a time (an advisory lock for the statement's transaction): two sweeps
-// updating the same accounts in different orders could deadlock. Holds being settled right
-// now are skipped (they are not stuck). `open` is counted in the statement's snapshot, before
-// the sweep.
-const SWEEP: &str = "\
-    WITH sweeper AS ( \
-        SELECT pg_try_advisory_xact_lock($3, hashtext(coalesce(current_schema(), ''))) AS got \
-    ), expired AS ( \
-        SELECT id FROM tollgate_credit_holds \
-         WHERE forget_at_ms IS NULL AND expires_at_ms <= $1 AND (SELECT got FROM sweeper) \
-         ORDER BY id LIMIT $4 \
-         FOR UPDATE SKIP LOCKED \
-    ), swept AS ( \
-        UPDATE tollgate_credit_holds h SET forget_at_ms = $2 \
-          FROM expired e WHERE h.id = e.id \
-        RETURNING h.org, h.amount \
-    ), per_org AS ( \
-        SELECT org, sum(amount) AS amount FROM swept GROUP BY org \
-    ), released AS ( \
-        UPDATE tollgate_credit_accounts a \
-           SET held = greatest(a.held - p.amount, 0) \
-          FROM per_org p WHERE a.org = p.org \
-    ), forgotten AS ( \
-        DELETE FROM tollgate_credit_holds \
-         WHERE forget_at_ms IS NOT NULL AND forget_at_ms <= $1 AND (SELECT got FROM sweeper) \
-    ) \
-    SELECT (SELECT count(*) FROM swept) AS swept, \
-           (SELECT count(*) FROM tollgate_credit_holds WHERE forget_at_ms IS NULL) AS open";
-const OPEN_HOLDS: &str = "SELECT count(*) FROM tollgate_credit_holds WHERE forget_at_ms IS NULL";
+/// How long a statement waits for one of its org's permits before giving up as unavailable:
+/// long enough for a legitimate burst of one org to drain through its permits.
+const DEFAULT_ORG_WAIT: Duration = Duration::from_secs(10);
 
 /// The [`Ledger`] in PostgreSQL. Cheap to share with `Arc`; several instances (replicas,
 /// each with its own pool) may use the same database at once.
@@ -151,7 +115,11 @@ const OPEN_HOLDS: &str = "SELECT count(*) FROM tollgate_credit_holds WHERE forge
 /// # }
 /// ```
 pub struct PostgresLedger {
+    /// The request path: holds, commits, releases, extensions, account reads.
     pool: Pool,
+    /// Administration and the periodic jobs (the request pool unless given another).
+    admin_pool: Pool,
+    gate: Arc<OrgGate>,
     clock: SharedClock,
     hold_ttl_ms: u64,
     release_queue: usize,
@@ -172,7 +140,9 @@ impl PostgresLedger {
     /// an unreachable server shows up as [`BackendError::unavailable`] on use.
     pub fn new(pool: Pool, clock: impl Clock) -> Self {
         PostgresLedger {
+            admin_pool: pool.clone(),
             pool,
+            gate: Arc::new(OrgGate::new(DEFAULT_ORG_CONCURRENCY, DEFAULT_ORG_WAIT)),
             clock: Arc::new(clock),
             hold_ttl_ms: u64::try_from(DEFAULT_TTL.as_millis()).unwrap_or(u64::MAX),
             release_queue: DEFAULT_RELEASE_QUEUE,
@@ -200,11 +170,31 @@ impl PostgresLedger {
             .await
     }
 
-    /// How long a hold may stay open before the sweeper releases it. Keep it longer than the
-    /// slowest response (upstream timeout plus body) so live requests are never swept. Every
-    /// replica should use the same value.
+    /// How long a hold nobody [extends](Ledger::extend_holds) stays open before the sweeper
+    /// releases it: how long the holds of a crashed replica keep their credits. Every replica
+    /// should use the same value.
     pub fn with_hold_ttl(mut self, ttl: Duration) -> Self {
         self.hold_ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        self
+    }
+
+    /// Runs the administrative operations (subscribe, cancel, top-up, adjustments, the
+    /// ledger rows) and the periodic jobs (renewals, the sweeper) on `pool` instead of the
+    /// request path's pool, so neither can take connections from the other. `pool` must reach
+    /// the same database and schema.
+    pub fn with_admin_pool(mut self, pool: Pool) -> Self {
+        self.admin_pool = pool;
+        self
+    }
+
+    /// At most `permits` holds, and separately `permits` settlements (commits and releases),
+    /// of one org use pooled connections at once (default [`DEFAULT_ORG_CONCURRENCY`], at
+    /// least 1; the default wait is 10 s); more wait without a connection, for up to `wait`,
+    /// then fail as unavailable. An org whose account row is slow then keeps at most
+    /// `2 × permits` connections busy, however many requests it sends; settlements never
+    /// queue behind new holds.
+    pub fn with_org_concurrency(mut self, permits: usize, wait: Duration) -> Self {
+        self.gate = Arc::new(OrgGate::new(permits, wait));
         self
     }
 
@@ -220,7 +210,7 @@ impl PostgresLedger {
         Duration::from_millis(self.hold_ttl_ms)
     }
 
-    /// The pool the ledger uses.
+    /// The pool of the request path.
     pub fn pool(&self) -> &Pool {
         &self.pool
     }
@@ -234,7 +224,7 @@ impl PostgresLedger {
     /// Counts the open holds in the database (of every replica) for the
     /// [`open_holds`](Ledger::open_holds) gauge. Sweeps refresh it too.
     pub async fn refresh_open_holds(&self) -> Result<u64, BackendError> {
-        let client = self.pool.get().await.map_err(to_backend_error)?;
+        let client = self.admin_pool.get().await.map_err(to_backend_error)?;
         let stmt = client
             .prepare_cached(OPEN_HOLDS)
             .await
@@ -260,135 +250,15 @@ impl PostgresLedger {
         let runtime = tokio::runtime::Handle::try_current().ok()?;
         Some(self.releases.get_or_init(|| {
             let (tx, rx) = mpsc::channel(self.release_queue);
-            runtime.spawn(release_worker(
+            runtime.spawn(releaser::release_worker(
                 self.pool.clone(),
                 Arc::clone(&self.open_holds),
+                self.hold_ttl(),
                 rx,
             ));
             tx
         }))
     }
-}
-
-/// Releases queued holds one by one until the ledger is dropped and the queue is drained.
-async fn release_worker(pool: Pool, open_holds: Arc<AtomicI64>, mut rx: mpsc::Receiver<Hold>) {
-    while let Some(hold) = rx.recv().await {
-        match release(&pool, &hold).await {
-            Ok(true) => {
-                open_holds.fetch_sub(1, Ordering::Relaxed);
-            }
-            Ok(false) => {}
-            Err(err) => tracing::warn!(
-                org = %hold.org,
-                hold = %hold.id,
-                error = %err,
-                "could not release a credit hold; the sweeper will release it after its TTL"
-            ),
-        }
-    }
-}
-
-/// Releases one hold; `true` when it was open (not yet settled or swept).
-async fn release(pool: &Pool, hold: &Hold) -> Result<bool, BackendError> {
-    let Ok(id) = i64::try_from(hold.id.0) else {
-        return Ok(false); // never issued by this ledger
-    };
-    let client = pool.get().await.map_err(to_backend_error)?;
-    let stmt = client
-        .prepare_cached(RELEASE)
-        .await
-        .map_err(to_backend_error)?;
-    let rows = client
-        .query(&stmt, &[&id, hold.org.as_uuid()])
-        .await
-        .map_err(to_backend_error)?;
-    Ok(!rows.is_empty())
-}
-
-/// A `u64` time or amount as a PostgreSQL `bigint`, saturating.
-fn to_sql(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-/// A non-negative `bigint` column as `u64`.
-fn from_sql(value: i64) -> u64 {
-    u64::try_from(value).unwrap_or(0)
-}
-
-fn col<'a, T: FromSql<'a>>(
-    row: &'a Row,
-    idx: impl tokio_postgres::row::RowIndex + fmt::Display,
-) -> Result<T, BackendError> {
-    row.try_get(idx).map_err(BackendError::other)
-}
-
-fn account_from_row(row: &Row) -> Result<Account, BackendError> {
-    let plan: Option<String> = col(row, "plan")?;
-    let plan = plan
-        .map(|name| name.parse::<Plan>())
-        .transpose()
-        .map_err(BackendError::other)?;
-    let period_end: i64 = col(row, "period_end_ms")?;
-    Ok(Account {
-        org: OrgId::from_uuid(col(row, "org")?),
-        plan,
-        plan_credits: from_sql(col(row, "plan_credits")?),
-        topup_credits: from_sql(col(row, "topup_credits")?),
-        held: from_sql(col(row, "held")?),
-        period_start_ms: from_sql(col(row, "period_start_ms")?),
-        period_end_ms: if period_end == NO_NEXT_PERIOD {
-            u64::MAX
-        } else {
-            from_sql(period_end)
-        },
-    })
-}
-
-fn entry_kind(kind: &str) -> Result<EntryKind, BackendError> {
-    Ok(match kind {
-        "charge" => EntryKind::Charge,
-        "top_up" => EntryKind::TopUp,
-        "renewal" => EntryKind::Renewal,
-        "plan_change" => EntryKind::PlanChange,
-        "adjustment" => EntryKind::Adjustment,
-        "cancel" => EntryKind::Cancel,
-        other => {
-            return Err(BackendError::other(format!(
-                "unknown ledger row kind {other:?}"
-            )))
-        }
-    })
-}
-
-fn out_of_range(what: &str, value: u64) -> BackendError {
-    BackendError::other(format!(
-        "{what} {value} is out of range: balances are limited to {MAX_CREDITS} credits"
-    ))
-}
-
-/// Runs one statement returning at most one row.
-async fn query_opt(
-    pool: &Pool,
-    sql: &str,
-    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-) -> Result<Option<Row>, BackendError> {
-    let client = pool.get().await.map_err(to_backend_error)?;
-    let stmt = client.prepare_cached(sql).await.map_err(to_backend_error)?;
-    client
-        .query_opt(&stmt, params)
-        .await
-        .map_err(to_backend_error)
-}
-
-/// Runs one statement returning exactly one row.
-async fn query_one(
-    pool: &Pool,
-    sql: &str,
-    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-) -> Result<Row, BackendError> {
-    query_opt(pool, sql, params)
-        .await?
-        .ok_or_else(|| BackendError::other("the ledger statement returned no row"))
 }
 
 impl fmt::Debug for PostgresLedger {
@@ -413,10 +283,12 @@ impl Ledger for PostgresLedger {
         request_id: Option<RequestId>,
     ) -> BoxFuture<Result<HoldOutcome, BackendError>> {
         let pool = self.pool.clone();
+        let gate = Arc::clone(&self.gate);
         let now = self.now();
         let expires_at = to_sql(self.clock.now_ms().saturating_add(self.hold_ttl_ms));
         let open_holds = Arc::clone(&self.open_holds);
         Box::pin(async move {
+            let _permit = gate.enter(org, Lane::Hold).await?;
             if amount > MAX_CREDITS {
                 // More than any balance can hold: only the reason for refusing is needed.
                 let Some(row) = query_opt(&pool, ACCOUNT, &[org.as_uuid(), &now]).await? else {
@@ -463,23 +335,20 @@ impl Ledger for PostgresLedger {
         })
     }
 
-    fn commit(&self, hold: Hold) -> BoxFuture<Result<Option<u64>, BackendError>> {
+    fn commit(&self, hold: Hold) -> BoxFuture<Result<CommitOutcome, BackendError>> {
         let pool = self.pool.clone();
+        let gate = Arc::clone(&self.gate);
         let now = self.now();
         let open_holds = Arc::clone(&self.open_holds);
         Box::pin(async move {
-            let unknown = || {
-                BackendError::other(format!(
-                    "hold {} of org {} is unknown or already settled; nothing was charged",
-                    hold.id, hold.org
-                ))
-            };
             let Ok(id) = i64::try_from(hold.id.0) else {
-                return Err(unknown());
+                return Ok(CommitOutcome::Unknown); // never issued by this ledger
             };
+            let _permit = gate.enter(hold.org, Lane::Settle).await?;
             let row = query_one(&pool, COMMIT, &[hold.org.as_uuid(), &id, &now]).await?;
             let outcome: &str = col(&row, 0)?;
             let note: Option<&str> = col(&row, 2)?;
+            let charged: i64 = col(&row, 3)?;
             // An open hold was settled here (a swept one left the gauge when it was swept).
             if matches!(outcome, "charged" | "unlimited") && note != Some("swept") {
                 open_holds.fetch_sub(1, Ordering::Relaxed);
@@ -492,6 +361,7 @@ impl Ledger for PostgresLedger {
                             org = %hold.org,
                             hold = %hold.id,
                             amount = hold.amount,
+                            charged,
                             balance,
                             "the balance was lowered while the hold was open; charged what was left"
                         ),
@@ -502,15 +372,17 @@ impl Ledger for PostgresLedger {
                         ),
                         _ => {}
                     }
-                    Ok(Some(from_sql(balance)))
+                    Ok(CommitOutcome::Charged {
+                        charged: from_sql(charged),
+                        balance: Some(from_sql(balance)),
+                    })
                 }
-                "unlimited" => Ok(None),
-                "expired" => Err(BackendError::other(format!(
-                    "hold {} of org {} expired and was released, and the {} credits it held \
-                     are no longer available; nothing was charged",
-                    hold.id, hold.org, hold.amount
-                ))),
-                "unknown" => Err(unknown()),
+                "unlimited" => Ok(CommitOutcome::Charged {
+                    charged: 0,
+                    balance: None,
+                }),
+                "expired" => Ok(CommitOutcome::Expired),
+                "unknown" => Ok(CommitOutcome::Unknown),
                 other => Err(BackendError::other(format!(
                     "unexpected commit outcome {other:?}"
                 ))),
@@ -518,15 +390,46 @@ impl Ledger for PostgresLedger {
         })
     }
 
-    fn release(&self, hold: Hold) -> BoxFuture<Result<(), BackendError>> {
+    fn release(&self, hold: Hold) -> BoxFuture<Result<ReleaseOutcome, BackendError>> {
         let pool = self.pool.clone();
+        let gate = Arc::clone(&self.gate);
         let open_holds = Arc::clone(&self.open_holds);
         Box::pin(async move {
-            if release(&pool, &hold).await? {
+            let _permit = gate.enter(hold.org, Lane::Settle).await?;
+            let outcome = releaser::release(&pool, &hold).await?;
+            if outcome == ReleaseOutcome::Released {
                 open_holds.fetch_sub(1, Ordering::Relaxed);
             }
-            Ok(())
+            Ok(outcome)
         })
+    }
+
+    fn extend_holds(&self, holds: Vec<Hold>) -> BoxFuture<Result<usize, BackendError>> {
+        let pool = self.pool.clone();
+        let expires_at = to_sql(self.clock.now_ms().saturating_add(self.hold_ttl_ms));
+        Box::pin(async move {
+            let ids: Vec<i64> = holds
+                .iter()
+                .filter_map(|h| i64::try_from(h.id.0).ok())
+                .collect();
+            if ids.is_empty() {
+                return Ok(0);
+            }
+            let client = pool.get().await.map_err(to_backend_error)?;
+            let stmt = client
+                .prepare_cached(EXTEND)
+                .await
+                .map_err(to_backend_error)?;
+            let n = client
+                .execute(&stmt, &[&expires_at, &ids])
+                .await
+                .map_err(to_backend_error)?;
+            Ok(usize::try_from(n).unwrap_or(usize::MAX))
+        })
+    }
+
+    fn hold_ttl(&self) -> Duration {
+        PostgresLedger::hold_ttl(self)
     }
 
     fn release_detached(&self, hold: Hold) {
@@ -549,7 +452,7 @@ impl Ledger for PostgresLedger {
     }
 
     fn subscribe(&self, org: OrgId, plan: Plan) -> BoxFuture<Result<Account, BackendError>> {
-        let pool = self.pool.clone();
+        let pool = self.admin_pool.clone();
         let now = self.now();
         Box::pin(async move {
             let monthly = plan.monthly_credits().map(to_sql);
@@ -564,7 +467,7 @@ impl Ledger for PostgresLedger {
     }
 
     fn cancel(&self, org: OrgId) -> BoxFuture<Result<bool, BackendError>> {
-        let pool = self.pool.clone();
+        let pool = self.admin_pool.clone();
         let now = self.now();
         Box::pin(async move {
             let row = query_one(&pool, CANCEL, &[org.as_uuid(), &now]).await?;
@@ -573,7 +476,7 @@ impl Ledger for PostgresLedger {
     }
 
     fn top_up(&self, org: OrgId, amount: u64) -> BoxFuture<Result<Option<Account>, BackendError>> {
-        let pool = self.pool.clone();
+        let pool = self.admin_pool.clone();
         let now = self.now();
         Box::pin(async move {
             if amount > MAX_CREDITS {
@@ -593,7 +496,7 @@ impl Ledger for PostgresLedger {
         org: OrgId,
         balance: u64,
     ) -> BoxFuture<Result<Option<Account>, BackendError>> {
-        let pool = self.pool.clone();
+        let pool = self.admin_pool.clone();
         let now = self.now();
         Box::pin(async move {
             if balance > MAX_CREDITS {
@@ -615,7 +518,7 @@ impl Ledger for PostgresLedger {
     }
 
     fn entries(&self, org: OrgId) -> BoxFuture<Result<Vec<LedgerEntry>, BackendError>> {
-        let pool = self.pool.clone();
+        let pool = self.admin_pool.clone();
         Box::pin(async move {
             let client = pool.get().await.map_err(to_backend_error)?;
             let stmt = client
@@ -647,7 +550,7 @@ impl Ledger for PostgresLedger {
     }
 
     fn renew_due(&self) -> BoxFuture<Result<usize, BackendError>> {
-        let pool = self.pool.clone();
+        let pool = self.admin_pool.clone();
         let now = self.now();
         Box::pin(async move {
             // Each account renews in its own statement (and transaction), so the job never
@@ -687,7 +590,7 @@ impl Ledger for PostgresLedger {
     }
 
     fn sweep_expired_holds(&self) -> BoxFuture<Result<usize, BackendError>> {
-        let pool = self.pool.clone();
+        let pool = self.admin_pool.clone();
         let now_ms = self.clock.now_ms();
         let now = to_sql(now_ms);
         // Swept holds are remembered for one more TTL, so a late commit is charged at most
@@ -720,19 +623,4 @@ impl Ledger for PostgresLedger {
     fn open_holds(&self) -> u64 {
         u64::try_from(self.open_holds.load(Ordering::Relaxed)).unwrap_or(0)
     }
-}
-
-fn is_out_of_range(err: &BackendError) -> bool {
-    use std::error::Error as _;
-    let mut source = err.source();
-    while let Some(e) = source {
-        if let Some(db) = e
-            .downcast_ref::<tokio_postgres::Error>()
-            .and_then(tokio_postgres::Error::as_db_error)
-        {
-            return *db.code() == tokio_postgres::error::SqlState::NUMERIC_VALUE_OUT_OF_RANGE;
-        }
-        source = e.source();
-    }
-    false
 }
