@@ -297,6 +297,33 @@ async fn json_required_json_2xx_is_charged_and_yielded_as_one_frame() {
 }
 
 #[tokio::test]
+async fn json_required_2xx_over_the_buffer_cap_is_not_charged() {
+    let (_clock, ledger) = manual_ledger();
+    let org = org_with(&ledger, Plan::Basic, Some(10)).await;
+    // Used without the gateway's proxy (no body cap of its own upstream of the meter): the
+    // meter's own cap bounds what it buffers.
+    let svc = ServiceBuilder::new()
+        .layer(CreditMeterLayer::new(Arc::clone(&ledger)).with_max_buffered_body(1_000))
+        .service_fn(|_req: Req| async {
+            let chunks: Vec<Result<_, Infallible>> = (0..5)
+                .map(|_| Ok(http_body::Frame::data(Bytes::from(vec![b' '; 300]))))
+                .collect();
+            Ok::<_, Infallible>(Response::new(StreamBody::new(futures_util::stream::iter(
+                chunks,
+            ))))
+        });
+    let mut req = request(&users_me(), org, "r-1");
+    req.extensions_mut().insert(JsonBodyRequired);
+    let res = svc.oneshot(req).await.unwrap();
+    let r = receipt(&res);
+    let err = res.into_body().collect().await.err().expect("an error, not the body");
+    assert!(err.to_string().contains("larger than"), "{err}");
+    assert_eq!(r.settlement(), Some(CreditSettlement::Released));
+    assert_eq!(ledger.open_holds(), 0);
+    assert_eq!(balance(&ledger, org).await, 10);
+}
+
+#[tokio::test]
 async fn without_the_marker_a_non_json_2xx_streams_and_is_charged() {
     let (_clock, ledger) = manual_ledger();
     let org = org_with(&ledger, Plan::Basic, Some(10)).await;
