@@ -122,7 +122,5 @@ pub use remote::{InvalidSignerUrl, RemoteSigner, DEFAULT_SIGNER_TIMEOUT};
 pub use rules::{sandbox_rules, DynamicRules, RulesError, Signature, SANDBOX_RULES_JSON};
 pub use rules_signer::{RulesFileError, RulesSigner, RulesWatcher, DEFAULT_RULES_POLL_INTERVAL};
 pub use service::UpstreamSign;
-pub use session::{
-    InvalidSession, ModelRecord, ModelSession, ModelStatus, Session, SessionStore,
-};
+pub use session::{InvalidSession, ModelRecord, ModelSession, ModelStatus, Session, SessionStore};
 pub use signer::{SignError, Signer};

@@ -573,7 +573,11 @@ async fn a_stale_401_does_not_disconnect_the_reconnected_model() {
             "code": "MODEL_SESSION_EXPIRED",
         })
     );
-    assert_eq!(f.status().await, ModelStatus::Connected, "the new session stays");
+    assert_eq!(
+        f.status().await,
+        ModelStatus::Connected,
+        "the new session stays"
+    );
 
     // The next request goes out with the new session and works.
     let next = tokio::spawn(svc.oneshot(f.request(Method::GET, "http://h/api2/v2/chats")));

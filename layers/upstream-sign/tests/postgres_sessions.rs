@@ -413,8 +413,8 @@ async fn a_database_made_before_session_versions_keeps_working() {
         return;
     };
     // The schema as the first release left it, with a model in it.
-    let v1 = Migration::unapplied("V1__models", include_str!("../migrations/V1__models.sql"))
-        .unwrap();
+    let v1 =
+        Migration::unapplied("V1__models", include_str!("../migrations/V1__models.sql")).unwrap();
     tollgate_postgres::run_migrations(db.pool(), MIGRATION_SET, Runner::new(&[v1]))
         .await
         .unwrap();
@@ -434,7 +434,10 @@ async fn a_database_made_before_session_versions_keeps_working() {
 
     // The current store migrates it on start; the old row is at version 1.
     let store = replica(&db, db.new_pool(), KEY).await;
-    assert_eq!(store.list(org).await.unwrap()[0].status, ModelStatus::Connected);
+    assert_eq!(
+        store.list(org).await.unwrap()[0].status,
+        ModelStatus::Connected
+    );
     assert!(store.mark_disconnected(id, 1).await.unwrap());
     assert_eq!(
         store.model(id).await.unwrap().unwrap().status,

@@ -292,10 +292,7 @@ pub async fn concurrent_connects_and_disconnects_are_exact<S: SessionStore>(stor
         } else {
             ModelStatus::Connected
         };
-        assert_eq!(
-            read(&*store, id).await,
-            Some((session(i), expected))
-        );
+        assert_eq!(read(&*store, id).await, Some((session(i), expected)));
     }
 }
 
@@ -392,7 +389,12 @@ pub async fn stale_disconnects_racing_reconnects_never_win<S: SessionStore>(stor
     let org = OrgId::new();
     let mut models = Vec::new();
     for i in 0..16u32 {
-        models.push(store.connect(org, format!("m{i}"), session(i)).await.unwrap());
+        models.push(
+            store
+                .connect(org, format!("m{i}"), session(i))
+                .await
+                .unwrap(),
+        );
     }
     // For each model, a request that read the first session races a reconnect: whichever
     // lands first, the model ends connected with the new session.
@@ -425,4 +427,3 @@ pub async fn stale_disconnects_racing_reconnects_never_win<S: SessionStore>(stor
         .iter()
         .all(|m| m.status == ModelStatus::Connected));
 }
-
