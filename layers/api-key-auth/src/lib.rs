@@ -91,6 +91,6 @@ pub use layer::{ApiKeyAuthLayer, UnmatchedRoutes};
 #[cfg(feature = "memory")]
 pub use memory::{MemoryKeyStore, LAST_USED_RESOLUTION_MS};
 #[cfg(feature = "postgres")]
-pub use postgres::{PostgresKeyStore, PostgresKeyStoreBuilder};
+pub use postgres::{KeyCacheStats, PostgresKeyStore, PostgresKeyStoreBuilder};
 pub use service::{ApiKeyAuth, WRONG_HEADER_MESSAGE, X_API_KEY};
 pub use store::{KeyGrant, KeyInfo, KeyStatus, KeyStore, NewKey};
