@@ -12,7 +12,7 @@ use std::time::Duration;
 use tollgate_core::{ManualClock, OrgId};
 use tollgate_request_logger::{LogQuery, LogSink, MemoryLogSink};
 
-use suite::{ids, query_ids, row, Backend, DAY, NOW};
+use suite::{query_ids, row, Backend, DAY, NOW};
 
 struct Memory;
 
