@@ -17,11 +17,21 @@
 //!   [`MemoryLogSink`](crate::memory::MemoryLogSink), one org's rows only, and rows older than
 //!   the retention are never returned even before they are purged.
 //!
+//! Rows without an organization (requests nobody was authenticated for: 401s, 404s) have a
+//! daily quota ([`PostgresLogSink::with_anonymous_rows_per_day`], 10,000 by default, for
+//! all replicas together): a counter per UTC day (`tollgate_request_log_anonymous_days`) is
+//! bumped once per batch, and a day's anonymous rows past the quota are not stored. So
+//! unauthenticated traffic takes at most quota × retention days of rows, costs no count of
+//! the table, and never touches an organization's rows, which are kept whole for the
+//! retention.
+//!
 //! **Maintenance** ([`PostgresLogSink::maintain`]: partitions ahead, retention purge) runs by
 //! itself at most once an hour, in a background task started by a write, so a sink nobody
 //! purges still keeps 14 days only; the gateway's purge job may call
 //! [`purge_older_than`](LogSink::purge_older_than) as well. Replicas take turns (an advisory
 //! lock), and DDL never waits long behind readers (a lock timeout; it retries next time).
+
+mod anonymous;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -56,6 +66,9 @@ const MAINTENANCE_EVERY_MS: u64 = 60 * 60 * 1_000;
 
 /// Days after today whose partitions the maintenance creates ahead.
 pub const DEFAULT_DAYS_AHEAD: u32 = 2;
+
+/// Rows without an organization stored per UTC day by default.
+pub const DEFAULT_ANONYMOUS_ROWS_PER_DAY: u64 = 10_000;
 
 /// First key of the advisory lock a purge holds ("tglp"); the second is the schema's hash.
 const PURGE_LOCK_KEY: i32 = 0x7467_6c70;
@@ -113,6 +126,9 @@ pub struct PostgresLogSink {
     /// When the last maintenance started (clock ms); 0: never.
     last_maintenance_ms: Arc<AtomicU64>,
     maintaining: Arc<AtomicBool>,
+    anonymous_per_day: u64,
+    /// Anonymous rows not stored because their day's quota was used up.
+    anonymous_refused: Arc<AtomicU64>,
 }
 
 /// What [`PostgresLogSink::maintain`] did.
@@ -144,6 +160,8 @@ impl PostgresLogSink {
             partitions: Arc::new(Mutex::new(BTreeSet::new())),
             last_maintenance_ms: Arc::new(AtomicU64::new(0)),
             maintaining: Arc::new(AtomicBool::new(false)),
+            anonymous_per_day: DEFAULT_ANONYMOUS_ROWS_PER_DAY,
+            anonymous_refused: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -184,6 +202,20 @@ impl PostgresLogSink {
     pub fn with_auto_maintenance(mut self, enabled: bool) -> Self {
         self.auto_maintenance = enabled;
         self
+    }
+
+    /// How many rows without an organization are stored per UTC day, all replicas together
+    /// (default [`DEFAULT_ANONYMOUS_ROWS_PER_DAY`]); a day's first ones are kept. Every
+    /// replica should use the same value.
+    pub fn with_anonymous_rows_per_day(mut self, rows: u64) -> Self {
+        self.anonymous_per_day = rows;
+        self
+    }
+
+    /// Rows without an organization this instance did not store because their day's quota
+    /// was used up.
+    pub fn anonymous_rows_refused(&self) -> u64 {
+        self.anonymous_refused.load(Ordering::Relaxed)
     }
 
     /// The pool the sink uses.
@@ -429,6 +461,15 @@ async fn purge_locked(
         dropped += 1;
     }
 
+    // The anonymous quota's counters of the days gone.
+    client
+        .execute(
+            "DELETE FROM tollgate_request_log_anonymous_days WHERE day < $1",
+            &[&day_of(cutoff)],
+        )
+        .await
+        .map_err(to_backend_error)?;
+
     // The boundary day (and any partition whose drop was not possible): row by row.
     rows += client
         .execute(
@@ -630,6 +671,14 @@ impl PostgresLogSink {
             );
         }
         self.maintain_if_due();
+        let refused = anonymous::admit(&self.pool, &mut records, self.anonymous_per_day).await?;
+        if refused > 0 {
+            self.anonymous_refused.fetch_add(refused, Ordering::Relaxed);
+            tracing::debug!(
+                rows = refused,
+                "request log rows without an org over the day's quota were not stored"
+            );
+        }
         if records.is_empty() {
             return Ok(());
         }
@@ -733,6 +782,8 @@ impl PostgresLogSink {
             partitions: Arc::clone(&self.partitions),
             last_maintenance_ms: Arc::clone(&self.last_maintenance_ms),
             maintaining: Arc::clone(&self.maintaining),
+            anonymous_per_day: self.anonymous_per_day,
+            anonymous_refused: Arc::clone(&self.anonymous_refused),
         }
     }
 }
