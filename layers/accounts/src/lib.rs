@@ -73,8 +73,10 @@ pub use usage::{
     Granularity, GroupBy, UsageBatch, UsageBucket, UsageCounts, UsageKey, UsageQuery, UsageRow,
     UsageStore, DAY_MS, HOUR_MS, USAGE_RETENTION,
 };
-pub use user::{normalize_email, Role, RoleParseError, User, UserId, UserIdParseError, MAX_EMAIL_LEN};
+pub use user::{
+    normalize_email, Role, RoleParseError, User, UserId, UserIdParseError, MAX_EMAIL_LEN,
+};
 pub use users::{
-    Credentials, InviteOutcome, NewInvite, SignInGate, UserStore, INVITE_TTL,
-    MAX_SIGN_IN_FAILURES, SIGN_IN_WINDOW,
+    Credentials, InviteOutcome, NewInvite, SignInGate, UserStore, INVITE_TTL, MAX_SIGN_IN_FAILURES,
+    SIGN_IN_WINDOW,
 };

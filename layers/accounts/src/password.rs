@@ -34,10 +34,16 @@ impl fmt::Display for WeakPassword {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             WeakPassword::TooShort => {
-                write!(f, "The password must be at least {MIN_PASSWORD_CHARS} characters long.")
+                write!(
+                    f,
+                    "The password must be at least {MIN_PASSWORD_CHARS} characters long."
+                )
             }
             WeakPassword::TooLong => {
-                write!(f, "The password must be at most {MAX_PASSWORD_BYTES} bytes long.")
+                write!(
+                    f,
+                    "The password must be at most {MAX_PASSWORD_BYTES} bytes long."
+                )
             }
         }
     }
@@ -219,23 +225,41 @@ mod tests {
         assert!(!p.verify("x", Some("not a phc string")).await.unwrap());
         // A hash keeps verifying under another cost: its own parameters apply.
         let other = Passwords::with_cost(128, 2).unwrap();
-        assert!(other.verify("correct horse battery", Some(&a)).await.unwrap());
+        assert!(other
+            .verify("correct horse battery", Some(&a))
+            .await
+            .unwrap());
     }
 
     #[test]
     fn the_default_cost_is_the_recommended_one() {
         let text = format!("{:?}", Passwords::new());
-        assert!(text.contains("m_cost_kib: 19456") && text.contains("t_cost: 2"), "{text}");
-        assert!(Passwords::with_cost(1, 1).is_err(), "Argon2 needs 8 KiB at least");
+        assert!(
+            text.contains("m_cost_kib: 19456") && text.contains("t_cost: 2"),
+            "{text}"
+        );
+        assert!(
+            Passwords::with_cost(1, 1).is_err(),
+            "Argon2 needs 8 KiB at least"
+        );
     }
 
     #[test]
     fn length_rules() {
-        assert_eq!(check_new_password("elevenchars"), Err(WeakPassword::TooShort));
+        assert_eq!(
+            check_new_password("elevenchars"),
+            Err(WeakPassword::TooShort)
+        );
         assert!(check_new_password("twelve chars").is_ok());
         // Characters, not bytes: 12 accented letters pass, 11 do not.
         assert!(check_new_password(&"é".repeat(12)).is_ok());
-        assert_eq!(check_new_password(&"é".repeat(11)), Err(WeakPassword::TooShort));
-        assert_eq!(check_new_password(&"a".repeat(1_025)), Err(WeakPassword::TooLong));
+        assert_eq!(
+            check_new_password(&"é".repeat(11)),
+            Err(WeakPassword::TooShort)
+        );
+        assert_eq!(
+            check_new_password(&"a".repeat(1_025)),
+            Err(WeakPassword::TooLong)
+        );
     }
 }

@@ -145,7 +145,13 @@ mod tests {
     #[test]
     fn junk_is_not_a_token() {
         let upper = "A".repeat(TOKEN_LEN);
-        for junk in ["", "abc", &"g".repeat(TOKEN_LEN), &upper, &"a".repeat(TOKEN_LEN + 1)] {
+        for junk in [
+            "",
+            "abc",
+            &"g".repeat(TOKEN_LEN),
+            &upper,
+            &"a".repeat(TOKEN_LEN + 1),
+        ] {
             assert_eq!(SecretToken::parse(junk), None, "{junk}");
         }
     }

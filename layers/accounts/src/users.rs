@@ -54,7 +54,10 @@ impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Credentials")
             .field("user", &self.user)
-            .field("password_hash", &self.password_hash.as_ref().map(|_| "<set>"))
+            .field(
+                "password_hash",
+                &self.password_hash.as_ref().map(|_| "<set>"),
+            )
             .finish()
     }
 }

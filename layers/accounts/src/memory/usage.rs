@@ -88,9 +88,7 @@ impl UsageStore for MemoryUsageStore {
                 counts,
             })
             .collect();
-        out.sort_by(|a, b| {
-            (a.start_ms, a.model, &a.route).cmp(&(b.start_ms, b.model, &b.route))
-        });
+        out.sort_by(|a, b| (a.start_ms, a.model, &a.route).cmp(&(b.start_ms, b.model, &b.route)));
         ready(Ok(out))
     }
 

@@ -10,8 +10,8 @@ use super::ready;
 use crate::token::TokenHash;
 use crate::user::{User, UserId};
 use crate::users::{
-    Credentials, InviteOutcome, NewInvite, SignInGate, UserStore, INVITE_TTL,
-    MAX_SIGN_IN_FAILURES, SIGN_IN_WINDOW,
+    Credentials, InviteOutcome, NewInvite, SignInGate, UserStore, INVITE_TTL, MAX_SIGN_IN_FAILURES,
+    SIGN_IN_WINDOW,
 };
 
 /// A [`UserStore`] in memory. Cloning shares the users.
@@ -220,7 +220,9 @@ impl UserStore for MemoryUserStore {
         let mut state = self.lock();
         let before = state.invites.len() + state.attempts.len();
         state.invites.retain(|_, i| !i.used && i.expires_ms > now);
-        state.attempts.retain(|_, (start, _)| *start + WINDOW_MS > now);
+        state
+            .attempts
+            .retain(|_, (start, _)| *start + WINDOW_MS > now);
         let after = state.invites.len() + state.attempts.len();
         ready(Ok((before - after) as u64))
     }

@@ -92,7 +92,7 @@ impl DashboardSessionStore for PostgresDashboardSessionStore {
                 .query_opt(
                     "UPDATE tollgate_dashboard_sessions \
                      SET last_seen_ms = GREATEST(last_seen_ms, $2) \
-                     WHERE token_hash = $1 AND last_seen_ms > $2 - $3 AND created_ms > $2 - $4 \
+                     WHERE token_hash = $1 AND last_seen_ms > $2::bigint - $3::bigint AND created_ms > $2::bigint - $4::bigint \
                      RETURNING user_id, created_ms, last_seen_ms",
                     &[&token.as_bytes().as_slice(), &now, &IDLE_MS, &ABSOLUTE_MS],
                 )
@@ -138,7 +138,7 @@ impl DashboardSessionStore for PostgresDashboardSessionStore {
             client
                 .execute(
                     "DELETE FROM tollgate_dashboard_sessions \
-                     WHERE last_seen_ms <= $1 - $2 OR created_ms <= $1 - $3",
+                     WHERE last_seen_ms <= $1::bigint - $2::bigint OR created_ms <= $1::bigint - $3::bigint",
                     &[&now, &IDLE_MS, &ABSOLUTE_MS],
                 )
                 .await

@@ -46,7 +46,12 @@ impl fmt::Debug for PostgresUsageStore {
 impl PostgresUsageStore {
     /// A store on `pool` after applying its migrations.
     pub async fn new(pool: Pool, clock: SharedClock) -> Result<Self, BackendError> {
-        run_migrations(&pool, USAGE_MIGRATION_SET, embedded::usage::migrations::runner()).await?;
+        run_migrations(
+            &pool,
+            USAGE_MIGRATION_SET,
+            embedded::usage::migrations::runner(),
+        )
+        .await?;
         Ok(PostgresUsageStore { pool, clock })
     }
 }
@@ -70,7 +75,8 @@ fn columns(rows: Vec<UsageRow>) -> Columns {
     for UsageRow { key, counts } in batch.into_rows() {
         c.orgs.push(*key.org.as_uuid());
         c.hours.push(ms(key.hour_ms));
-        c.models.push(key.model.map_or(Uuid::nil(), |m| *m.as_uuid()));
+        c.models
+            .push(key.model.map_or(Uuid::nil(), |m| *m.as_uuid()));
         c.routes.push(key.route.unwrap_or_default());
         for (column, value) in c.counts.iter_mut().zip([
             counts.requests,
@@ -141,8 +147,16 @@ impl UsageStore for PostgresUsageStore {
                 return Ok(Vec::new());
             }
             // The four shapes are fixed text; nothing of the request goes into the SQL.
-            let model = if q.group_by.model { "model_id" } else { "NULL::uuid" };
-            let route = if q.group_by.route { "route" } else { "NULL::text" };
+            let model = if q.group_by.model {
+                "model_id"
+            } else {
+                "NULL::uuid"
+            };
+            let route = if q.group_by.route {
+                "route"
+            } else {
+                "NULL::text"
+            };
             let sql = format!(
                 "SELECT (hour_ms / $4) * $4 AS start, {model} AS m, {route} AS r, \
                         sum(requests)::bigint, sum(ok)::bigint, sum(client_errors)::bigint, \
@@ -150,7 +164,7 @@ impl UsageStore for PostgresUsageStore {
                         sum(credits)::bigint \
                  FROM tollgate_usage_hourly \
                  WHERE org_id = $1 AND hour_ms >= $2 AND hour_ms < $3 \
-                 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3 COLLATE \"C\""
+                 GROUP BY 1, 2, 3 ORDER BY 1, 2, {route} COLLATE \"C\""
             );
             let client = pool.get().await.map_err(to_backend_error)?;
             let rows = client
@@ -168,7 +182,9 @@ impl UsageStore for PostgresUsageStore {
             rows.iter()
                 .map(|row| {
                     let get = |i: usize| -> Result<u64, BackendError> {
-                        Ok(unsigned(row.try_get::<_, i64>(i).map_err(to_backend_error)?))
+                        Ok(unsigned(
+                            row.try_get::<_, i64>(i).map_err(to_backend_error)?,
+                        ))
                     };
                     let model: Option<Uuid> = row.try_get(1).map_err(to_backend_error)?;
                     let route: Option<String> = row.try_get(2).map_err(to_backend_error)?;

@@ -12,8 +12,8 @@ use super::{bad_row, embedded, ms, unsigned, USERS_MIGRATION_SET};
 use crate::token::TokenHash;
 use crate::user::{Role, User, UserId};
 use crate::users::{
-    Credentials, InviteOutcome, NewInvite, SignInGate, UserStore, INVITE_TTL,
-    MAX_SIGN_IN_FAILURES, SIGN_IN_WINDOW,
+    Credentials, InviteOutcome, NewInvite, SignInGate, UserStore, INVITE_TTL, MAX_SIGN_IN_FAILURES,
+    SIGN_IN_WINDOW,
 };
 
 const USER_COLUMNS: &str = "id, org_id, email, role, created_ms, password_hash IS NOT NULL";
@@ -36,7 +36,12 @@ impl fmt::Debug for PostgresUserStore {
 impl PostgresUserStore {
     /// A store on `pool` after applying its migrations.
     pub async fn new(pool: Pool, clock: SharedClock) -> Result<Self, BackendError> {
-        run_migrations(&pool, USERS_MIGRATION_SET, embedded::users::migrations::runner()).await?;
+        run_migrations(
+            &pool,
+            USERS_MIGRATION_SET,
+            embedded::users::migrations::runner(),
+        )
+        .await?;
         Ok(PostgresUserStore { pool, clock })
     }
 
@@ -312,4 +317,3 @@ impl UserStore for PostgresUserStore {
         })
     }
 }
-
