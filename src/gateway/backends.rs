@@ -60,6 +60,7 @@ async fn postgres(
     let ledger = PostgresLedger::new(pool.clone(), clock.clone()).with_hold_ttl(hold_ttl);
     PostgresLogSink::migrate(&pool).await?;
     let logs = PostgresLogSink::new(pool.clone(), clock.clone());
+    let accounts = super::accounts::Accounts::postgres(pool.clone(), clock.clone()).await?;
     let orgs = PostgresOrgStore::new(pool).await?;
 
     let windows = Arc::new(tollgate_sliding_window::MemoryWindowStore::new(clock));
@@ -72,6 +73,7 @@ async fn postgres(
         sessions: Arc::new(sessions),
         logs: Arc::new(logs),
         orgs: Arc::new(orgs),
+        accounts,
         upkeep: vec![Arc::new(move || {
             sweep.sweep_now();
             let keys = flush_keys.clone();
