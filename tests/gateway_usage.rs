@@ -327,9 +327,7 @@ async fn bad_parameters_are_400_and_the_range_limits_hold() {
     }
     // Exactly at the limits is fine; bounds come back rounded to whole buckets.
     let hourly = gw
-        .get(&format!(
-            "/api/usage?from=2024-03-01T00:30:00Z&to=2024-04-01T00:30:00Z&granularity=hour"
-        ))
+        .get("/api/usage?from=2024-03-01T00:30:00Z&to=2024-04-01T00:30:00Z&granularity=hour")
         .await;
     assert_eq!(hourly.status, 200, "{}", hourly.text());
     assert_eq!(hourly.json()["from"], "2024-03-01T00:00:00.000Z");
