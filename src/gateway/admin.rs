@@ -1,4 +1,5 @@
-//! The admin API (SPEC §5): organizations, subscriptions, credits, keys and models, behind
+//! The admin API (SPEC §5): organizations, subscriptions, credits, keys, models, dashboard
+//! users and usage (`admin_accounts`), behind
 //! `Authorization: Bearer <TOLLGATE_ADMIN_TOKEN>`.
 
 use bytes::Bytes;
@@ -107,6 +108,8 @@ where
 
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or_default().to_owned();
+    let host = super::admin_accounts::host_of(&req);
     let segments: Vec<&str> = path
         .strip_prefix("/admin/")
         .unwrap_or_default()
@@ -131,6 +134,22 @@ where
         (&Method::GET, ["orgs", org, "models"]) => list_models(state, org_id(org)?).await,
         (&Method::POST, ["models", model, "reconnect"]) => {
             reconnect(state, model_id(model)?, body?).await
+        }
+        (&Method::POST, ["orgs", org, "users"]) => {
+            let org = org_id(org)?;
+            require_org(state, org).await?;
+            super::admin_accounts::invite(state, org, body?, host.as_deref()).await
+        }
+        (&Method::GET, ["orgs", org, "users"]) => {
+            let org = org_id(org)?;
+            require_org(state, org).await?;
+            super::admin_accounts::list_users(state, org).await
+        }
+        (&Method::DELETE, ["users", user]) => super::admin_accounts::delete_user(state, user).await,
+        (&Method::GET, ["orgs", org, "usage"]) => {
+            let org = org_id(org)?;
+            require_org(state, org).await?;
+            ok(&super::usage::series(state, org, &query).await?)
         }
         _ => Err(Rejection::new(ErrorCode::NotFound)),
     }

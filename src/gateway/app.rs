@@ -222,6 +222,9 @@ impl<A> App<A> {
                     text,
                 ))))
             }
+            (_, p) if p == "/dashboard" || p.starts_with("/dashboard/") => {
+                Box::pin(async move { Ok(super::dashboard::handle(&state, req).await) })
+            }
             (_, p) if p == "/admin" || p.starts_with("/admin/") => {
                 Box::pin(async move { Ok(super::admin::handle(&state, req).await.map(boxed)) })
             }

@@ -79,6 +79,9 @@ async fn postgres(
         .with_hold_ttl(hold_ttl);
     PostgresLogSink::migrate(&admin_pool).await?;
     let logs = PostgresLogSink::new(admin_pool.clone(), clock.clone());
+    // Dashboard users and sessions (a few lookups per page view) and the usage rollups (written
+    // by the log worker) are not on the API's request path.
+    let accounts = super::accounts::Accounts::postgres(admin_pool.clone(), clock.clone()).await?;
     let orgs = PostgresOrgStore::new(admin_pool).await?;
 
     let windows = Arc::new(tollgate_sliding_window::MemoryWindowStore::new(clock));
@@ -91,6 +94,7 @@ async fn postgres(
         sessions: Arc::new(sessions),
         logs: Arc::new(logs),
         orgs: Arc::new(orgs),
+        accounts,
         upkeep: vec![Arc::new(move || {
             sweep.sweep_now();
             let keys = flush_keys.clone();

@@ -56,6 +56,9 @@ pub struct Config {
     /// before the sweeper releases it (a crashed replica's holds). Longer than the upstream
     /// timeout.
     pub hold_ttl: Duration,
+    /// `TOLLGATE_DASHBOARD_INSECURE_COOKIES=1`: the dashboard's session cookie without
+    /// `Secure`, for plain HTTP on loopback (and invite links with `http://`).
+    pub dashboard_insecure_cookies: bool,
     /// `RUST_LOG`: tracing filter.
     pub log_filter: String,
 }
@@ -80,6 +83,10 @@ impl fmt::Debug for Config {
             .field("session_key", &self.session_key.map(|_| "<set>"))
             .field("demo", &self.demo)
             .field("hold_ttl", &self.hold_ttl)
+            .field(
+                "dashboard_insecure_cookies",
+                &self.dashboard_insecure_cookies,
+            )
             .field("log_filter", &self.log_filter)
             .finish()
     }
@@ -104,6 +111,7 @@ impl Default for Config {
             session_key: None,
             demo: true,
             hold_ttl: Duration::from_millis(300_000),
+            dashboard_insecure_cookies: false,
             log_filter: "info".to_owned(),
         }
     }
@@ -139,6 +147,10 @@ const SETTINGS: &[(&str, &str)] = &[
     ("TOLLGATE_SESSION_KEY", "--session-key"),
     ("TOLLGATE_DEMO", "--demo"),
     ("TOLLGATE_HOLD_TTL_MS", "--hold-ttl-ms"),
+    (
+        "TOLLGATE_DASHBOARD_INSECURE_COOKIES",
+        "--dashboard-insecure-cookies",
+    ),
     ("RUST_LOG", "--log"),
 ];
 
@@ -257,6 +269,13 @@ impl Config {
                     }
                 }
                 "TOLLGATE_HOLD_TTL_MS" => c.hold_ttl = millis(value).map_err(bad)?,
+                "TOLLGATE_DASHBOARD_INSECURE_COOKIES" => {
+                    c.dashboard_insecure_cookies = match value.as_str() {
+                        "1" | "true" | "on" | "yes" => true,
+                        "0" | "false" | "off" | "no" => false,
+                        _ => return Err(bad("expected 1 or 0")),
+                    }
+                }
                 "RUST_LOG" => c.log_filter = value.clone(),
                 _ => {}
             }

@@ -1,4 +1,5 @@
-//! The customer routes the gateway answers itself: `GET /api/credits` and `GET /api/logs`.
+//! The customer routes the gateway answers itself: `GET /api/credits`, `GET /api/logs` and
+//! `GET /api/usage`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -40,6 +41,11 @@ pub async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response<Gatewa
     let result = match template.as_str() {
         "/api/credits" => credits(&state, principal).await,
         "/api/logs" => logs(&state, principal, req.uri().query().unwrap_or("")).await,
+        "/api/usage" => {
+            super::usage::series(&state, principal.org, req.uri().query().unwrap_or(""))
+                .await
+                .map(|body| json_body(&body))
+        }
         _ => Err(Rejection::new(ErrorCode::NotFound)),
     };
     result.unwrap_or_else(|r| r.into_response::<Full<Bytes>>().map(boxed))
@@ -66,6 +72,13 @@ async fn credits(
     res.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok(res)
+}
+
+fn json_body(body: &serde_json::Value) -> Response<GatewayBody> {
+    let mut res = Response::new(boxed(Full::new(Bytes::from(body.to_string()))));
+    res.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res
 }
 
 fn bad(message: String) -> Rejection {

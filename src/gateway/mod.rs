@@ -4,10 +4,13 @@
 //! [`start`] builds everything from a [`Config`], binds the listener and serves until
 //! [`RunningGateway::shutdown`]; `examples/gateway.rs` is a thin `main` over it.
 
+pub mod accounts;
 pub mod admin;
+mod admin_accounts;
 pub mod app;
 pub mod backends;
 pub mod config;
+pub mod dashboard;
 pub mod local;
 pub mod metrics;
 pub mod orgs;
@@ -15,6 +18,7 @@ pub mod orgs;
 pub mod postgres_orgs;
 pub mod proxy;
 pub mod state;
+pub mod usage;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -178,8 +182,9 @@ pub fn memory_backends_with(clock: SharedClock, hold_ttl: Duration) -> Backends 
             Box::pin(std::future::ready(()))
         })],
         sessions: Arc::new(MemorySessionStore::new()),
-        logs: Arc::new(MemoryLogSink::new(clock)),
+        logs: Arc::new(MemoryLogSink::new(clock.clone())),
         orgs: Arc::new(MemoryOrgStore::new()),
+        accounts: accounts::Accounts::memory(clock),
     }
 }
 
@@ -238,7 +243,11 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
     )
     .with_metrics(Arc::clone(&metrics));
 
-    let logger_layer = RequestLoggerLayer::new(backends.logs.clone());
+    // The logger's worker also feeds the usage rollups, off the request path.
+    let logger_layer = RequestLoggerLayer::new(usage::UsageTee::new(
+        backends.logs.clone(),
+        backends.accounts.usage.clone(),
+    ));
     let logger = logger_layer.handle();
     let state = Arc::new(AppState {
         config: config.clone(),
@@ -248,6 +257,7 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
         sessions: backends.sessions.clone(),
         logs: backends.logs.clone(),
         orgs: backends.orgs.clone(),
+        accounts: backends.accounts.clone(),
         metrics: Arc::clone(&metrics),
         logger,
     });
@@ -290,7 +300,11 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
         None
     };
 
-    let jobs = spawn_jobs(&state, backends.upkeep.clone());
+    let mut jobs = spawn_jobs(&state, backends.upkeep.clone());
+    jobs.push(accounts::spawn_upkeep(
+        &backends.accounts,
+        SystemClock::shared(),
+    ));
     let upkeep = backends.upkeep.clone();
 
     let listener = TcpListener::bind(config.bind).await?;

@@ -8,6 +8,7 @@ use tollgate_request_logger::{LogSink, LoggerHandle};
 use tollgate_sliding_window::WindowStore;
 use tollgate_upstream_sign::SessionStore;
 
+use super::accounts::Accounts;
 use super::config::Config;
 use super::metrics::{Gauges, Metrics};
 use super::orgs::OrgStore;
@@ -30,6 +31,8 @@ pub struct Backends {
     pub logs: Arc<dyn LogSink>,
     /// Organizations.
     pub orgs: Arc<dyn OrgStore>,
+    /// Dashboard users and sessions, usage rollups.
+    pub accounts: Accounts,
     /// Periodic upkeep the backends need (evicting idle in-memory windows, writing buffered
     /// last-used times), run every minute and once more at graceful shutdown.
     pub upkeep: Vec<Upkeep>,
@@ -57,6 +60,8 @@ pub struct AppState {
     pub logs: Arc<dyn LogSink>,
     /// Organizations.
     pub orgs: Arc<dyn OrgStore>,
+    /// Dashboard users and sessions, usage rollups.
+    pub accounts: Accounts,
     /// Request counters.
     pub metrics: Arc<Metrics>,
     /// The request logger's queue (dropped rows, flush).

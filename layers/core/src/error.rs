@@ -44,6 +44,9 @@ pub enum ErrorCode {
     Unauthorized,
     /// 400 (admin API and malformed requests): broken JSON, missing fields, bad values.
     InvalidRequest,
+    /// 403 (dashboard): the signed-in user may not do this (a viewer's change, a missing or
+    /// wrong CSRF token).
+    Forbidden,
 }
 
 impl ErrorCode {
@@ -66,6 +69,7 @@ impl ErrorCode {
             ErrorCode::InternalError => "INTERNAL_ERROR",
             ErrorCode::Unauthorized => "UNAUTHORIZED",
             ErrorCode::InvalidRequest => "INVALID_REQUEST",
+            ErrorCode::Forbidden => "FORBIDDEN",
         }
     }
 
@@ -86,6 +90,7 @@ impl ErrorCode {
             ErrorCode::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorCode::UpstreamRejected | ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::ServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
@@ -119,11 +124,12 @@ impl ErrorCode {
             ErrorCode::InternalError => "An unexpected error occurred.",
             ErrorCode::Unauthorized => "Missing or invalid admin token.",
             ErrorCode::InvalidRequest => "The request is invalid.",
+            ErrorCode::Forbidden => "You are not allowed to do this.",
         }
     }
 
     /// Every code, for tables and tests.
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::InvalidApiKey,
         ErrorCode::NoSubscription,
         ErrorCode::InsufficientCredits,
@@ -140,6 +146,7 @@ impl ErrorCode {
         ErrorCode::InternalError,
         ErrorCode::Unauthorized,
         ErrorCode::InvalidRequest,
+        ErrorCode::Forbidden,
     ];
 }
 

@@ -188,7 +188,8 @@ impl CostTable {
         }
     }
 
-    /// The customer API of SPEC §2: the OnlyFans endpoints and `/api/logs`, `/api/credits`.
+    /// The customer API of SPEC §2: the OnlyFans endpoints and `/api/logs`, `/api/credits`,
+    /// `/api/usage`.
     pub fn onlyfans() -> Self {
         use Method as M;
         let m = "/api/models/:id";
@@ -215,6 +216,7 @@ impl CostTable {
                 .with_upstream(M::GET, "payouts/stats"),
             RouteSpec::new(M::GET, "/api/logs", 0),
             RouteSpec::new(M::GET, "/api/credits", 0),
+            RouteSpec::new(M::GET, "/api/usage", 0),
         ])
     }
 

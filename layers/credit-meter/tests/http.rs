@@ -316,7 +316,12 @@ async fn json_required_2xx_over_the_buffer_cap_is_not_charged() {
     req.extensions_mut().insert(JsonBodyRequired);
     let res = svc.oneshot(req).await.unwrap();
     let r = receipt(&res);
-    let err = res.into_body().collect().await.err().expect("an error, not the body");
+    let err = res
+        .into_body()
+        .collect()
+        .await
+        .err()
+        .expect("an error, not the body");
     assert!(err.to_string().contains("larger than"), "{err}");
     assert_eq!(r.settlement(), Some(CreditSettlement::Released));
     assert_eq!(ledger.open_holds(), 0);
