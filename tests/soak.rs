@@ -41,6 +41,9 @@ use support_proc::{
     LogDir, TcpProxy,
 };
 
+/// Seconds into the run, and each replica's resident memory in KiB.
+type RssSample = (f64, [u64; 2]);
+
 /// What a client saw of one request.
 #[derive(Debug, Clone)]
 enum Seen {
@@ -299,7 +302,7 @@ async fn two_replicas_stay_exact_and_flat_under_faults() {
 
     // Resident memory of both replicas every 5 s.
     let pids = [a.pid(), b.pid()];
-    let rss: Arc<Mutex<Vec<(f64, [u64; 2])>>> = Arc::default();
+    let rss: Arc<Mutex<Vec<RssSample>>> = Arc::default();
     {
         let (rss, stop) = (rss.clone(), stop.clone());
         let began = Instant::now();
@@ -411,7 +414,7 @@ async fn two_replicas_stay_exact_and_flat_under_faults() {
         total as f64 / secs as f64
     );
     eprintln!("soak: refusals {codes:?}");
-    eprintln!("soak: charged {charged} = balance {start_balance} → {end_balance}; holds open 0");
+    eprintln!("soak: charged (net of refunds) {charged} = balance {start_balance} → {end_balance}; holds open 0");
     eprintln!(
         "soak: RSS KiB A {} → {} , B {} → {} (after warm-up → end); samples {:?}",
         after_warm_up[0],
@@ -478,26 +481,40 @@ async fn holds(db: &TestDb, org: uuid::Uuid) -> (i64, i64) {
     (open, held)
 }
 
-/// request id → credits charged, asserting no request was charged twice.
+/// request id → credits charged net of refunds (a refund gives back the charge of a
+/// request whose response was withheld), asserting no request was charged twice.
 async fn charge_rows(db: &TestDb, org: uuid::Uuid) -> HashMap<String, u64> {
     let client = db.pool().get().await.unwrap();
     let rows = client
         .query(
-            "SELECT request_id, -(delta_plan + delta_topup) FROM tollgate_credit_ledger \
-             WHERE org = $1 AND kind = 'charge'",
+            "SELECT request_id, kind, -(delta_plan + delta_topup) FROM tollgate_credit_ledger \
+             WHERE org = $1 AND kind IN ('charge', 'refund') ORDER BY id",
             &[&org],
         )
         .await
         .unwrap();
-    let mut charges = HashMap::new();
+    let mut net: HashMap<String, i64> = HashMap::new();
+    let mut charged_once = std::collections::HashSet::new();
+    let mut refunds = 0;
     for row in rows {
         let id: Option<String> = row.get(0);
-        let id = id.expect("every charge row has its request id");
-        let amount = u64::try_from(row.get::<_, i64>(1)).unwrap();
-        assert!(
-            charges.insert(id.clone(), amount).is_none(),
-            "{id} charged twice"
-        );
+        let id = id.expect("every charge and refund row has its request id");
+        let kind: &str = row.get(1);
+        if kind == "charge" {
+            assert!(charged_once.insert(id.clone()), "{id} charged twice");
+        } else {
+            refunds += 1;
+        }
+        *net.entry(id).or_default() += row.get::<_, i64>(2);
     }
-    charges
+    eprintln!("soak: {refunds} refunds of charges whose responses were withheld");
+    net.into_iter()
+        .filter(|(_, n)| *n != 0)
+        .map(|(id, n)| {
+            (
+                id,
+                u64::try_from(n).expect("never refunded more than charged"),
+            )
+        })
+        .collect()
 }

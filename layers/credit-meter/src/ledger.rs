@@ -77,8 +77,13 @@ pub enum ReleaseOutcome {
     Released,
     /// The hold had already expired and been released by the sweeper.
     Swept,
-    /// No such hold: it was committed or released before (or never made). After a commit
-    /// whose answer was lost, this means the commit was applied.
+    /// The hold was committed (after a commit whose answer was lost, this says it was
+    /// applied): nothing changed.
+    Committed {
+        /// Credits the commit took.
+        charged: u64,
+    },
+    /// No such hold: released before, forgotten, or never made.
     Gone,
 }
 
@@ -161,6 +166,9 @@ pub enum EntryKind {
     Adjustment,
     /// The subscription was cancelled: plan credits are gone, top-ups stay.
     Cancel,
+    /// A charge given back: its commit was applied, but the response was withheld from the
+    /// client (the commit's answer was lost, or the client left while it was being made).
+    Refund,
 }
 
 /// One row of the append-only ledger. Replaying `delta_plan` and `delta_topup` from zero gives
@@ -202,15 +210,19 @@ pub trait Ledger: Send + Sync + 'static {
     /// Committing an unknown or already settled hold charges nothing
     /// ([`CommitOutcome::Unknown`]). An `Err` means the outcome is not known (the ledger
     /// failed or its answer was lost): [`release`](Ledger::release) the hold to settle it
-    /// either way — it answers [`ReleaseOutcome::Gone`] if the commit was applied after all.
+    /// either way — it answers [`ReleaseOutcome::Committed`] if the commit was applied after
+    /// all. A committed hold is remembered for one hold TTL.
     fn commit(&self, hold: Hold) -> BoxFuture<Result<CommitOutcome, BackendError>>;
 
-    /// Gives a hold's credits back without charging, and says whether the hold was still
-    /// open. Releasing twice is harmless.
+    /// Gives a hold's credits back without charging, and says what had become of it. A
+    /// committed hold stays charged. Releasing twice is harmless.
     fn release(&self, hold: Hold) -> BoxFuture<Result<ReleaseOutcome, BackendError>>;
 
-    /// Releases without waiting (for `Drop`): in-memory ledgers release at once, remote ones
-    /// queue the release and retry it until it lands; holds also expire on their own
+    /// Gives a hold back without waiting, for a request whose response did not reach the
+    /// client (called from `Drop`, and when a settlement could not be confirmed): an open
+    /// hold is released, and a hold that was committed after all (its commit's answer was
+    /// lost) is refunded, once, with a [`EntryKind::Refund`] row. In-memory ledgers do it at
+    /// once; remote ones queue it and retry until it lands. Holds also expire on their own
     /// ([`Ledger::sweep_expired_holds`]).
     fn release_detached(&self, hold: Hold);
 

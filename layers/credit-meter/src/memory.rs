@@ -65,6 +65,14 @@ struct SweptHold {
     forget_at_ms: u64,
 }
 
+/// A committed hold, remembered for one TTL: what it took from each pot.
+struct CommittedHold {
+    from_plan: u64,
+    from_topup: u64,
+    request_id: Option<RequestId>,
+    forget_at_ms: u64,
+}
+
 /// One org's account, open holds and ledger rows.
 struct Book {
     org: OrgId,
@@ -76,6 +84,7 @@ struct Book {
     period_end_ms: u64,
     holds: HashMap<HoldId, HoldRecord>,
     swept: HashMap<HoldId, SweptHold>,
+    committed: HashMap<HoldId, CommittedHold>,
     /// The newest [`MAX_ENTRIES_PER_ORG`] ledger rows.
     entries: std::collections::VecDeque<LedgerEntry>,
 }
@@ -114,6 +123,7 @@ impl Book {
             period_end_ms: 0,
             holds: HashMap::new(),
             swept: HashMap::new(),
+            committed: HashMap::new(),
             entries: std::collections::VecDeque::new(),
         }
     }
@@ -193,25 +203,65 @@ impl Book {
         renewed
     }
 
-    /// Takes `amount` (at most the balance): plan credits first, then top-ups. Returns what
-    /// was taken.
-    fn charge(&mut self, now: u64, amount: u64, request_id: Option<RequestId>) -> u64 {
+    /// Charges hold `id` `amount` (at most the balance): plan credits first, then top-ups,
+    /// and remembers what it took for one TTL (until `forget_at_ms`). Returns the amount.
+    fn charge(
+        &mut self,
+        id: HoldId,
+        now: u64,
+        forget_at_ms: u64,
+        amount: u64,
+        request_id: Option<RequestId>,
+    ) -> u64 {
         let amount = amount.min(self.balance());
-        if amount == 0 {
-            return 0;
-        }
         let from_plan = amount.min(self.plan_credits);
         let from_topup = amount - from_plan;
-        self.plan_credits -= from_plan;
-        self.topup_credits -= from_topup;
-        self.record(
-            now,
-            EntryKind::Charge,
-            delta(0, from_plan),
-            delta(0, from_topup),
-            request_id,
+        if amount > 0 {
+            self.plan_credits -= from_plan;
+            self.topup_credits -= from_topup;
+            self.record(
+                now,
+                EntryKind::Charge,
+                delta(0, from_plan),
+                delta(0, from_topup),
+                request_id.clone(),
+            );
+        }
+        self.committed.insert(
+            id,
+            CommittedHold {
+                from_plan,
+                from_topup,
+                request_id,
+                forget_at_ms,
+            },
         );
         amount
+    }
+
+    /// Gives a committed hold's charge back (a refund row), once.
+    fn refund(&mut self, now: u64, id: HoldId) -> bool {
+        let Some(c) = self.committed.remove(&id) else {
+            return false;
+        };
+        if c.from_plan + c.from_topup > 0 {
+            self.plan_credits = self
+                .plan_credits
+                .saturating_add(c.from_plan)
+                .min(MAX_CREDITS);
+            self.topup_credits = self
+                .topup_credits
+                .saturating_add(c.from_topup)
+                .min(MAX_CREDITS);
+            self.record(
+                now,
+                EntryKind::Refund,
+                delta(c.from_plan, 0),
+                delta(c.from_topup, 0),
+                c.request_id,
+            );
+        }
+        true
     }
 }
 
@@ -316,11 +366,13 @@ impl MemoryLedger {
         let now = self.now();
         let mut b = lock(&book);
         b.renew(now);
+        let forget_at_ms = now.saturating_add(self.hold_ttl_ms);
         if let Some(rec) = b.holds.remove(&hold.id) {
             b.held = b.held.saturating_sub(rec.amount);
             self.open_holds.fetch_sub(1, Ordering::Relaxed);
             if b.is_unlimited() {
                 // Upgraded to an unlimited plan while the request was in flight.
+                b.charge(hold.id, now, forget_at_ms, 0, None);
                 return CommitOutcome::Charged {
                     charged: 0,
                     balance: None,
@@ -335,7 +387,7 @@ impl MemoryLedger {
                     "the balance was lowered while the hold was open; charging what is left"
                 );
             }
-            let charged = b.charge(now, rec.amount, rec.request_id);
+            let charged = b.charge(hold.id, now, forget_at_ms, rec.amount, rec.request_id);
             return CommitOutcome::Charged {
                 charged,
                 balance: Some(b.balance()),
@@ -343,6 +395,7 @@ impl MemoryLedger {
         }
         if let Some(swept) = b.swept.remove(&hold.id) {
             if b.is_unlimited() {
+                b.charge(hold.id, now, forget_at_ms, 0, None);
                 return CommitOutcome::Charged {
                     charged: 0,
                     balance: None,
@@ -357,7 +410,7 @@ impl MemoryLedger {
                 hold = %hold.id,
                 "committing a hold that had expired and was released; charged after re-checking the balance"
             );
-            let charged = b.charge(now, swept.amount, swept.request_id);
+            let charged = b.charge(hold.id, now, forget_at_ms, swept.amount, swept.request_id);
             return CommitOutcome::Charged {
                 charged,
                 balance: Some(b.balance()),
@@ -366,10 +419,12 @@ impl MemoryLedger {
         CommitOutcome::Unknown
     }
 
-    fn release_now(&self, hold: &Hold) -> ReleaseOutcome {
+    /// Releases `hold`; with `refund`, a committed hold is refunded instead of kept.
+    fn release_now(&self, hold: &Hold, refund: bool) -> ReleaseOutcome {
         let Some(book) = self.book(hold.org) else {
             return ReleaseOutcome::Gone;
         };
+        let now = self.now();
         let mut b = lock(&book);
         if let Some(rec) = b.holds.remove(&hold.id) {
             b.held = b.held.saturating_sub(rec.amount);
@@ -378,6 +433,12 @@ impl MemoryLedger {
         } else if b.swept.remove(&hold.id).is_some() {
             // Forgotten, so a stray commit cannot charge it later.
             ReleaseOutcome::Swept
+        } else if let Some(c) = b.committed.get(&hold.id) {
+            let charged = c.from_plan + c.from_topup;
+            if refund {
+                b.refund(now, hold.id);
+            }
+            ReleaseOutcome::Committed { charged }
         } else {
             ReleaseOutcome::Gone
         }
@@ -495,6 +556,7 @@ impl MemoryLedger {
         for book in self.all_books() {
             let mut b = lock(&book);
             b.swept.retain(|_, s| s.forget_at_ms > now);
+            b.committed.retain(|_, c| c.forget_at_ms > now);
             let expired: Vec<HoldId> = b
                 .holds
                 .iter()
@@ -566,11 +628,11 @@ impl Ledger for MemoryLedger {
     }
 
     fn release(&self, hold: Hold) -> BoxFuture<Result<ReleaseOutcome, BackendError>> {
-        Box::pin(ready(Ok(self.release_now(&hold))))
+        Box::pin(ready(Ok(self.release_now(&hold, false))))
     }
 
     fn release_detached(&self, hold: Hold) {
-        self.release_now(&hold);
+        self.release_now(&hold, true);
     }
 
     fn extend_holds(&self, holds: Vec<Hold>) -> BoxFuture<Result<usize, BackendError>> {
@@ -675,8 +737,12 @@ mod tests {
             ledger.commit_now(&a),
             CommitOutcome::Charged { charged: 1, .. }
         ));
-        assert_eq!(ledger.release_now(&b), ReleaseOutcome::Released);
-        assert_eq!(ledger.release_now(&b), ReleaseOutcome::Gone);
+        assert_eq!(ledger.release_now(&b, false), ReleaseOutcome::Released);
+        assert_eq!(ledger.release_now(&b, false), ReleaseOutcome::Gone);
+        assert_eq!(
+            ledger.release_now(&a, false),
+            ReleaseOutcome::Committed { charged: 1 }
+        );
         assert_eq!(ledger.open_holds(), 1);
         clock.set(10);
         assert_eq!(ledger.sweep_now(), 1);

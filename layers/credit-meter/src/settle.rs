@@ -8,10 +8,12 @@
 //! is unknown (the statement may have been applied with its answer lost), so the hold is
 //! *released* to find out: a release that finds the hold open (or already swept) proves
 //! nothing was charged, and the response is withheld ([`CreditSettlement::Unrecorded`]); a
-//! release that finds the hold gone proves the commit was applied, and the response is
+//! release that finds the hold committed proves the commit was applied, and the response is
 //! delivered as charged. Only if the release cannot reach the ledger either is the response
-//! withheld with the release left to the ledger's background retries (and, past them, to the
-//! sweeper), so a hold is never pinned by a failed commit.
+//! withheld, and the hold handed to [`Ledger::release_detached`], whose background retries
+//! release it — or refund it, if the commit had been applied — as soon as the ledger
+//! answers. A hold is never pinned by a failed commit, and a withheld response is never
+//! billed.
 
 use std::fmt;
 use std::future::Future;
@@ -255,8 +257,10 @@ async fn commit(settler: Settler, hold: Hold, cost: u64) -> CreditSettlement {
 /// Settles a hold whose commit failed: the release says whether the commit was applied.
 async fn resolve(settler: &Settler, hold: Hold) -> CreditSettlement {
     match bounded(settler.ledger.release(hold.clone()), settler.timeout).await {
-        Some(Ok(ReleaseOutcome::Released | ReleaseOutcome::Swept)) => CreditSettlement::Unrecorded,
-        Some(Ok(ReleaseOutcome::Gone)) => {
+        Some(Ok(ReleaseOutcome::Released | ReleaseOutcome::Swept | ReleaseOutcome::Gone)) => {
+            CreditSettlement::Unrecorded
+        }
+        Some(Ok(ReleaseOutcome::Committed { charged })) => {
             // The commit was applied after all: the response is paid for, deliver it.
             let balance = bounded(settler.ledger.account(hold.org), settler.timeout)
                 .await
@@ -269,7 +273,7 @@ async fn resolve(settler: &Settler, hold: Hold) -> CreditSettlement {
                 "the failed commit had been applied; the response is delivered as charged"
             );
             CreditSettlement::Charged {
-                used: hold.amount,
+                used: charged,
                 balance,
             }
         }
@@ -302,8 +306,8 @@ async fn release(settler: Settler, hold: Hold) -> CreditSettlement {
 ///
 /// Dropped first, a release is finished in the background ([`finish_detached`]) and settles
 /// the receipt then. A commit is *abandoned*: its body was never handed on, so the request
-/// must not be charged; the hold is released instead (if the commit statement had already
-/// been applied, the release finds it gone — a client that hung up at that very instant).
+/// must not be charged; the hold is given back with [`Ledger::release_detached`], which
+/// refunds it if the commit statement had already been applied.
 pub(crate) struct SettleCall {
     fut: Option<BoxFuture<CreditSettlement>>,
     receipt: CreditReceipt,

@@ -107,6 +107,7 @@ postgres_suite!(
     the_periodic_job_renews_and_sweeps_without_requests,
     subscribing_again_to_the_same_plan_changes_nothing,
     extended_holds_are_not_swept,
+    a_withheld_committed_hold_is_refunded_once,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -252,6 +252,7 @@ impl PostgresLedger {
             let (tx, rx) = mpsc::channel(self.release_queue);
             runtime.spawn(releaser::release_worker(
                 self.pool.clone(),
+                Arc::clone(&self.clock),
                 Arc::clone(&self.open_holds),
                 self.hold_ttl(),
                 rx,
@@ -339,13 +340,16 @@ impl Ledger for PostgresLedger {
         let pool = self.pool.clone();
         let gate = Arc::clone(&self.gate);
         let now = self.now();
+        // A committed hold is remembered for one TTL, so a lost answer can be resolved.
+        let forget_at = to_sql(self.clock.now_ms().saturating_add(self.hold_ttl_ms));
         let open_holds = Arc::clone(&self.open_holds);
         Box::pin(async move {
             let Ok(id) = i64::try_from(hold.id.0) else {
                 return Ok(CommitOutcome::Unknown); // never issued by this ledger
             };
             let _permit = gate.enter(hold.org, Lane::Settle).await?;
-            let row = query_one(&pool, COMMIT, &[hold.org.as_uuid(), &id, &now]).await?;
+            let row =
+                query_one(&pool, COMMIT, &[hold.org.as_uuid(), &id, &now, &forget_at]).await?;
             let outcome: &str = col(&row, 0)?;
             let note: Option<&str> = col(&row, 2)?;
             let charged: i64 = col(&row, 3)?;
@@ -394,9 +398,10 @@ impl Ledger for PostgresLedger {
         let pool = self.pool.clone();
         let gate = Arc::clone(&self.gate);
         let open_holds = Arc::clone(&self.open_holds);
+        let now = self.now();
         Box::pin(async move {
             let _permit = gate.enter(hold.org, Lane::Settle).await?;
-            let outcome = releaser::release(&pool, &hold).await?;
+            let outcome = releaser::release(&pool, &hold, false, now).await?;
             if outcome == ReleaseOutcome::Released {
                 open_holds.fetch_sub(1, Ordering::Relaxed);
             }

@@ -2,6 +2,8 @@
 //! by a background task, and retried with back-off while the database fails, so a hold whose
 //! request is gone does not keep the org's credits for a whole hold TTL because of one
 //! failed statement. Past the TTL the sweeper would release it anyway, so retries stop there.
+//! These releases are *voids*: a hold found committed (its commit's answer was lost, and the
+//! response withheld) is refunded.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -11,7 +13,7 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tollgate_core::BackendError;
+use tollgate_core::{BackendError, Clock, SharedClock};
 use tollgate_postgres::to_backend_error;
 
 use super::sql::{col, RELEASE};
@@ -20,8 +22,13 @@ use crate::ledger::{Hold, ReleaseOutcome};
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 const MAX_RETRY: Duration = Duration::from_secs(5);
 
-/// Releases one hold and says whether it was open, swept or gone.
-pub(super) async fn release(pool: &Pool, hold: &Hold) -> Result<ReleaseOutcome, BackendError> {
+/// Releases one hold (with `refund`, a committed one is refunded) and says what it was.
+pub(super) async fn release(
+    pool: &Pool,
+    hold: &Hold,
+    refund: bool,
+    now: i64,
+) -> Result<ReleaseOutcome, BackendError> {
     let Ok(id) = i64::try_from(hold.id.0) else {
         return Ok(ReleaseOutcome::Gone); // never issued by this ledger
     };
@@ -31,17 +38,23 @@ pub(super) async fn release(pool: &Pool, hold: &Hold) -> Result<ReleaseOutcome, 
         .await
         .map_err(to_backend_error)?;
     let row = client
-        .query_one(&stmt, &[&id, hold.org.as_uuid()])
+        .query_one(&stmt, &[hold.org.as_uuid(), &id, &refund, &now])
         .await
         .map_err(to_backend_error)?;
-    let open: i64 = col(&row, "open")?;
-    let swept: i64 = col(&row, "swept")?;
-    Ok(if open > 0 {
-        ReleaseOutcome::Released
-    } else if swept > 0 {
-        ReleaseOutcome::Swept
-    } else {
-        ReleaseOutcome::Gone
+    let outcome: &str = col(&row, "outcome")?;
+    let charged: i64 = col(&row, "charged")?;
+    Ok(match outcome {
+        "released" => ReleaseOutcome::Released,
+        "swept" => ReleaseOutcome::Swept,
+        "committed" | "refunded" => ReleaseOutcome::Committed {
+            charged: u64::try_from(charged).unwrap_or(0),
+        },
+        "gone" => ReleaseOutcome::Gone,
+        other => {
+            return Err(BackendError::other(format!(
+                "unexpected release outcome {other:?}"
+            )))
+        }
     })
 }
 
@@ -56,6 +69,7 @@ struct Retry {
 /// failed ones (oldest first) with back-off until `ttl` after they were queued.
 pub(super) async fn release_worker(
     pool: Pool,
+    clock: SharedClock,
     open_holds: Arc<AtomicI64>,
     ttl: Duration,
     mut rx: mpsc::Receiver<Hold>,
@@ -82,10 +96,17 @@ pub(super) async fn release_worker(
                 retries.remove(i).expect("index in range")
             }
         };
-        match release(&pool, &job.hold).await {
+        let now = super::sql::to_sql(clock.now_ms());
+        match release(&pool, &job.hold, true, now).await {
             Ok(ReleaseOutcome::Released) => {
                 open_holds.fetch_sub(1, Ordering::Relaxed);
             }
+            Ok(ReleaseOutcome::Committed { charged }) => tracing::warn!(
+                org = %job.hold.org,
+                hold = %job.hold.id,
+                charged,
+                "a credit hold whose response was withheld had been charged; refunded"
+            ),
             Ok(_) => {}
             Err(err) if Instant::now() + job.wait < job.give_up && open => {
                 tracing::warn!(

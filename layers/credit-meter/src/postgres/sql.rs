@@ -22,23 +22,11 @@ pub(super) const SWEEP_LOCK_KEY: i32 = 0x7467_7377;
 
 pub(super) const HOLD: &str = "SELECT outcome, hold_id, available \
                     FROM tollgate_credit_hold($1, $2, $3, $4, $5)";
-pub(super) const COMMIT: &str =
-    "SELECT outcome, balance, note, charged FROM tollgate_credit_commit_charged($1, $2, $3)";
-// Deletes the hold, open or swept, and gives an open one's credits back; says which it was
-// (neither: committed or released before).
-pub(super) const RELEASE: &str = "\
-    WITH released AS ( \
-        DELETE FROM tollgate_credit_holds WHERE id = $1 AND org = $2 \
-        RETURNING org, amount, forget_at_ms \
-    ), given_back AS ( \
-        UPDATE tollgate_credit_accounts a \
-           SET held = greatest(a.held - r.amount, 0) \
-          FROM released r \
-         WHERE a.org = r.org AND r.forget_at_ms IS NULL \
-        RETURNING a.org \
-    ) \
-    SELECT (SELECT count(*) FROM given_back) AS open, \
-           (SELECT count(*) FROM released WHERE forget_at_ms IS NOT NULL) AS swept";
+pub(super) const COMMIT: &str = "SELECT outcome, balance, note, charged \
+                                 FROM tollgate_credit_commit_charged($1, $2, $3, $4)";
+// Releases (or, with $3, voids: refunds a committed hold) one hold; says what it was.
+pub(super) const RELEASE: &str =
+    "SELECT outcome, charged FROM tollgate_credit_release($1, $2, $3, $4)";
 // Keeps open holds of requests still in flight from expiring.
 pub(super) const EXTEND: &str = "\
     UPDATE tollgate_credit_holds SET expires_at_ms = greatest(expires_at_ms, $1) \
@@ -134,6 +122,7 @@ pub(super) fn entry_kind(kind: &str) -> Result<EntryKind, BackendError> {
         "plan_change" => EntryKind::PlanChange,
         "adjustment" => EntryKind::Adjustment,
         "cancel" => EntryKind::Cancel,
+        "refund" => EntryKind::Refund,
         other => {
             return Err(BackendError::other(format!(
                 "unknown ledger row kind {other:?}"

@@ -323,12 +323,12 @@ pub async fn a_hold_is_settled_once(backend: &impl Backend) {
         CommitOutcome::Unknown,
         "second commit"
     );
-    // After a commit whose answer was lost, the release says it was applied.
+    // After a commit whose answer was lost, the release says it was applied, and changes
+    // nothing.
     assert_eq!(
         ledger.release(h.clone()).await.unwrap(),
-        ReleaseOutcome::Gone
+        ReleaseOutcome::Committed { charged: 4 }
     );
-    ledger.release_detached(h);
     assert_eq!(pots(&*ledger, org).await, (96, 0, 0));
     let charges = ledger
         .entries(org)
@@ -800,6 +800,51 @@ pub async fn extended_holds_are_not_swept(backend: &impl Backend) {
     );
     assert_eq!(ledger.extend_holds(vec![live]).await.unwrap(), 0, "settled");
     assert_eq!(ledger.extend_holds(Vec::new()).await.unwrap(), 0);
+}
+
+/// A request whose response was withheld gives its hold back with `release_detached`: a hold
+/// whose commit was applied after all (its answer lost) is refunded, once.
+pub async fn a_withheld_committed_hold_is_refunded_once(backend: &impl Backend) {
+    let (_clock, ledger) = fresh(backend).await;
+    let org = OrgId::new();
+    ledger.subscribe(org, Plan::Free).await.unwrap();
+    ledger.set_balance(org, 3).await.unwrap();
+    ledger.top_up(org, 10).await.unwrap();
+    let h = held(&*ledger, org, 5, "withheld").await;
+    assert_eq!(
+        ledger.commit(h.clone()).await.unwrap(),
+        CommitOutcome::Charged {
+            charged: 5,
+            balance: Some(8)
+        }
+    );
+    ledger.release_detached(h.clone());
+    eventually("the refund is in", || async {
+        pots(&*ledger, org).await == (3, 10, 0)
+    })
+    .await;
+    ledger.release_detached(h.clone());
+    assert_eq!(
+        ledger.release(h.clone()).await.unwrap(),
+        ReleaseOutcome::Gone
+    );
+    assert_eq!(ledger.commit(h).await.unwrap(), CommitOutcome::Unknown);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(pots(&*ledger, org).await, (3, 10, 0), "refunded once");
+    let rows = ledger.entries(org).await.unwrap();
+    let last = rows.last().unwrap();
+    assert_eq!(
+        (
+            last.kind,
+            last.delta_plan,
+            last.delta_topup,
+            last.balance_after
+        ),
+        (EntryKind::Refund, 3, 2, 13)
+    );
+    assert_eq!(last.request_id.as_deref(), Some("withheld"));
+    assert_eq!(replay(&rows), (3, 10));
+    assert_eq!(ledger.open_holds(), 0);
 }
 
 /// The periodic job, in real time over a manual clock.
