@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod app;
 pub mod backends;
+mod completion;
 pub mod config;
 pub mod local;
 pub mod metrics;
@@ -14,6 +15,8 @@ pub mod orgs;
 #[cfg(feature = "postgres")]
 pub mod postgres_orgs;
 pub mod proxy;
+pub mod query;
+pub mod readiness;
 pub mod state;
 
 use std::convert::Infallible;
@@ -51,7 +54,8 @@ use tollgate_upstream_sign::{
 
 use crate::sandbox::{Sandbox, SandboxServer};
 
-pub use app::{App, GatewayBody};
+pub use app::{App, GatewayBody, PeerAddr};
+pub use completion::ResponseBody;
 pub use config::{Config, ConfigError, RateLimitFailure};
 pub use orgs::{MemoryOrgStore, OrgStore};
 pub use state::{AppState, Backends};
@@ -250,6 +254,8 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
         orgs: backends.orgs.clone(),
         metrics: Arc::clone(&metrics),
         logger,
+        readiness: Default::default(),
+        admin_lockout: Default::default(),
     });
 
     let mut window =
@@ -269,6 +275,10 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
     let local_stack = ServiceBuilder::new()
         .map_response(app::box_response)
         .layer(ApiKeyAuthLayer::new(backends.keys.clone()))
+        .layer(local::free_route_limit(
+            backends.windows.clone(),
+            config.window,
+        ))
         .service(tower::service_fn(move |req: Request<Incoming>| {
             local::handle(Arc::clone(&local_state), req).map(Ok::<_, Infallible>)
         }));
@@ -372,7 +382,7 @@ where
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, _) = match accepted {
+                let (stream, peer) = match accepted {
                     Ok(conn) => conn,
                     Err(e) => {
                         // Out of file descriptors and the like: back off, keep serving.
@@ -386,7 +396,7 @@ where
                     .timer(TokioTimer::new())
                     .header_read_timeout(Duration::from_secs(30))
                     .max_buf_size(256 * 1024)
-                    .serve_connection(TokioIo::new(stream), app.clone());
+                    .serve_connection(TokioIo::new(stream), app.for_peer(peer));
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {

@@ -187,7 +187,7 @@ where
                         Err(e) => {
                             tracing::error!(model = ?this.model, error = %e, "session store failed");
                             State::Reject {
-                                rejection: Some(e.rejection()),
+                                rejection: Some(e.rejection_from("sessions")),
                             }
                         }
                         Ok(None) | Ok(Some((_, ModelStatus::Disconnected))) => State::Reject {
