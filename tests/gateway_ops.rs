@@ -188,7 +188,9 @@ async fn readiness_is_probed_once_for_many_callers_and_a_failure_still_shows_qui
     }
     // Another 20 in a row, right after, answer from the same probe (or at most one more).
     for _ in 0..20 {
-        let a = gw.send(gw.request(Method::GET, "/readyz", None, None)).await;
+        let a = gw
+            .send(gw.request(Method::GET, "/readyz", None, None))
+            .await;
         assert_eq!(a.status, StatusCode::OK);
     }
     let probes = windows.checks.load(Ordering::SeqCst);
@@ -203,7 +205,9 @@ async fn readiness_is_probed_once_for_many_callers_and_a_failure_still_shows_qui
     let shown = eventually(Duration::from_secs(4), || {
         let gw = Arc::clone(&gw);
         async move {
-            let a = gw.send(gw.request(Method::GET, "/readyz", None, None)).await;
+            let a = gw
+                .send(gw.request(Method::GET, "/readyz", None, None))
+                .await;
             a.status == StatusCode::SERVICE_UNAVAILABLE
                 && a.json()["backends"]["rate_limits"] == false
                 && a.json()["backends"]["ledger"] == true
@@ -290,9 +294,7 @@ async fn a_request_whose_client_left_is_counted_as_abandoned() {
     );
     let text = metrics_text(&gw).await;
     assert!(
-        text.contains(
-            "tollgate_requests_abandoned_total{route=\"/api/models/:id/users/me\"} 1\n"
-        ),
+        text.contains("tollgate_requests_abandoned_total{route=\"/api/models/:id/users/me\"} 1\n"),
         "{text}"
     );
     // Answered requests are not counted as abandoned.
@@ -321,7 +323,11 @@ async fn the_free_routes_are_rate_limited_per_key() {
     let calls = (0..200).map(|i| {
         let gw = Arc::clone(&gw);
         tokio::spawn(async move {
-            let path = if i % 2 == 0 { "/api/credits" } else { "/api/logs?limit=1" };
+            let path = if i % 2 == 0 {
+                "/api/credits"
+            } else {
+                "/api/logs?limit=1"
+            };
             gw.get(path).await
         })
     });
@@ -330,7 +336,10 @@ async fn the_free_routes_are_rate_limited_per_key() {
         .into_iter()
         .map(Result::unwrap)
         .collect();
-    let ok = answers.iter().filter(|a| a.status == StatusCode::OK).count();
+    let ok = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::OK)
+        .count();
     let refused: Vec<_> = answers
         .iter()
         .filter(|a| a.status == StatusCode::TOO_MANY_REQUESTS)
@@ -403,7 +412,10 @@ async fn wrong_admin_tokens_lock_out_their_address_only() {
     let (status, headers, body) = admin_from(&attacker, addr, ADMIN_TOKEN).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
     assert_eq!(body["code"], "RATE_LIMIT_EXCEEDED");
-    assert!(body["error"].as_str().unwrap().contains("admin token"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("admin token"),
+        "{body}"
+    );
     let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=60).contains(&retry), "Retry-After {retry}");
 

@@ -210,3 +210,67 @@ async fn stream_all(
     );
     Ok(res)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use http::{Method, StatusCode};
+    use tollgate_core::{CostTable, KeyId, OrgId, RouteSpec, SystemClock};
+    use tollgate_sliding_window::MemoryWindowStore;
+    use tower::{Layer, ServiceExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn every_free_route_of_the_table_is_limited_and_paid_ones_pass() {
+        // A table with a free route the gateway does not have yet.
+        let table = CostTable::new([
+            RouteSpec::new(Method::GET, "/api/usage", 0),
+            RouteSpec::new(Method::GET, "/api/paid", 1),
+        ]);
+        let windows: Arc<dyn WindowStore> = Arc::new(MemoryWindowStore::new(SystemClock::shared()));
+        let svc = free_route_limit(windows, Duration::from_secs(60)).layer(tower::service_fn(
+            |_req: Request<Full<Bytes>>| async {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"{}"))))
+            },
+        ));
+        let principal = Principal {
+            org: OrgId::new(),
+            key: KeyId::new(),
+            plan: Plan::Enterprise,
+        };
+        let call = |path: &'static str, principal: Principal| {
+            let mut req = Request::get(path).body(Full::default()).unwrap();
+            table.resolve(&mut req);
+            req.extensions_mut().insert(principal);
+            svc.clone().oneshot(req)
+        };
+        for _ in 0..FREE_ROUTE_BURST {
+            let res = call("/api/usage", principal).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+        }
+        let res = call("/api/usage", principal).await.unwrap();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            res.headers()["ratelimit-limit"],
+            FREE_ROUTE_LIMIT.to_string()
+        );
+        assert!(res.headers().contains_key("retry-after"));
+        // Another key has its own bucket.
+        let other = Principal {
+            key: KeyId::new(),
+            ..principal
+        };
+        assert_eq!(
+            call("/api/usage", other).await.unwrap().status(),
+            StatusCode::OK
+        );
+        // Paid routes are not this layer's business.
+        for _ in 0..2 * FREE_ROUTE_BURST {
+            let res = call("/api/paid", principal).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            assert!(!res.headers().contains_key("ratelimit-limit"));
+        }
+    }
+}
