@@ -9,6 +9,7 @@ pub mod admin;
 mod admin_accounts;
 pub mod app;
 pub mod backends;
+mod completion;
 pub mod config;
 pub mod dashboard;
 pub mod local;
@@ -17,6 +18,8 @@ pub mod orgs;
 #[cfg(feature = "postgres")]
 pub mod postgres_orgs;
 pub mod proxy;
+pub mod query;
+pub mod readiness;
 pub mod state;
 pub mod usage;
 
@@ -55,7 +58,8 @@ use tollgate_upstream_sign::{
 
 use crate::sandbox::{Sandbox, SandboxServer};
 
-pub use app::{App, GatewayBody};
+pub use app::{App, GatewayBody, PeerAddr};
+pub use completion::ResponseBody;
 pub use config::{Config, ConfigError, RateLimitFailure};
 pub use orgs::{MemoryOrgStore, OrgStore};
 pub use state::{AppState, Backends};
@@ -260,6 +264,8 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
         accounts: backends.accounts.clone(),
         metrics: Arc::clone(&metrics),
         logger,
+        readiness: Default::default(),
+        admin_lockout: Default::default(),
     });
 
     let mut window =
@@ -279,6 +285,10 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
     let local_stack = ServiceBuilder::new()
         .map_response(app::box_response)
         .layer(ApiKeyAuthLayer::new(backends.keys.clone()))
+        .layer(local::free_route_limit(
+            backends.windows.clone(),
+            config.window,
+        ))
         .service(tower::service_fn(move |req: Request<Incoming>| {
             local::handle(Arc::clone(&local_state), req).map(Ok::<_, Infallible>)
         }));
@@ -386,7 +396,7 @@ where
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, _) = match accepted {
+                let (stream, peer) = match accepted {
                     Ok(conn) => conn,
                     Err(e) => {
                         // Out of file descriptors and the like: back off, keep serving.
@@ -400,7 +410,7 @@ where
                     .timer(TokioTimer::new())
                     .header_read_timeout(Duration::from_secs(30))
                     .max_buf_size(256 * 1024)
-                    .serve_connection(TokioIo::new(stream), app.clone());
+                    .serve_connection(TokioIo::new(stream), app.for_peer(peer));
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {

@@ -9,9 +9,11 @@ use tollgate_sliding_window::WindowStore;
 use tollgate_upstream_sign::SessionStore;
 
 use super::accounts::Accounts;
+use super::admin::AdminLockout;
 use super::config::Config;
 use super::metrics::{Gauges, Metrics};
 use super::orgs::OrgStore;
+use super::readiness::Readiness;
 
 /// One upkeep task of a backend.
 pub type Upkeep = Arc<dyn Fn() -> tollgate_core::BoxFuture<()> + Send + Sync>;
@@ -66,6 +68,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The request logger's queue (dropped rows, flush).
     pub logger: LoggerHandle,
+    /// The last `/readyz` probe, shared by its callers.
+    pub readiness: Readiness,
+    /// Wrong admin tokens per client address.
+    pub admin_lockout: AdminLockout,
 }
 
 impl std::fmt::Debug for AppState {

@@ -159,7 +159,7 @@ fn backend_failure<B>(
     principal: Option<Principal>,
 ) -> Response<GateBody<B>> {
     tracing::error!(%error, "key store failed during {what}");
-    reject(error.rejection(), principal)
+    reject(error.rejection_from("keys"), principal)
 }
 
 const POLLED_AFTER_COMPLETION: &str = "ResponseFuture polled after completion";

@@ -490,6 +490,11 @@ async fn backend_failures_are_503_or_500_responses() {
         assert_eq!(answer.headers[CONTENT_TYPE], "application/json");
         assert_eq!(answer.text(), body);
         assert_eq!(answer.principal().is_some(), identified);
+        assert_eq!(
+            answer.extensions.get::<tollgate_core::BackendFailure>(),
+            Some(&tollgate_core::BackendFailure { backend: "keys" }),
+            "the response names the failed backend"
+        );
     }
     assert_eq!(echo.calls(), 0);
 }

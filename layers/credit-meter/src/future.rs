@@ -149,7 +149,7 @@ where
                         Err(err) => {
                             tracing::error!(error = %err, "the credit ledger failed to place a hold");
                             this.state.set(State::Reject {
-                                rejection: Some(err.rejection()),
+                                rejection: Some(err.rejection_from("ledger")),
                             });
                             continue;
                         }

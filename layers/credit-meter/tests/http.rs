@@ -719,6 +719,10 @@ async fn a_ledger_that_is_down_is_503_and_not_forwarded() {
         .unwrap();
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
+        res.extensions().get::<tollgate_core::BackendFailure>(),
+        Some(&tollgate_core::BackendFailure { backend: "ledger" })
+    );
+    assert_eq!(
         body_json(res.into_body()).await,
         json!({
             "error": "A backend this request needs is unavailable. Retry shortly.",

@@ -196,7 +196,7 @@ where
                         Err(e) => {
                             tracing::error!(model = ?this.model, error = %e, "session store failed");
                             State::Reject {
-                                rejection: Some(e.rejection()),
+                                rejection: Some(e.rejection_from("sessions")),
                             }
                         }
                         Ok(None)

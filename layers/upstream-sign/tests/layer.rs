@@ -701,6 +701,12 @@ async fn store_failures() {
     .await;
     assert!(seen.is_none());
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        res.extensions().get::<tollgate_core::BackendFailure>(),
+        Some(&tollgate_core::BackendFailure {
+            backend: "sessions"
+        })
+    );
     assert_eq!(json_of(res).await, error_json("SERVICE_UNAVAILABLE"));
 
     // The disconnect cannot be persisted: the client still learns the session is dead.
