@@ -158,7 +158,7 @@ impl RouteSpec {
                 Segment::Model => model = Some(part.parse::<ModelId>().ok()?),
                 Segment::Number(_) => {
                     if part.is_empty()
-                        || part.len() > 19
+                        || part.len() > 20
                         || !part.bytes().all(|b| b.is_ascii_digit())
                     {
                         return None;
@@ -349,6 +349,24 @@ mod tests {
 
     fn path(rest: &str) -> String {
         format!("/api/models/{MODEL}{rest}")
+    }
+
+    #[test]
+    fn numeric_parameters_take_every_u64_and_nothing_larger() {
+        // Found by the route_match fuzz target: u64::MAX has 20 digits and was refused.
+        let t = CostTable::onlyfans();
+        let max = t
+            .lookup(&Method::GET, &path("/chats/18446744073709551615/messages"))
+            .expect("u64::MAX is a chat id");
+        assert_eq!(max.param("chat_id"), Some(u64::MAX));
+        for too_big in ["18446744073709551616", "000000000000000000001"] {
+            let p = path(&format!("/chats/{too_big}/messages"));
+            assert!(t.lookup(&Method::GET, &p).is_none(), "{too_big}");
+        }
+        let zeros = t
+            .lookup(&Method::GET, &path("/chats/00000000000000000042/messages"))
+            .expect("leading zeros within 20 digits");
+        assert_eq!(zeros.param("chat_id"), Some(42));
     }
 
     #[test]
