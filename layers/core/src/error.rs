@@ -47,6 +47,10 @@ pub enum ErrorCode {
     /// 403 (dashboard): the signed-in user may not do this (a viewer's change, a missing or
     /// wrong CSRF token).
     Forbidden,
+    /// 422: an `Idempotency-Key` already used with a different method, route or body.
+    IdempotencyKeyReused,
+    /// 409: the first request with this `Idempotency-Key` is still in flight.
+    IdempotencyInProgress,
 }
 
 impl ErrorCode {
@@ -70,6 +74,8 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "UNAUTHORIZED",
             ErrorCode::InvalidRequest => "INVALID_REQUEST",
             ErrorCode::Forbidden => "FORBIDDEN",
+            ErrorCode::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
+            ErrorCode::IdempotencyInProgress => "IDEMPOTENCY_IN_PROGRESS",
         }
     }
 
@@ -91,6 +97,8 @@ impl ErrorCode {
             ErrorCode::UpstreamRejected | ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            ErrorCode::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::IdempotencyInProgress => StatusCode::CONFLICT,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::ServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
@@ -125,11 +133,17 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "Missing or invalid admin token.",
             ErrorCode::InvalidRequest => "The request is invalid.",
             ErrorCode::Forbidden => "You are not allowed to do this.",
+            ErrorCode::IdempotencyKeyReused => {
+                "This Idempotency-Key was already used with a different method, route or body."
+            }
+            ErrorCode::IdempotencyInProgress => {
+                "A request with this Idempotency-Key is still in flight. Retry shortly."
+            }
         }
     }
 
     /// Every code, for tables and tests.
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 19] = [
         ErrorCode::InvalidApiKey,
         ErrorCode::NoSubscription,
         ErrorCode::InsufficientCredits,
@@ -147,6 +161,8 @@ impl ErrorCode {
         ErrorCode::Unauthorized,
         ErrorCode::InvalidRequest,
         ErrorCode::Forbidden,
+        ErrorCode::IdempotencyKeyReused,
+        ErrorCode::IdempotencyInProgress,
     ];
 }
 
@@ -373,6 +389,26 @@ mod tests {
         );
         let plain: Response<Bytes> = err.rejection().into_response();
         assert_eq!(plain.extensions().get::<BackendFailure>(), None);
+    }
+
+    #[test]
+    fn idempotency_codes_have_their_statuses() {
+        assert_eq!(
+            ErrorCode::IdempotencyKeyReused.as_str(),
+            "IDEMPOTENCY_KEY_REUSED"
+        );
+        assert_eq!(
+            ErrorCode::IdempotencyKeyReused.status(),
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+        assert_eq!(
+            ErrorCode::IdempotencyInProgress.as_str(),
+            "IDEMPOTENCY_IN_PROGRESS"
+        );
+        assert_eq!(
+            ErrorCode::IdempotencyInProgress.status(),
+            StatusCode::CONFLICT
+        );
     }
 
     #[test]
