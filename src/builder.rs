@@ -50,6 +50,14 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed {
         signer: G,
         sessions: T,
     ) -> ServiceBuilder<Stack<crate::upstream_sign::UpstreamSignLayer, L>>;
+
+    /// [`IdempotencyLayer`](crate::idempotency::IdempotencyLayer) over `store`, with keys
+    /// scoped to the caller's org (so it goes inside `api_key_auth`).
+    #[cfg(feature = "idempotency")]
+    fn idempotency<T: crate::idempotency::IdempotencyStore>(
+        self,
+        store: T,
+    ) -> ServiceBuilder<Stack<crate::idempotency::IdempotencyLayer, L>>;
 }
 
 impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
@@ -103,6 +111,14 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
         self.layer(crate::upstream_sign::UpstreamSignLayer::new(
             signer, sessions,
         ))
+    }
+
+    #[cfg(feature = "idempotency")]
+    fn idempotency<T: crate::idempotency::IdempotencyStore>(
+        self,
+        store: T,
+    ) -> ServiceBuilder<Stack<crate::idempotency::IdempotencyLayer, L>> {
+        self.layer(crate::idempotency::IdempotencyLayer::new(store))
     }
 }
 

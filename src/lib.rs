@@ -12,6 +12,7 @@
 //! | [`ResponseEnvelopeLayer`](response_envelope::ResponseEnvelopeLayer) | `tollgate-response-envelope` | `response-envelope` |
 //! | [`RequestLoggerLayer`](request_logger::RequestLoggerLayer) | `tollgate-request-logger` | `request-logger` |
 //! | [`UpstreamSignLayer`](upstream_sign::UpstreamSignLayer) | `tollgate-upstream-sign` | `upstream-sign` |
+//! | [`IdempotencyLayer`](idempotency::IdempotencyLayer) | `tollgate-idempotency` | `idempotency` |
 //!
 //! The layers meet only through the typed extensions of [`core`] (`tollgate-core`). Stack them
 //! outermost first as SPEC §9 does: logger → envelope → auth → window → meter → your service.
@@ -67,6 +68,8 @@ pub use tollgate_core as core;
 pub use tollgate_api_key_auth as api_key_auth;
 #[cfg(feature = "credit-meter")]
 pub use tollgate_credit_meter as credit_meter;
+#[cfg(feature = "idempotency")]
+pub use tollgate_idempotency as idempotency;
 #[cfg(feature = "request-logger")]
 pub use tollgate_request_logger as request_logger;
 #[cfg(feature = "response-envelope")]
@@ -97,6 +100,8 @@ pub mod prelude {
     pub use tollgate_api_key_auth::{ApiKeyAuthLayer, KeyStore, MemoryKeyStore};
     #[cfg(feature = "credit-meter")]
     pub use tollgate_credit_meter::{CreditMeterLayer, Ledger, MemoryLedger};
+    #[cfg(feature = "idempotency")]
+    pub use tollgate_idempotency::{IdempotencyLayer, IdempotencyStore, MemoryIdempotencyStore};
     #[cfg(feature = "request-logger")]
     pub use tollgate_request_logger::{LogSink, MemoryLogSink, RequestLoggerLayer};
     #[cfg(feature = "response-envelope")]

@@ -30,7 +30,14 @@ pub async fn from_config(config: &Config, clock: SharedClock) -> Result<Backends
         }
     };
     if let Some(url) = &config.redis_url {
-        backends.windows = redis(url, config, clock).await?;
+        backends.windows = redis(url, config, clock.clone()).await?;
+        if config.database_url.is_none() {
+            // Idempotency keys go to PostgreSQL when there is one, else to Redis.
+            backends.idempotency = redis_idempotency(url)?;
+            backends
+                .upkeep
+                .push(super::purge_idempotency_keys(backends.idempotency.clone()));
+        }
     }
     Ok(backends)
 }
@@ -82,7 +89,11 @@ async fn postgres(
     // Dashboard users and sessions (a few lookups per page view) and the usage rollups (written
     // by the log worker) are not on the API's request path.
     let accounts = super::accounts::Accounts::postgres(admin_pool.clone(), clock.clone()).await?;
-    let orgs = PostgresOrgStore::new(admin_pool).await?;
+    let orgs = PostgresOrgStore::new(admin_pool.clone()).await?;
+    tollgate_idempotency::PostgresIdempotencyStore::migrate(&admin_pool).await?;
+    let idempotency: Arc<dyn tollgate_idempotency::IdempotencyStore> = Arc::new(
+        tollgate_idempotency::PostgresIdempotencyStore::new(pool.clone(), clock.clone()),
+    );
 
     let windows = Arc::new(tollgate_sliding_window::MemoryWindowStore::new(clock));
     let sweep = Arc::clone(&windows);
@@ -95,15 +106,19 @@ async fn postgres(
         logs: Arc::new(logs),
         orgs: Arc::new(orgs),
         accounts,
-        upkeep: vec![Arc::new(move || {
-            sweep.sweep_now();
-            let keys = flush_keys.clone();
-            Box::pin(async move {
-                if let Err(e) = keys.flush_last_used().await {
-                    tracing::warn!(error = %e, "writing last-used times failed");
-                }
-            })
-        })],
+        upkeep: vec![
+            Arc::new(move || {
+                sweep.sweep_now();
+                let keys = flush_keys.clone();
+                Box::pin(async move {
+                    if let Err(e) = keys.flush_last_used().await {
+                        tracing::warn!(error = %e, "writing last-used times failed");
+                    }
+                })
+            }),
+            super::purge_idempotency_keys(idempotency.clone()),
+        ],
+        idempotency,
     })
 }
 
@@ -144,6 +159,21 @@ async fn redis(
     Ok(Arc::new(
         FailoverWindowStore::new(redis, mode).with_local(local),
     ))
+}
+
+#[cfg(feature = "redis")]
+fn redis_idempotency(
+    url: &str,
+) -> Result<Arc<dyn tollgate_idempotency::IdempotencyStore>, BoxError> {
+    // Connects on first use: a Redis that is down answers 503 to keyed requests only.
+    Ok(Arc::new(tollgate_idempotency::RedisIdempotencyStore::open(
+        url,
+    )?))
+}
+
+#[cfg(not(feature = "redis"))]
+fn redis_idempotency(_: &str) -> Result<Arc<dyn tollgate_idempotency::IdempotencyStore>, BoxError> {
+    Err("REDIS_URL is set, but this build has no Redis support (feature `redis`)".into())
 }
 
 #[cfg(not(feature = "redis"))]

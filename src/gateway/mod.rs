@@ -48,6 +48,7 @@ use tollgate_core::{
     SystemClock,
 };
 use tollgate_credit_meter::{CreditMeterLayer, Ledger, MemoryLedger};
+use tollgate_idempotency::{IdempotencyLayer, IdempotencyStore, MemoryIdempotencyStore};
 use tollgate_request_logger::{LogSink, MemoryLogSink, RequestLoggerLayer};
 use tollgate_response_envelope::ResponseEnvelopeLayer;
 use tollgate_sliding_window::{MemoryWindowStore, PerModelSlidingWindowLayer};
@@ -177,19 +178,37 @@ pub fn memory_backends(clock: SharedClock) -> Backends {
 pub fn memory_backends_with(clock: SharedClock, hold_ttl: Duration) -> Backends {
     let windows = Arc::new(MemoryWindowStore::new(clock.clone()));
     let sweep = Arc::clone(&windows);
+    let idempotency: Arc<dyn IdempotencyStore> =
+        Arc::new(MemoryIdempotencyStore::new(clock.clone()));
     Backends {
         keys: Arc::new(MemoryKeyStore::new(clock.clone())),
         ledger: Arc::new(MemoryLedger::new(clock.clone()).with_hold_ttl(hold_ttl)),
         windows,
-        upkeep: vec![Arc::new(move || {
-            sweep.sweep_now();
-            Box::pin(std::future::ready(()))
-        })],
+        upkeep: vec![
+            Arc::new(move || {
+                sweep.sweep_now();
+                Box::pin(std::future::ready(()))
+            }),
+            purge_idempotency_keys(Arc::clone(&idempotency)),
+        ],
+        idempotency,
         sessions: Arc::new(MemorySessionStore::new()),
         logs: Arc::new(MemoryLogSink::new(clock.clone())),
         orgs: Arc::new(MemoryOrgStore::new()),
         accounts: accounts::Accounts::memory(clock),
     }
+}
+
+/// The upkeep job forgetting expired `Idempotency-Key` records.
+pub fn purge_idempotency_keys(store: Arc<dyn IdempotencyStore>) -> state::Upkeep {
+    Arc::new(move || {
+        let purge = store.purge_expired();
+        Box::pin(async move {
+            if let Err(e) = purge.await {
+                tracing::warn!(error = %e, "purging expired idempotency keys failed");
+            }
+        })
+    })
 }
 
 /// Builds the gateway from `config` and serves it.
@@ -274,10 +293,20 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
         window = window.with_burst(plan, config.burst_for(plan));
     }
 
+    // Idempotency-Key (SPEC §14) right after authentication and model ownership, so a key
+    // belongs to the caller's org, and before the window and the meter, so a replay is
+    // neither counted nor billed. The envelope sits inside it, so the stored response is the
+    // one the client got (`_meta` included) and a 503 the envelope makes of an unrecorded
+    // charge is not stored. The lease outlives any request in flight (the hold TTL is above
+    // the upstream timeout).
     let upstream_stack = ServiceBuilder::new()
         .map_response(app::box_response)
-        .layer(ResponseEnvelopeLayer::new())
         .layer(ApiKeyAuthLayer::new(backends.keys.clone()))
+        .layer(
+            IdempotencyLayer::from_shared(backends.idempotency.clone())
+                .with_lease_ttl(config.hold_ttl),
+        )
+        .layer(ResponseEnvelopeLayer::new())
         .layer(window)
         .layer(CreditMeterLayer::new(backends.ledger.clone()))
         .service(proxy);

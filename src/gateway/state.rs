@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use tollgate_api_key_auth::KeyStore;
 use tollgate_credit_meter::Ledger;
+use tollgate_idempotency::IdempotencyStore;
 use tollgate_request_logger::{LogSink, LoggerHandle};
 use tollgate_sliding_window::WindowStore;
 use tollgate_upstream_sign::SessionStore;
@@ -35,6 +36,8 @@ pub struct Backends {
     pub orgs: Arc<dyn OrgStore>,
     /// Dashboard users and sessions, usage rollups.
     pub accounts: Accounts,
+    /// `Idempotency-Key` records (in flight and stored responses).
+    pub idempotency: Arc<dyn IdempotencyStore>,
     /// Periodic upkeep the backends need (evicting idle in-memory windows, writing buffered
     /// last-used times), run every minute and once more at graceful shutdown.
     pub upkeep: Vec<Upkeep>,
