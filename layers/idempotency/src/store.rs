@@ -350,8 +350,9 @@ mod tests {
 
     #[test]
     fn the_path_and_the_method_cannot_run_together() {
-        let a = Fingerprint::new(&Method::POST, "/x", b"");
-        let b = Fingerprint::new(&Method::from_bytes(b"POST/").unwrap(), "x", b"");
+        // "POST" + "X/x" and "POSTX" + "/x" read the same when run together.
+        let a = Fingerprint::new(&Method::POST, "X/x", b"");
+        let b = Fingerprint::new(&Method::from_bytes(b"POSTX").unwrap(), "/x", b"");
         assert_ne!(a, b);
     }
 }
