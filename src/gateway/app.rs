@@ -27,6 +27,30 @@ pub type GatewayBody = UnsyncBoxBody<Bytes, BoxError>;
 /// ones before we see them).
 pub const MAX_HEADER_BYTES: usize = 32 * 1024;
 
+/// Requests whose URI (path and query) is longer than this get a 414.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+
+/// Which endpoints a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// The public listener: `/api` and `/healthz`.
+    Public,
+    /// The internal listener: `/admin`, `/metrics`, `/readyz` and `/healthz`.
+    Internal,
+    /// Both on one listener (`TOLLGATE_ADMIN_BIND=public`).
+    Both,
+}
+
+impl Surface {
+    fn public(self) -> bool {
+        matches!(self, Surface::Public | Surface::Both)
+    }
+
+    fn internal(self) -> bool {
+        matches!(self, Surface::Internal | Surface::Both)
+    }
+}
+
 /// Boxes any body into [`GatewayBody`].
 pub fn boxed<B>(body: B) -> GatewayBody
 where
@@ -69,6 +93,7 @@ pub struct App<A> {
     state: Arc<AppState>,
     api: A,
     table: CostTable,
+    surface: Surface,
 }
 
 impl<A: Clone> Clone for App<A> {
@@ -77,6 +102,7 @@ impl<A: Clone> Clone for App<A> {
             state: Arc::clone(&self.state),
             api: self.api.clone(),
             table: self.table.clone(),
+            surface: self.surface,
         }
     }
 }
@@ -88,13 +114,21 @@ impl<A> std::fmt::Debug for App<A> {
 }
 
 impl<A> App<A> {
-    /// The top-level service over the state and the customer API stack.
+    /// The top-level service over the state and the customer API stack, serving every
+    /// endpoint.
     pub fn new(state: Arc<AppState>, api: A) -> Self {
         App {
             state,
             api,
             table: CostTable::onlyfans(),
+            surface: Surface::Both,
         }
+    }
+
+    /// Serves only the endpoints of `surface` (the others answer 404 `NOT_FOUND`).
+    pub fn with_surface(mut self, surface: Surface) -> Self {
+        self.surface = surface;
+        self
     }
 }
 
@@ -156,11 +190,22 @@ impl<A> App<A> {
             .iter()
             .map(|(k, v)| k.as_str().len() + v.len() + 4)
             .sum();
-        if header_bytes > MAX_HEADER_BYTES {
+        let uri_bytes = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+        let too_large = if uri_bytes > MAX_URI_BYTES {
+            Some((StatusCode::URI_TOO_LONG, "The request URI is too long."))
+        } else if header_bytes > MAX_HEADER_BYTES {
+            Some((
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "The request headers are too large.",
+            ))
+        } else {
+            None
+        };
+        if let Some((status, message)) = too_large {
             let mut res = rejection(
                 Rejection::new(ErrorCode::InvalidRequest)
-                    .with_status(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
-                    .with_message("The request headers are too large."),
+                    .with_status(status)
+                    .with_message(message),
             );
             let id = RequestId::from_headers_or_generate(req.headers());
             res.headers_mut()
@@ -168,7 +213,7 @@ impl<A> App<A> {
             return Box::pin(std::future::ready(Ok(res)));
         }
         let path = req.uri().path();
-        if path == "/api" || path.starts_with("/api/") {
+        if self.surface.public() && (path == "/api" || path.starts_with("/api/")) {
             // The request logger gives customer API responses their X-Request-Id.
             let state = Arc::clone(&self.state);
             let started = Instant::now();
@@ -200,21 +245,33 @@ impl<A> App<A> {
         })
     }
 
-    /// Health, metrics, the admin API, and 404 for the rest.
+    /// Health, metrics, the admin API (where this listener serves them), and 404 for the
+    /// rest.
     fn local<B>(&self, req: Request<B>) -> BoxFuture<Result<Response<GatewayBody>, Infallible>>
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
         let state = Arc::clone(&self.state);
+        let internal = self.surface.internal();
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/healthz") => Box::pin(std::future::ready(Ok(full_response(
                 StatusCode::OK,
                 "application/json",
                 r#"{"status":"ok"}"#,
             )))),
-            (&Method::GET, "/readyz") => Box::pin(async move { Ok(readiness(&state).await) }),
-            (&Method::GET, "/metrics") => {
+            // Draining: load balancers take this replica out while it finishes its requests.
+            (&Method::GET, "/readyz") if internal && state.is_draining() => {
+                Box::pin(std::future::ready(Ok(full_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "application/json",
+                    r#"{"status":"draining"}"#,
+                ))))
+            }
+            (&Method::GET, "/readyz") if internal => {
+                Box::pin(async move { Ok(readiness(&state).await) })
+            }
+            (&Method::GET, "/metrics") if internal => {
                 let text = state.metrics.render(state.gauges());
                 Box::pin(std::future::ready(Ok(full_response(
                     StatusCode::OK,
@@ -222,7 +279,7 @@ impl<A> App<A> {
                     text,
                 ))))
             }
-            (_, p) if p == "/admin" || p.starts_with("/admin/") => {
+            (_, p) if internal && (p == "/admin" || p.starts_with("/admin/")) => {
                 Box::pin(async move { Ok(super::admin::handle(&state, req).await.map(boxed)) })
             }
             _ => Box::pin(std::future::ready(Ok(rejection(Rejection::new(

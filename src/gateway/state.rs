@@ -1,5 +1,6 @@
 //! What every part of the gateway shares: configuration, backends, counters.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tollgate_api_key_auth::KeyStore;
@@ -61,6 +62,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The request logger's queue (dropped rows, flush).
     pub logger: LoggerHandle,
+    /// Set when graceful shutdown begins (`/readyz` then answers 503).
+    pub draining: AtomicBool,
 }
 
 impl std::fmt::Debug for AppState {
@@ -72,6 +75,11 @@ impl std::fmt::Debug for AppState {
 }
 
 impl AppState {
+    /// Whether graceful shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
     /// The layers' gauges, for `/metrics`.
     pub fn gauges(&self) -> Gauges {
         Gauges {
