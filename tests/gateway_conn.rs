@@ -212,3 +212,34 @@ async fn over_long_uris_and_headers_and_garbage_get_json_answers() {
     let text = raw(addr, b"GET / HTTP/1.1\r\nbad header\r\n\r\n".to_vec()).await;
     assert_json_error(&text, 400, "INVALID_REQUEST");
 }
+
+#[tokio::test]
+async fn past_the_connection_limit_new_connections_wait_for_a_free_slot() {
+    let mut config = common::test_config();
+    config.max_connections = 2;
+    config.admin_bind = tollgate::gateway::AdminBind::Separate("127.0.0.1:0".parse().unwrap());
+    let gw = common::start(config).await;
+    let addr = gw.gw.local_addr();
+    let healthz = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n";
+    // Two idle connections take both slots.
+    let first = TcpStream::connect(addr).await.unwrap();
+    let second = TcpStream::connect(addr).await.unwrap();
+    let mut third = TcpStream::connect(addr)
+        .await
+        .expect("the kernel queues it");
+    third.write_all(healthz).await.unwrap();
+    let mut buf = [0u8; 1024];
+    let early = tokio::time::timeout(Duration::from_millis(500), third.read(&mut buf)).await;
+    assert!(early.is_err(), "answered past the limit: {early:?}");
+    // The internal listener is not limited: probes still get through.
+    let internal = gw.gw.admin_addr().expect("an internal listener");
+    let text = raw(internal, healthz.to_vec()).await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    // A slot frees up: the waiting connection is served.
+    drop(first);
+    let text = read_answer(&mut third, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    drop(second);
+}

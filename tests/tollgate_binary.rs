@@ -1,0 +1,658 @@
+//! The `tollgate` binary as an operator runs it: `--version`, `--help`, bad values (exit 2),
+//! secrets from files, the public and internal listeners, JSON logs on stderr and the banner
+//! on stdout, an `https://` remote signer with a bearer token and a private CA, and the
+//! drain on SIGTERM (a second signal exits at once).
+
+mod support_proc;
+
+use std::convert::Infallible;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+use support_proc::{free_port, Http, LogDir, ADMIN_TOKEN};
+use tollgate::upstream_sign::{sandbox_rules, RulesSigner, Signer};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_tollgate");
+
+/// Runs the binary to completion with only `env` in its environment.
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(BINARY);
+    cmd.env_clear().args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    // Bounded: a binary that does not exit on a bad value would hang the suite.
+    let pid = child.id();
+    let watchdog = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(20));
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    });
+    let out = child.wait_with_output().expect("the binary's output");
+    drop(watchdog);
+    out
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn version_and_help_describe_every_setting() {
+    let out = run(&["--version"], &[]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        text(&out.stdout).trim(),
+        format!("tollgate {}", env!("CARGO_PKG_VERSION"))
+    );
+
+    let out = run(&["--help"], &[]);
+    assert!(out.status.success(), "{out:?}");
+    let help = text(&out.stdout);
+    for var in [
+        "TOLLGATE_BIND",
+        "TOLLGATE_ADMIN_BIND",
+        "TOLLGATE_ADMIN_TOKEN",
+        "TOLLGATE_ADMIN_TOKEN_FILE",
+        "DATABASE_URL",
+        "DATABASE_URL_FILE",
+        "REDIS_URL",
+        "TOLLGATE_UPSTREAM",
+        "TOLLGATE_SIGN_RULES",
+        "TOLLGATE_SIGNER_URL",
+        "TOLLGATE_SIGNER_TOKEN",
+        "TOLLGATE_SIGNER_TIMEOUT_MS",
+        "TOLLGATE_CA_FILE",
+        "TOLLGATE_UPSTREAM_TIMEOUT_MS",
+        "TOLLGATE_WINDOW_MS",
+        "TOLLGATE_BURST",
+        "TOLLGATE_RATE_LIMIT_FAILURE",
+        "TOLLGATE_BODY_LIMIT",
+        "TOLLGATE_SESSION_KEY",
+        "TOLLGATE_SESSION_KEY_FILE",
+        "TOLLGATE_DEMO",
+        "TOLLGATE_HOLD_TTL_MS",
+        "TOLLGATE_DRAIN_TIMEOUT_MS",
+        "TOLLGATE_MAX_CONNECTIONS",
+        "TOLLGATE_LOG_FORMAT",
+        "RUST_LOG",
+    ] {
+        assert!(
+            help.contains(&format!("[env: {var}")),
+            "{var} missing:\n{help}"
+        );
+    }
+    for default in [
+        "[default: 127.0.0.1:8080]",
+        "[default: 2000]",
+        "[default: 30000]",
+        "[default: 60000]",
+        "[default: free=5,basic=10,pro=30,enterprise=200]",
+        "[default: open]",
+        "[default: 1048576]",
+        "[default: 300000]",
+        "[default: 10000]",
+        "[default: text]",
+        "[default: info]",
+        "Default: 127.0.0.1:8001",
+    ] {
+        assert!(help.contains(default), "{default} missing:\n{help}");
+    }
+    // A meaning for each, not just a name.
+    assert!(
+        help.contains("past it the answer is 413 PAYLOAD_TOO_LARGE"),
+        "{help}"
+    );
+}
+
+#[test]
+fn a_bad_value_exits_2_with_a_clear_message_and_no_secret() {
+    let out = run(&[], &[("TOLLGATE_BIND", "nowhere")]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = text(&out.stderr);
+    assert!(err.contains("invalid value 'nowhere' for '--bind"), "{err}");
+    assert!(err.contains("TOLLGATE_BIND"), "{err}");
+    assert!(out.stdout.is_empty());
+
+    let out = run(&["--bnd", "127.0.0.1:1"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("a similar argument exists: '--bind'"));
+
+    let out = run(&[], &[("TOLLGATE_SESSION_KEY", "hunter2-not-hex")]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("TOLLGATE_SESSION_KEY") && err.contains("64 hex"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "the secret is echoed: {err}");
+
+    let out = run(&[], &[("TOLLGATE_ADMIN_TOKEN_FILE", "/nonexistent/token")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("TOLLGATE_ADMIN_TOKEN_FILE: cannot read /nonexistent/token"));
+}
+
+/// A gateway process with its stdout and stderr in separate files; killed when dropped.
+struct Gateway {
+    child: Option<Child>,
+    public: SocketAddr,
+    internal: Option<SocketAddr>,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Gateway {
+    /// Starts the binary with `env` (and loopback listeners) and waits for `/healthz`.
+    async fn start(logs: &LogDir, name: &str, env: &[(&str, &str)], internal: bool) -> Gateway {
+        let public: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let internal = internal.then(|| format!("127.0.0.1:{}", free_port()).parse().unwrap());
+        let stdout = logs.file(&format!("{name}-stdout"));
+        let stderr = logs.file(&format!("{name}-stderr"));
+        let mut cmd = Command::new(BINARY);
+        cmd.env_clear()
+            .env("TOLLGATE_BIND", public.to_string())
+            .env(
+                "TOLLGATE_ADMIN_BIND",
+                internal.map_or("public".to_owned(), |a: SocketAddr| a.to_string()),
+            )
+            .stdin(Stdio::null())
+            .stdout(File::create(&stdout).unwrap())
+            .stderr(File::create(&stderr).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut gw = Gateway {
+            child: Some(cmd.spawn().expect("the gateway starts")),
+            public,
+            internal,
+            stdout,
+            stderr,
+        };
+        let http = Http::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = gw.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("exited at start with {status}:\n{}", gw.stderr());
+            }
+            let req = Request::get(gw.url("/healthz"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            if let Ok(Ok(a)) =
+                tokio::time::timeout(Duration::from_secs(1), http.try_send(req)).await
+            {
+                if a.status == StatusCode::OK && gw.stdout().contains("demo key:") {
+                    return gw;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not healthy within 30 s:\n{}",
+                gw.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.public)
+    }
+
+    fn internal_url(&self, path: &str) -> String {
+        format!(
+            "http://{}{path}",
+            self.internal.expect("an internal listener")
+        )
+    }
+
+    fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// A line of the banner, e.g. `demo key:`.
+    fn banner(&self, label: &str) -> String {
+        self.stdout()
+            .lines()
+            .find_map(|l| l.strip_prefix(label))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_else(|| panic!("no {label:?} in the banner:\n{}", self.stdout()))
+    }
+
+    fn demo_path(&self, rest: &str) -> String {
+        format!("/api/models/{}{rest}", self.banner("demo model:"))
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        assert!(Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "did not exit within {limit:?}:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- stdout ----\n{}\n---- stderr ----\n{}",
+                self.stdout(),
+                self.stderr()
+            );
+        }
+    }
+}
+
+fn get(url: String, key: Option<&str>) -> Request<Full<Bytes>> {
+    let mut req = Request::get(url);
+    if let Some(key) = key {
+        req = req.header("x-api-key", key);
+    }
+    req.body(Full::new(Bytes::new())).unwrap()
+}
+
+#[tokio::test]
+async fn two_listeners_file_secrets_and_json_logs() {
+    let logs = LogDir::new("binary-listeners");
+    let token_file = logs.file("admin-token");
+    std::fs::write(&token_file, format!("{ADMIN_TOKEN}\n")).unwrap();
+    let gw = Gateway::start(
+        &logs,
+        "gw",
+        &[
+            ("TOLLGATE_ADMIN_TOKEN_FILE", token_file.to_str().unwrap()),
+            ("TOLLGATE_LOG_FORMAT", "json"),
+            ("TOLLGATE_DEMO", "on"),
+        ],
+        true,
+    )
+    .await;
+    let http = Http::new();
+    let key = gw.banner("demo key:");
+
+    // The public listener: the customer API and /healthz; nothing internal.
+    let call = http
+        .send(get(gw.url(&gw.demo_path("/users/me")), Some(&key)))
+        .await;
+    assert_eq!(call.status, StatusCode::OK, "{}", call.text());
+    for path in ["/admin/orgs", "/metrics", "/readyz"] {
+        let a = http
+            .admin(Method::POST, gw.url(path), Some(json!({"name": "x"})))
+            .await;
+        a.assert_error(StatusCode::NOT_FOUND, "NOT_FOUND");
+        assert!(a.headers.contains_key("x-request-id"), "{path}");
+    }
+    // The internal one: the admin API (token from the file), metrics, probes; no /api.
+    let org = http
+        .admin(
+            Method::POST,
+            gw.internal_url("/admin/orgs"),
+            Some(json!({"name": "Acme"})),
+        )
+        .await;
+    assert_eq!(org.status, StatusCode::CREATED, "{}", org.text());
+    let metrics = http.send(get(gw.internal_url("/metrics"), None)).await;
+    assert!(
+        metrics.text().contains("tollgate_requests_total"),
+        "{}",
+        metrics.text()
+    );
+    for path in ["/readyz", "/healthz"] {
+        assert_eq!(
+            http.send(get(gw.internal_url(path), None)).await.status,
+            StatusCode::OK
+        );
+    }
+    let api = http
+        .send(get(gw.internal_url(&gw.demo_path("/users/me")), Some(&key)))
+        .await;
+    api.assert_error(StatusCode::NOT_FOUND, "NOT_FOUND");
+
+    // The banner on stdout, one JSON object per log line on stderr, the token in neither.
+    let stdout = gw.stdout();
+    assert!(
+        stdout.contains(&format!("tollgate listening on http://{}", gw.public)),
+        "{stdout}"
+    );
+    assert!(stdout.contains(&format!(
+        "admin API, /metrics and /readyz on http://{}",
+        gw.internal.unwrap()
+    )));
+    let stderr = gw.stderr();
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(lines.len() >= 2, "{stderr}");
+    for line in &lines {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            v["level"].is_string() && v["message"].is_string() && v["timestamp"].is_string(),
+            "{line}"
+        );
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("tollgate gateway listening")),
+        "{stderr}"
+    );
+    assert!(!stdout.contains(ADMIN_TOKEN) && !stderr.contains(ADMIN_TOKEN));
+    assert!(
+        !stdout.contains("\"level\""),
+        "log lines on stdout: {stdout}"
+    );
+}
+
+/// A signing service (signatures of the sandbox rules, so the sandbox accepts them) that
+/// wants `Authorization: Bearer <token>`, over TLS when `tls` is given, answering after
+/// `delay`. Counts the requests it signed.
+async fn signer(
+    tls: Option<rustls::ServerConfig>,
+    token: &'static str,
+    delay: Duration,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let signed = Arc::new(AtomicUsize::new(0));
+    let acceptor = tls.map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c)));
+    let rules = Arc::new(RulesSigner::new(sandbox_rules()));
+    let counter = Arc::clone(&signed);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (rules, counter, acceptor) = (rules.clone(), counter.clone(), acceptor.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let (rules, counter) = (rules.clone(), counter.clone());
+                    async move {
+                        let authorized = req
+                            .headers()
+                            .get("authorization")
+                            .and_then(|v| v.to_str().ok())
+                            == Some(&format!("Bearer {token}"));
+                        let body: Value = serde_json::from_slice(
+                            &req.into_body().collect().await.unwrap().to_bytes(),
+                        )
+                        .unwrap();
+                        tokio::time::sleep(delay).await;
+                        let (status, answer) = if authorized {
+                            let s = rules
+                                .sign(
+                                    body["path"].as_str().unwrap(),
+                                    body["user_id"].as_str().unwrap(),
+                                )
+                                .await
+                                .unwrap();
+                            counter.fetch_add(1, Ordering::SeqCst);
+                            (
+                                200,
+                                json!({"sign": s.sign, "time": s.time, "app_token": s.app_token}),
+                            )
+                        } else {
+                            (401, json!({"error": "unauthorized"}))
+                        };
+                        Ok::<_, Infallible>(
+                            Response::builder()
+                                .status(status)
+                                .header("content-type", "application/json")
+                                .body(Full::new(Bytes::from(answer.to_string())))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let http = hyper::server::conn::http1::Builder::new();
+                match acceptor {
+                    Some(acceptor) => {
+                        if let Ok(tls) = acceptor.accept(stream).await {
+                            let _ = http.serve_connection(TokioIo::new(tls), svc).await;
+                        }
+                    }
+                    None => {
+                        let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, signed)
+}
+
+/// A self-signed certificate for `localhost` (written as PEM to `pem`) and a TLS server
+/// configuration presenting it.
+fn self_signed(pem: &Path) -> rustls::ServerConfig {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    std::fs::write(pem, certified.cert.pem()).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(certified.key_pair.serialize_der().into());
+    rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![certified.cert.der().clone()], key)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_https_signer_with_a_private_ca_and_a_bearer_token() {
+    let logs = LogDir::new("binary-https-signer");
+    let pem = logs.file("ca.pem");
+    let (addr, signed) = signer(Some(self_signed(&pem)), "signer-s3cret", Duration::ZERO).await;
+    let token_file = logs.file("signer-token");
+    std::fs::write(&token_file, "signer-s3cret\n").unwrap();
+    let url = format!("https://localhost:{}/sign", addr.port());
+    let base = [
+        ("TOLLGATE_SIGNER_URL", url.as_str()),
+        ("TOLLGATE_DEMO", "on"),
+    ];
+    let http = Http::new();
+
+    let with = |extra: &[(&'static str, &str)]| {
+        let mut env: Vec<(&str, &str)> = base.to_vec();
+        env.extend_from_slice(extra);
+        env.into_iter()
+            .map(|(k, v)| (k, v.to_owned()))
+            .collect::<Vec<_>>()
+    };
+    let trusted = with(&[
+        ("TOLLGATE_CA_FILE", pem.to_str().unwrap()),
+        ("TOLLGATE_SIGNER_TOKEN_FILE", token_file.to_str().unwrap()),
+    ]);
+    let env: Vec<(&str, &str)> = trusted.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let gw = Gateway::start(&logs, "trusted", &env, false).await;
+    let key = gw.banner("demo key:");
+    let a = http
+        .send(get(gw.url(&gw.demo_path("/users/me")), Some(&key)))
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert_eq!(
+        signed.load(Ordering::SeqCst),
+        1,
+        "signed by the https signer"
+    );
+    assert!(!gw.stderr().contains("signer-s3cret"));
+    drop(gw);
+
+    // Without the CA the certificate is not trusted; without the token the signer refuses:
+    // both are a signing failure, never charged.
+    for (name, extra) in [
+        (
+            "untrusted",
+            vec![("TOLLGATE_SIGNER_TOKEN", "signer-s3cret")],
+        ),
+        (
+            "no-token",
+            vec![("TOLLGATE_CA_FILE", pem.to_str().unwrap())],
+        ),
+    ] {
+        let owned = with(&extra);
+        let env: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let gw = Gateway::start(&logs, name, &env, false).await;
+        let key = gw.banner("demo key:");
+        let a = http
+            .send(get(gw.url(&gw.demo_path("/users/me")), Some(&key)))
+            .await;
+        a.assert_error(StatusCode::BAD_GATEWAY, "SIGNING_FAILED");
+        let credits = http.send(get(gw.url("/api/credits"), Some(&key))).await;
+        assert_eq!(credits.json()["balance"], 1000, "{name}: nothing charged");
+    }
+    assert_eq!(signed.load(Ordering::SeqCst), 1);
+}
+
+/// Starts a request that stays in flight for `signer_delay` (the signer is slow) on a demo
+/// gateway with `drain_ms`, and returns when the signer has it.
+async fn gateway_with_a_request_in_flight(
+    logs: &LogDir,
+    signer_delay: Duration,
+    drain_ms: &str,
+) -> (
+    Gateway,
+    tokio::task::JoinHandle<Result<support_proc::Answer, String>>,
+) {
+    let (addr, _) = signer(None, "t0ken-value", signer_delay).await;
+    let url = format!("http://{addr}/sign");
+    let gw = Gateway::start(
+        logs,
+        "drain",
+        &[
+            ("TOLLGATE_SIGNER_URL", &url),
+            ("TOLLGATE_SIGNER_TOKEN", "t0ken-value"),
+            ("TOLLGATE_SIGNER_TIMEOUT_MS", "60000"),
+            ("TOLLGATE_DRAIN_TIMEOUT_MS", drain_ms),
+            ("TOLLGATE_DEMO", "on"),
+        ],
+        true,
+    )
+    .await;
+    let req = get(
+        gw.url(&gw.demo_path("/users/me")),
+        Some(&gw.banner("demo key:")),
+    );
+    let in_flight =
+        tokio::spawn(async move { Http::new().try_send(req).await.map_err(|e| e.to_string()) });
+    // The request has reached the signer when the gateway's open-holds gauge says so.
+    let http = Http::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = http
+            .send(get(gw.internal_url("/metrics"), None))
+            .await
+            .text();
+        if m.contains("tollgate_open_credit_holds 1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the request did not start:\n{m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (gw, in_flight)
+}
+
+#[tokio::test]
+async fn sigterm_drains_requests_in_flight_and_exits_0() {
+    let logs = LogDir::new("binary-drain");
+    let (mut gw, in_flight) =
+        gateway_with_a_request_in_flight(&logs, Duration::from_millis(1_500), "20000").await;
+    gw.signal("-TERM");
+    let http = Http::new();
+    // Draining: /readyz fails on the internal listener, the public one stops accepting.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let a = http.send(get(gw.internal_url("/readyz"), None)).await;
+        if a.status == StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!(a.json(), json!({"status": "draining"}));
+            break;
+        }
+        assert!(Instant::now() < deadline, "/readyz still {}", a.status);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = tokio::net::TcpStream::connect(gw.public).await;
+    assert!(
+        refused.is_err(),
+        "the public listener still accepts while draining"
+    );
+    // The request in flight finishes (and is charged), then the process exits 0.
+    let answer = in_flight
+        .await
+        .unwrap()
+        .expect("the request in flight is answered");
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    let status = gw.wait_exit(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0), "{}", gw.stderr());
+    assert!(gw.stderr().contains("stopped"), "{}", gw.stderr());
+}
+
+#[tokio::test]
+async fn a_second_signal_exits_at_once_and_the_drain_timeout_bounds_the_wait() {
+    let logs = LogDir::new("binary-second-signal");
+    // The request would stay in flight for a minute; the drain would wait 30 s.
+    let (mut gw, in_flight) =
+        gateway_with_a_request_in_flight(&logs, Duration::from_secs(60), "30000").await;
+    gw.signal("-TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    gw.signal("-INT");
+    let status = gw.wait_exit(Duration::from_secs(10)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(status.code(), Some(130), "{}", gw.stderr());
+    assert!(in_flight.await.unwrap().is_err(), "the connection was cut");
+    drop(gw);
+
+    // With a short drain timeout, one signal is enough: the request is dropped (its hold
+    // released, nothing charged) and the process still exits 0.
+    let (mut gw, in_flight) =
+        gateway_with_a_request_in_flight(&logs, Duration::from_secs(60), "500").await;
+    let started = Instant::now();
+    gw.signal("-TERM");
+    let status = gw.wait_exit(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0), "{}", gw.stderr());
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(gw.stderr().contains("drain timeout"), "{}", gw.stderr());
+    assert!(in_flight.await.unwrap().is_err());
+}
