@@ -1,4 +1,4 @@
-//! The admin API (SPEC §5): organizations, subscriptions, credits, keys and models, behind
+//! The admin API (docs/contract.md §5): organizations, subscriptions, credits, keys and models, behind
 //! `Authorization: Bearer <TOLLGATE_ADMIN_TOKEN>`.
 
 use bytes::Bytes;

@@ -1,5 +1,5 @@
 //! The gateway's top-level service: health, metrics and admin endpoints, and the customer API
-//! behind the layers in the SPEC §9 order.
+//! behind the layers in the order of docs/contract.md §9.
 
 use std::convert::Infallible;
 use std::sync::Arc;

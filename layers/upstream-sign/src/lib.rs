@@ -89,6 +89,7 @@
 //! assert_eq!(res.status(), StatusCode::OK);
 //! # }
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod classify;
 mod future;

@@ -1,4 +1,4 @@
-//! [`RemoteSigner`]: asks a signing service over HTTP (SPEC §8 `TOLLGATE_SIGNER_URL`).
+//! [`RemoteSigner`]: asks a signing service over HTTP (docs/contract.md §8 `TOLLGATE_SIGNER_URL`).
 //!
 //! `POST <url>` with `{"path": "<path?query>", "user_id": "<id>"}` answers
 //! `{"sign": "…", "time": "<ms>", "app_token": "…"}`.
@@ -20,7 +20,7 @@ use tollgate_core::BoxFuture;
 use crate::rules::Signature;
 use crate::signer::{SignError, Signer};
 
-/// The remote signer's default timeout (SPEC §8 `TOLLGATE_SIGNER_TIMEOUT_MS`).
+/// The remote signer's default timeout (docs/contract.md §8 `TOLLGATE_SIGNER_TIMEOUT_MS`).
 pub const DEFAULT_SIGNER_TIMEOUT: Duration = Duration::from_millis(2000);
 
 /// The largest answer read from the signing service.
