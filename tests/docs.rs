@@ -272,7 +272,10 @@ fn rustdoc_links_only_to_files_in_the_repository() {
                 );
             }
             assert!(
-                !doc.contains("<http") && !doc.contains("SPEC §") && !doc.contains("SPEC.md"),
+                !doc.contains("<http://")
+                    && !doc.contains("<https://")
+                    && !doc.contains("SPEC §")
+                    && !doc.contains("SPEC.md"),
                 "{}:{}: refers outside the repository: {doc}",
                 file.display(),
                 n + 1
