@@ -73,6 +73,10 @@ fn the_gateway_example_is_the_tollgate_binary() {
             .output()
             .expect("the binary runs");
         assert!(example.status.success(), "{example:?}");
-        assert_eq!(example.stdout, binary.stdout, "{args:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&example.stdout),
+            String::from_utf8_lossy(&binary.stdout),
+            "{args:?}"
+        );
     }
 }

@@ -27,6 +27,7 @@ pub mod app;
 pub mod backends;
 pub mod cli;
 pub mod config;
+mod demo;
 pub mod local;
 pub mod metrics;
 pub mod orgs;
@@ -55,52 +56,26 @@ use tokio::task::JoinHandle;
 use tower::{Layer, ServiceBuilder, ServiceExt};
 use tower_service::Service;
 
-use tollgate_api_key_auth::{ApiKeyAuthLayer, KeyStore, MemoryKeyStore};
+use tollgate_api_key_auth::{ApiKeyAuthLayer, MemoryKeyStore};
 use tollgate_core::Clock as _;
-use tollgate_core::{
-    BoxError, CostTable, ErrorCode, KeyId, ModelId, OrgId, Plan, Rejection, SharedClock,
-    SystemClock,
-};
+use tollgate_core::{BoxError, CostTable, ErrorCode, Plan, Rejection, SharedClock, SystemClock};
 use tollgate_credit_meter::{CreditMeterLayer, Ledger, MemoryLedger};
 use tollgate_request_logger::{LogSink, MemoryLogSink, RequestLoggerLayer};
 use tollgate_response_envelope::ResponseEnvelopeLayer;
 use tollgate_sliding_window::{MemoryWindowStore, PerModelSlidingWindowLayer};
 use tollgate_upstream_sign::{
-    sandbox_rules, MemorySessionStore, RemoteSigner, RulesSigner, Session, SessionStore, Signer,
-    UpstreamSignLayer,
+    sandbox_rules, MemorySessionStore, RemoteSigner, RulesSigner, Signer, UpstreamSignLayer,
 };
 
 use crate::sandbox::{Sandbox, SandboxServer};
 
 pub use app::{App, GatewayBody, Surface};
 pub use config::{AdminBind, Config, ConfigError, LogFormat, RateLimitFailure};
+pub use demo::Demo;
 pub use orgs::{MemoryOrgStore, OrgStore};
 pub use state::{AppState, Backends};
 
 use server::{ServeOptions, Served};
-
-/// The demo tenant seeded in demo mode.
-#[derive(Clone)]
-pub struct Demo {
-    /// The demo organization (basic plan).
-    pub org: OrgId,
-    /// The demo model, connected to a sandbox account.
-    pub model: ModelId,
-    /// The demo key's id.
-    pub key_id: KeyId,
-    /// The demo key's secret.
-    pub key: String,
-}
-
-impl std::fmt::Debug for Demo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Demo")
-            .field("org", &self.org)
-            .field("model", &self.model)
-            .field("key_id", &self.key_id)
-            .finish_non_exhaustive()
-    }
-}
 
 /// A gateway serving on its listeners.
 pub struct RunningGateway {
@@ -323,7 +298,7 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
 
     let demo = if config.demo {
         let sandbox = sandbox.as_ref().map(|(s, _)| s);
-        Some(seed_demo(&state, sandbox).await?)
+        Some(demo::seed(&state, sandbox).await?)
     } else {
         None
     };
@@ -502,34 +477,4 @@ fn spawn_jobs(state: &Arc<AppState>, upkeep: Vec<state::Upkeep>) -> Vec<JoinHand
         }
     });
     vec![renew, purge, upkeep]
-}
-
-async fn seed_demo(state: &AppState, sandbox: Option<&Sandbox>) -> Result<Demo, BoxError> {
-    let org = state.orgs.create("Demo Org".to_owned()).await?;
-    state.ledger.subscribe(org, Plan::Basic).await?;
-    state.keys.set_subscription(org, Some(Plan::Basic)).await?;
-    let session = match sandbox {
-        Some(sandbox) => {
-            let account = sandbox.add_account();
-            Session {
-                cookie: account.cookie,
-                user_id: account.user_id,
-                x_bc: account.x_bc,
-                user_agent: account.user_agent,
-            }
-        }
-        None => return Err("demo mode needs the in-process sandbox upstream (unset TOLLGATE_UPSTREAM or TOLLGATE_DEMO)".into()),
-    };
-    let model = state
-        .sessions
-        .connect(org, "Demo Model".to_owned(), session)
-        .await?;
-    state.keys.add_model(org, model.id).await?;
-    let key = state.keys.create_key(org, "demo".to_owned()).await?;
-    Ok(Demo {
-        org,
-        model: model.id,
-        key_id: key.id,
-        key: key.secret,
-    })
 }

@@ -264,6 +264,21 @@ mod tests {
     }
 
     #[test]
+    fn bearer_tokens_are_header_text_and_never_shown() {
+        let signer = RemoteSigner::new("http://127.0.0.1:9/sign", DEFAULT_SIGNER_TIMEOUT).unwrap();
+        let with = signer.clone().with_bearer_token("s3cret-token").unwrap();
+        let auth = with.inner.authorization.as_ref().unwrap();
+        assert_eq!(auth, "Bearer s3cret-token");
+        assert!(auth.is_sensitive());
+        assert!(!format!("{with:?}").contains("s3cret"));
+        for bad in ["", " padded", "line\nbreak"] {
+            assert_eq!(signer.clone().with_bearer_token(bad).unwrap_err(), InvalidSignerToken);
+        }
+        // The original is untouched: the token belongs to the new signer only.
+        assert!(signer.inner.authorization.is_none());
+    }
+
+    #[test]
     fn answers_are_validated() {
         let ok =
             parse_answer(br#"{"sign":"1:ab:3:4","time":"1700000000000","app_token":"t"}"#).unwrap();

@@ -5,6 +5,7 @@
 //! `src/bin/tollgate.rs` and `examples/gateway.rs` are both thin wrappers over [`run`].
 
 mod args;
+mod convert;
 
 use std::process::ExitCode;
 
