@@ -372,6 +372,9 @@ async fn missing_unknown_malformed_and_revoked_keys_get_401_and_cost_nothing() {
     // No key at all.
     let none = gw.send(gw.request(Method::GET, &path, None, None)).await;
     assert_error(&none, 401, "INVALID_API_KEY", INVALID_KEY);
+    // No window applies to a caller without a valid key: no quota, nothing to wait for.
+    assert_eq!(rate_limit_headers(&none), (0, 0, 0));
+    assert!(!none.headers.contains_key("retry-after"));
 
     // A well-formed key nobody issued.
     let key = gw.key();
@@ -593,6 +596,11 @@ async fn cancelled_subscription_gets_402_no_subscription() {
     ] {
         let answer = call(&gw, method, &path, body).await;
         assert_error(&answer, 402, "NO_SUBSCRIPTION", NO_SUBSCRIPTION);
+        assert_eq!(
+            rate_limit_headers(&answer),
+            (0, 0, 0),
+            "no quota without a plan"
+        );
     }
     assert_eq!(sandbox(&gw).requests_received(), 0);
     assert_eq!(gw.balance().await, before);

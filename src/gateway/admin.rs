@@ -1,4 +1,5 @@
-//! The admin API (docs/contract.md §5): organizations, subscriptions, credits, keys and models, behind
+//! The admin API (docs/contract.md §5): organizations, subscriptions, credits, keys, models,
+//! dashboard users and usage (`admin_accounts`), behind
 //! `Authorization: Bearer <TOLLGATE_ADMIN_TOKEN>`.
 
 use bytes::Bytes;
@@ -12,9 +13,16 @@ use serde_json::{json, Value};
 use tollgate_api_key_auth::{KeyInfo, KeyStatus};
 use tollgate_core::time::rfc3339_from_ms;
 use tollgate_core::{BackendError, BoxError, ErrorCode, KeyId, ModelId, OrgId, Plan, Rejection};
-use tollgate_upstream_sign::{ModelRecord, Session};
+use tollgate_upstream_sign::ModelRecord;
 
+use super::app::PeerAddr;
 use super::state::AppState;
+
+pub mod body;
+pub mod lockout;
+
+use body::{credits_field, invalid, session_field, string_field};
+pub use lockout::AdminLockout;
 
 /// The most an admin request body may hold.
 const ADMIN_BODY_LIMIT: usize = 64 * 1024;
@@ -38,10 +46,6 @@ fn created(value: &impl Serialize) -> AdminResult {
     Ok(json_response(StatusCode::CREATED, value))
 }
 
-fn invalid(message: impl Into<String>) -> Rejection {
-    Rejection::new(ErrorCode::InvalidRequest).with_message(message.into())
-}
-
 fn not_found(what: &str) -> Rejection {
     Rejection::new(ErrorCode::NotFound).with_message(format!("No such {what}."))
 }
@@ -60,16 +64,24 @@ fn counted(state: &AppState) -> impl Fn(BackendError) -> Rejection + '_ {
 }
 
 /// Compares the presented token with the configured one without leaking, through timing,
-/// how much of it matched.
+/// how much of it matched or how long the configured one is: the comparison is of their
+/// SHA-256 digests, which have one length, in constant time.
 fn token_matches(presented: &[u8], expected: &[u8]) -> bool {
-    if presented.len() != expected.len() {
-        return false;
-    }
-    presented
-        .iter()
-        .zip(expected)
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-        == 0
+    use sha2::{Digest, Sha256};
+    use subtle::ConstantTimeEq;
+    let presented = Sha256::digest(presented);
+    let expected = Sha256::digest(expected);
+    presented.ct_eq(&expected).into()
+}
+
+/// 429 for a client address locked out after too many wrong tokens.
+fn locked_out(wait: std::time::Duration) -> Rejection {
+    let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+    Rejection::new(ErrorCode::RateLimitExceeded)
+        .with_message(format!(
+            "Too many wrong admin tokens from this address. Retry in {secs} s."
+        ))
+        .with_retry_after(secs)
 }
 
 /// Answers one admin request.
@@ -101,12 +113,26 @@ where
             (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &v[7..])
         })
         .unwrap_or_default();
-    if presented.is_empty() || !token_matches(presented, expected.as_bytes()) {
+    let client = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
+    let lockout = &state.admin_lockout;
+    if let Some(wait) = lockout.locked_for(client) {
+        return Err(locked_out(wait));
+    }
+    if presented.is_empty() {
         return Err(Rejection::new(ErrorCode::Unauthorized));
     }
+    if !token_matches(presented, expected.as_bytes()) {
+        if lockout.record_failure(client).is_some() {
+            tracing::warn!(client = ?client, "too many wrong admin tokens; address locked out");
+        }
+        return Err(Rejection::new(ErrorCode::Unauthorized));
+    }
+    lockout.record_success(client);
 
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or_default().to_owned();
+    let host = super::admin_accounts::host_of(&req);
     let segments: Vec<&str> = path
         .strip_prefix("/admin/")
         .unwrap_or_default()
@@ -131,6 +157,22 @@ where
         (&Method::GET, ["orgs", org, "models"]) => list_models(state, org_id(org)?).await,
         (&Method::POST, ["models", model, "reconnect"]) => {
             reconnect(state, model_id(model)?, body?).await
+        }
+        (&Method::POST, ["orgs", org, "users"]) => {
+            let org = org_id(org)?;
+            require_org(state, org).await?;
+            super::admin_accounts::invite(state, org, body?, host.as_deref()).await
+        }
+        (&Method::GET, ["orgs", org, "users"]) => {
+            let org = org_id(org)?;
+            require_org(state, org).await?;
+            super::admin_accounts::list_users(state, org).await
+        }
+        (&Method::DELETE, ["users", user]) => super::admin_accounts::delete_user(state, user).await,
+        (&Method::GET, ["orgs", org, "usage"]) => {
+            let org = org_id(org)?;
+            require_org(state, org).await?;
+            ok(&super::usage::series(state, org, &query).await?)
         }
         _ => Err(Rejection::new(ErrorCode::NotFound)),
     }
@@ -167,80 +209,9 @@ fn model_id(text: &str) -> Result<ModelId, Rejection> {
     text.parse().map_err(|_| not_found("model"))
 }
 
-fn string_field(body: &Value, field: &str) -> Result<String, Rejection> {
-    match body.get(field) {
-        Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.clone()),
-        Some(Value::String(_)) => Err(invalid(format!("`{field}` must not be empty."))),
-        Some(_) => Err(invalid(format!("`{field}` must be a string."))),
-        None => Err(invalid(format!("`{field}` is required."))),
-    }
-}
-
-fn count_field(body: &Value, field: &str) -> Result<u64, Rejection> {
-    match body.get(field) {
-        Some(Value::Number(n)) => match (n.as_u64(), n.as_i64()) {
-            (Some(v), _) => Ok(v),
-            (None, Some(_)) => Err(invalid(format!("`{field}` must not be negative."))),
-            _ => Err(invalid(format!("`{field}` must be a whole number."))),
-        },
-        Some(_) => Err(invalid(format!("`{field}` must be a number."))),
-        None => Err(invalid(format!("`{field}` is required."))),
-    }
-}
-
-/// A credit amount: a whole number from 0 to the ledger's maximum.
-fn credits_field(body: &Value, field: &str) -> Result<u64, Rejection> {
-    let n = count_field(body, field)?;
-    if n > tollgate_credit_meter::MAX_CREDITS {
-        return Err(invalid(format!(
-            "`{field}` must be at most {}.",
-            tollgate_credit_meter::MAX_CREDITS
-        )));
-    }
-    Ok(n)
-}
-
 /// The ledger has no account for an org that never subscribed.
 fn no_account() -> Rejection {
     invalid("The organization has never subscribed: subscribe it to a plan before changing its credits.")
-}
-
-fn session_field(body: &Value) -> Result<Session, Rejection> {
-    let session = body
-        .get("session")
-        .ok_or_else(|| invalid("`session` is required."))?;
-    if !session.is_object() {
-        return Err(invalid(
-            "`session` must be an object {cookie, user_id, x_bc, user_agent}.",
-        ));
-    }
-    let field = |name: &str| {
-        string_field(session, name).map_err(|_| {
-            invalid(format!(
-                "`session.{name}` is required and must be a non-empty string."
-            ))
-        })
-    };
-    let session = Session {
-        cookie: field("cookie")?,
-        user_id: field("user_id")?,
-        x_bc: field("x_bc")?,
-        user_agent: field("user_agent")?,
-    };
-    // Session material ends up in upstream headers: refuse what could never be sent.
-    for (name, value) in [
-        ("cookie", &session.cookie),
-        ("user_id", &session.user_id),
-        ("x_bc", &session.x_bc),
-        ("user_agent", &session.user_agent),
-    ] {
-        if HeaderValue::from_str(value).is_err() {
-            return Err(invalid(format!(
-                "`session.{name}` contains characters not allowed in an HTTP header."
-            )));
-        }
-    }
-    Ok(session)
 }
 
 async fn require_org(state: &AppState, org: OrgId) -> Result<String, Rejection> {
@@ -458,5 +429,9 @@ mod tests {
         assert!(!token_matches(b"abd", b"abc"));
         assert!(!token_matches(b"ab", b"abc"));
         assert!(!token_matches(b"", b"abc"));
+        assert!(!token_matches(b"abcd", b"abc"));
+        let long = vec![b'a'; 10_000];
+        assert!(token_matches(&long, &long));
+        assert!(!token_matches(&long[1..], &long));
     }
 }

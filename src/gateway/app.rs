@@ -2,6 +2,7 @@
 //! behind the layers in the order of docs/contract.md §9.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -16,12 +17,21 @@ use tower::ServiceExt;
 use tower_service::Service;
 
 use tollgate_core::ext::X_REQUEST_ID;
-use tollgate_core::{BoxError, BoxFuture, CostTable, ErrorCode, Rejection, RequestId};
+use tollgate_core::{
+    BackendFailure, BoxError, BoxFuture, CostTable, ErrorCode, Rejection, RequestId,
+};
 
+use super::completion::{Completion, ResponseBody};
+use super::readiness::Readiness;
 use super::state::AppState;
 
-/// The response body of every gateway response.
+/// The boxed body the gateway's services answer with.
 pub type GatewayBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Request extension: the address of the client at the other end of the connection (as
+/// the listener accepted it; a proxy in front shows as the client).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerAddr(pub SocketAddr);
 
 /// Requests whose headers add up to more than this get a 431 (hyper itself refuses far larger
 /// ones before we see them).
@@ -33,9 +43,10 @@ pub const MAX_URI_BYTES: usize = 8 * 1024;
 /// Which endpoints a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Surface {
-    /// The public listener: `/api` and `/healthz`.
+    /// The public listener: `/api`, `/dashboard` (customers' sign-in only) and `/healthz`.
     Public,
-    /// The internal listener: `/admin`, `/metrics`, `/readyz` and `/healthz`.
+    /// The internal listener: `/admin`, `/dashboard` (the operator's admin-token sign-in
+    /// too), `/metrics`, `/readyz` and `/healthz`.
     Internal,
     /// Both on one listener (`TOLLGATE_ADMIN_BIND=public`).
     Both,
@@ -94,6 +105,7 @@ pub struct App<A> {
     api: A,
     table: CostTable,
     surface: Surface,
+    peer: Option<SocketAddr>,
 }
 
 impl<A: Clone> Clone for App<A> {
@@ -103,6 +115,7 @@ impl<A: Clone> Clone for App<A> {
             api: self.api.clone(),
             table: self.table.clone(),
             surface: self.surface,
+            peer: self.peer,
         }
     }
 }
@@ -122,6 +135,19 @@ impl<A> App<A> {
             api,
             table: CostTable::onlyfans(),
             surface: Surface::Both,
+            peer: None,
+        }
+    }
+
+    /// The service for one accepted connection from `peer`: every request on it carries a
+    /// [`PeerAddr`] extension (the admin API's lockout is per client address).
+    pub fn for_peer(&self, peer: SocketAddr) -> Self
+    where
+        A: Clone,
+    {
+        App {
+            peer: Some(peer),
+            ..self.clone()
         }
     }
 
@@ -142,9 +168,9 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    type Response = Response<GatewayBody>;
+    type Response = Response<ResponseBody>;
     type Error = Infallible;
-    type Future = BoxFuture<Result<Response<GatewayBody>, Infallible>>;
+    type Future = BoxFuture<Result<Response<ResponseBody>, Infallible>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
@@ -165,9 +191,9 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    type Response = Response<GatewayBody>;
+    type Response = Response<ResponseBody>;
     type Error = Infallible;
-    type Future = BoxFuture<Result<Response<GatewayBody>, Infallible>>;
+    type Future = BoxFuture<Result<Response<ResponseBody>, Infallible>>;
 
     fn call(&self, req: Request<B>) -> Self::Future {
         self.dispatch(req)
@@ -175,7 +201,10 @@ where
 }
 
 impl<A> App<A> {
-    fn dispatch<B>(&self, req: Request<B>) -> BoxFuture<Result<Response<GatewayBody>, Infallible>>
+    fn dispatch<B>(
+        &self,
+        mut req: Request<B>,
+    ) -> BoxFuture<Result<Response<ResponseBody>, Infallible>>
     where
         A: Service<Request<B>, Response = Response<GatewayBody>, Error = Infallible>
             + Clone
@@ -185,6 +214,9 @@ impl<A> App<A> {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
+        if let Some(peer) = self.peer {
+            req.extensions_mut().insert(PeerAddr(peer));
+        }
         let header_bytes: usize = req
             .headers()
             .iter()
@@ -210,16 +242,19 @@ impl<A> App<A> {
             let id = RequestId::from_headers_or_generate(req.headers());
             res.headers_mut()
                 .insert(X_REQUEST_ID.clone(), id.to_header_value());
-            return Box::pin(std::future::ready(Ok(res)));
+            return Box::pin(std::future::ready(Ok(res.map(ResponseBody::new))));
         }
         let path = req.uri().path();
         if self.surface.public() && (path == "/api" || path.starts_with("/api/")) {
             // The request logger gives customer API responses their X-Request-Id.
             let state = Arc::clone(&self.state);
             let started = Instant::now();
-            let mut req = req;
+            let head_only = req.method() == Method::HEAD;
             // Resolved once here; every layer inside reuses the match from the extensions.
             let route = self.table.resolve(&mut req);
+            // Counts the request as abandoned if this future, or later the body, is dropped
+            // before the end.
+            let mut completion = Completion::new(Arc::clone(&state.metrics), route);
             let api = self.api.clone();
             return Box::pin(async move {
                 let res = api.oneshot(req).await?;
@@ -227,11 +262,17 @@ impl<A> App<A> {
                     .extensions()
                     .get::<ErrorCode>()
                     .map_or("OK", |c| c.as_str());
-                let template = route.as_ref().map_or("unmatched", |m| m.template());
                 state
                     .metrics
-                    .record_request(template, code, started.elapsed());
-                Ok(res)
+                    .record_request(completion.template(), code, started.elapsed());
+                if let Some(failure) = res.extensions().get::<BackendFailure>() {
+                    state.metrics.record_backend_error(failure.backend);
+                }
+                if head_only {
+                    // hyper sends no body for HEAD and drops it.
+                    completion.disarm();
+                }
+                Ok(res.map(|body| ResponseBody::watched(body, completion)))
             });
         }
         // Everything else gets its X-Request-Id here: every response carries one.
@@ -241,12 +282,12 @@ impl<A> App<A> {
             let mut res = fut.await?;
             res.headers_mut()
                 .insert(X_REQUEST_ID.clone(), id.to_header_value());
-            Ok(res)
+            Ok(res.map(ResponseBody::new))
         })
     }
 
-    /// Health, metrics, the admin API (where this listener serves them), and 404 for the
-    /// rest.
+    /// Health, the dashboard, metrics and the admin API (these two where this listener
+    /// serves them), and 404 for the rest.
     fn local<B>(&self, req: Request<B>) -> BoxFuture<Result<Response<GatewayBody>, Infallible>>
     where
         B: Body<Data = Bytes> + Send + 'static,
@@ -268,9 +309,19 @@ impl<A> App<A> {
                     r#"{"status":"draining"}"#,
                 ))))
             }
-            (&Method::GET, "/readyz") if internal => {
-                Box::pin(async move { Ok(readiness(&state).await) })
-            }
+            (&Method::GET, "/readyz") if internal => Box::pin(async move {
+                let report = Readiness::report(&state).await;
+                let status = if report.ready() {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                Ok(full_response(
+                    status,
+                    "application/json",
+                    report.to_json().to_string(),
+                ))
+            }),
             (&Method::GET, "/metrics") if internal => {
                 let text = state.metrics.render(state.gauges());
                 Box::pin(std::future::ready(Ok(full_response(
@@ -278,6 +329,9 @@ impl<A> App<A> {
                     "text/plain; version=0.0.4",
                     text,
                 ))))
+            }
+            (_, p) if p == "/dashboard" || p.starts_with("/dashboard/") => {
+                Box::pin(async move { Ok(super::dashboard::handle(&state, req, internal).await) })
             }
             (_, p) if internal && (p == "/admin" || p.starts_with("/admin/")) => {
                 Box::pin(async move { Ok(super::admin::handle(&state, req).await.map(boxed)) })
@@ -287,56 +341,4 @@ impl<A> App<A> {
             ))))),
         }
     }
-}
-
-/// `/readyz`: every backend the requests need answers a cheap query within 2 s.
-async fn readiness(state: &AppState) -> Response<GatewayBody> {
-    use tollgate_sliding_window::{BucketKey, WindowLimits};
-    let within = |fut: BoxFuture<bool>| async move {
-        tokio::time::timeout(std::time::Duration::from_secs(2), fut)
-            .await
-            .unwrap_or(false)
-    };
-    let probe = tollgate_core::OrgId::new();
-    let ledger = state.ledger.account(probe);
-    let keys = state.keys.list_keys(probe);
-    let sessions = state.sessions.list(probe);
-    let windows = state.windows.check(
-        BucketKey::new(probe, tollgate_core::ModelId::new()),
-        WindowLimits {
-            limit: 1,
-            burst: 1,
-            window_ms: 1_000,
-        },
-    );
-    let logs = state
-        .logs
-        .query(tollgate_request_logger::LogQuery::new(probe));
-    let (ledger, keys, sessions, windows, logs) = tokio::join!(
-        within(Box::pin(async move { ledger.await.is_ok() })),
-        within(Box::pin(async move { keys.await.is_ok() })),
-        within(Box::pin(async move { sessions.await.is_ok() })),
-        within(Box::pin(async move { windows.await.is_ok() })),
-        within(Box::pin(async move { logs.await.is_ok() })),
-    );
-    let ready = ledger && keys && sessions && windows && logs;
-    if !ready {
-        state.metrics.record_backend_error("readiness");
-    }
-    let body = serde_json::json!({
-        "status": if ready { "ready" } else { "unavailable" },
-        "backends": {
-            "ledger": ledger, "keys": keys, "sessions": sessions,
-            "rate_limits": windows, "logs": logs,
-        },
-    });
-    full_response(
-        if ready {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        },
-        "application/json",
-        body.to_string(),
-    )
 }

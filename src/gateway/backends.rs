@@ -9,6 +9,15 @@ use tollgate_core::{BoxError, SharedClock};
 use super::config::Config;
 use super::state::Backends;
 
+/// Connections of the request-path pool of each replica.
+pub const REQUEST_POOL_SIZE: usize = 32;
+/// Connections of the pool of the admin API, the log writer and the periodic jobs.
+pub const ADMIN_POOL_SIZE: usize = 8;
+/// `statement_timeout` of the request-path pool: below the credit meter's settle timeout
+/// (5 s), so a commit blocked on a locked account row is cancelled by the server, and its
+/// outcome is known, before the meter gives up on it.
+pub const REQUEST_STATEMENT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The backends `config` asks for.
 pub async fn from_config(config: &Config, clock: SharedClock) -> Result<Backends, BoxError> {
     let mut backends = match &config.database_url {
@@ -41,11 +50,19 @@ async fn postgres(
 
     use super::postgres_orgs::PostgresOrgStore;
 
-    // One pool for every store of this replica; each store runs its own migrations (under an
-    // advisory lock, so replicas starting together are safe).
-    let options = PoolOptions::default().with_max_size(32);
-    let pool = tollgate_postgres::connect_with(url, &options)?;
-    let listen = pg_config(url, &options)?;
+    // Two pools per replica: the request path (key lookups, sessions, holds and commits)
+    // with a short statement timeout, so a statement stuck behind a locked row fails and is
+    // rolled back well within the credit meter's settle timeout instead of holding a
+    // connection; and everything else (admin API, log writes, renewals, the sweeper), so
+    // neither can starve the other. Each store runs its own migrations (under an advisory
+    // lock, so replicas starting together are safe).
+    let request = PoolOptions::default()
+        .with_max_size(REQUEST_POOL_SIZE)
+        .with_statement_timeout(REQUEST_STATEMENT_TIMEOUT);
+    let pool = tollgate_postgres::connect_with(url, &request)?;
+    let admin = PoolOptions::default().with_max_size(ADMIN_POOL_SIZE);
+    let admin_pool = tollgate_postgres::connect_with(url, &admin)?;
+    let listen = pg_config(url, &admin)?;
 
     let keys = PostgresKeyStore::builder(pool.clone())
         .with_clock(clock.clone())
@@ -56,11 +73,16 @@ async fn postgres(
         .with_listener(listen)
         .build()
         .await?;
-    PostgresLedger::migrate(&pool).await?;
-    let ledger = PostgresLedger::new(pool.clone(), clock.clone()).with_hold_ttl(hold_ttl);
-    PostgresLogSink::migrate(&pool).await?;
-    let logs = PostgresLogSink::new(pool.clone(), clock.clone());
-    let orgs = PostgresOrgStore::new(pool).await?;
+    PostgresLedger::migrate(&admin_pool).await?;
+    let ledger = PostgresLedger::new(pool.clone(), clock.clone())
+        .with_admin_pool(admin_pool.clone())
+        .with_hold_ttl(hold_ttl);
+    PostgresLogSink::migrate(&admin_pool).await?;
+    let logs = PostgresLogSink::new(admin_pool.clone(), clock.clone());
+    // Dashboard users and sessions (a few lookups per page view) and the usage rollups (written
+    // by the log worker) are not on the API's request path.
+    let accounts = super::accounts::Accounts::postgres(admin_pool.clone(), clock.clone()).await?;
+    let orgs = PostgresOrgStore::new(admin_pool).await?;
 
     let windows = Arc::new(tollgate_sliding_window::MemoryWindowStore::new(clock));
     let sweep = Arc::clone(&windows);
@@ -72,6 +94,7 @@ async fn postgres(
         sessions: Arc::new(sessions),
         logs: Arc::new(logs),
         orgs: Arc::new(orgs),
+        accounts,
         upkeep: vec![Arc::new(move || {
             sweep.sweep_now();
             let keys = flush_keys.clone();
@@ -108,12 +131,12 @@ async fn redis(
     };
     // Start even while Redis is down: the failover store decides locally (or answers 503)
     // until it is back.
-    // The failover bounds each call itself (one 250 ms timeout while Redis answers nobody,
+    // The failover bounds each call itself (one DEFAULT_FAILOVER_TIMEOUT while Redis answers nobody,
     // up to MAX_QUEUED_WAIT while it answers others), so the store's own bound must not cut
     // a queued call short first.
     let redis = RedisWindowStore::open(url)?
         .with_timeout(tollgate_sliding_window::MAX_QUEUED_WAIT + Duration::from_millis(100));
-    if let Err(e) = redis.ping().await {
+    if let Err(e) = redis.warm_up().await {
         tracing::warn!(error = %e, mode = ?mode, "Redis is not reachable at start; rate limits fail {}", match mode { FailureMode::Open => "open to the local limiter", FailureMode::Closed => "closed (503)" });
     }
     // While Redis is down and the mode is open, this replica decides alone.

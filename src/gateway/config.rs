@@ -122,6 +122,9 @@ pub struct Config {
     pub max_connections: usize,
     /// `TOLLGATE_LOG_FORMAT`.
     pub log_format: LogFormat,
+    /// `TOLLGATE_DASHBOARD_INSECURE_COOKIES=1`: the dashboard's session cookie without
+    /// `Secure`, for plain HTTP on loopback (and invite links with `http://`).
+    pub dashboard_insecure_cookies: bool,
     /// `RUST_LOG`: tracing filter.
     pub log_filter: String,
 }
@@ -153,6 +156,10 @@ impl fmt::Debug for Config {
             .field("drain_timeout", &self.drain_timeout)
             .field("max_connections", &self.max_connections)
             .field("log_format", &self.log_format)
+            .field(
+                "dashboard_insecure_cookies",
+                &self.dashboard_insecure_cookies,
+            )
             .field("log_filter", &self.log_filter)
             .finish()
     }
@@ -210,6 +217,7 @@ impl Default for Config {
             drain_timeout: Duration::from_millis(defaults::DRAIN_TIMEOUT_MS),
             max_connections: defaults::MAX_CONNECTIONS,
             log_format: LogFormat::Text,
+            dashboard_insecure_cookies: false,
             log_filter: defaults::LOG_FILTER.to_owned(),
         }
     }

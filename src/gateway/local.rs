@@ -1,7 +1,8 @@
-//! The customer routes the gateway answers itself: `GET /api/credits` and `GET /api/logs`.
+//! The customer routes the gateway answers itself: `GET /api/credits`, `GET /api/logs` and
+//! `GET /api/usage`, and the rate limit of every free route.
 
-use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
@@ -10,20 +11,57 @@ use http_body::Frame;
 use http_body_util::{Full, StreamBody};
 use serde_json::json;
 
-use tollgate_core::time::{ms_from_rfc3339, rfc3339_from_ms};
-use tollgate_core::{BoxError, ErrorCode, ModelId, Principal, Rejection, RouteMatch};
-use tollgate_request_logger::{ExportFormat, LogCursor, LogQuery, LogRecord};
+use tollgate_core::time::rfc3339_from_ms;
+use tollgate_core::{BoxError, ErrorCode, ModelId, Plan, Principal, Rejection, RouteMatch};
+use tollgate_request_logger::{ExportFormat, LogQuery, LogRecord};
+use tollgate_sliding_window::{BucketKey, PerModelSlidingWindowLayer, WindowPolicy, WindowStore};
 
 use super::app::{boxed, GatewayBody};
+use super::query::ExportParams;
 use super::state::AppState;
 
-/// The most rows one paged export response (`limit=`) carries; `X-Next-Cursor` continues.
-pub const MAX_EXPORT_LIMIT: usize = 10_000;
+pub use super::query::MAX_EXPORT_LIMIT;
 /// Rows fetched from the sink per page.
 const PAGE: usize = 500;
 
 /// The header carrying the cursor of the next export page.
 pub static X_NEXT_CURSOR: HeaderName = HeaderName::from_static("x-next-cursor");
+
+/// Requests per window (`TOLLGATE_WINDOW_MS`, a minute by default) one API key may make to
+/// the free routes, whatever the plan.
+pub const FREE_ROUTE_LIMIT: u32 = 120;
+/// Requests per second one API key may make to the free routes.
+pub const FREE_ROUTE_BURST: u32 = 20;
+
+/// The rate limit of the free routes (every route of the cost table that costs 0 credits:
+/// `/api/credits`, `/api/logs`, …): [`FREE_ROUTE_LIMIT`] per `window` and
+/// [`FREE_ROUTE_BURST`] per second, per API key, in the same window store as the paid
+/// routes (so replicas sharing Redis share it). A refusal is the usual 429
+/// `RATE_LIMIT_EXCEEDED` with the `RateLimit-*` headers and `Retry-After`. Paid routes are
+/// limited per (org, model) by the plan instead, and pass through this layer.
+///
+/// Sits inside `ApiKeyAuthLayer`: the key comes from the [`Principal`].
+pub fn free_route_limit(
+    windows: Arc<dyn WindowStore>,
+    window: Duration,
+) -> PerModelSlidingWindowLayer<Arc<dyn WindowStore>> {
+    let mut policy = WindowPolicy::new().with_window(window);
+    for plan in Plan::ALL {
+        policy = policy
+            .with_limit(plan, FREE_ROUTE_LIMIT)
+            .with_burst(plan, FREE_ROUTE_BURST);
+    }
+    PerModelSlidingWindowLayer::new(windows)
+        .with_policy(policy)
+        .with_bucket_fn(|head, route| {
+            route.filter(|r| r.cost() == 0)?;
+            let principal = head.extensions.get::<Principal>()?;
+            // One bucket per key. The store buckets by (org, model); a key id is a UUID no
+            // model has, so the key's bucket never meets a model's.
+            let key = ModelId::from_uuid(*principal.key.as_uuid());
+            Some((BucketKey::new(principal.org, key), principal.plan))
+        })
+}
 
 /// Answers `/api/credits` or `/api/logs` for the authenticated caller.
 pub async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response<GatewayBody> {
@@ -40,6 +78,11 @@ pub async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response<Gatewa
     let result = match template.as_str() {
         "/api/credits" => credits(&state, principal).await,
         "/api/logs" => logs(&state, principal, req.uri().query().unwrap_or("")).await,
+        "/api/usage" => {
+            super::usage::series(&state, principal.org, req.uri().query().unwrap_or(""))
+                .await
+                .map(|body| json_body(&body))
+        }
         _ => Err(Rejection::new(ErrorCode::NotFound)),
     };
     result.unwrap_or_else(|r| r.into_response::<Full<Bytes>>().map(boxed))
@@ -53,7 +96,7 @@ async fn credits(
         .ledger
         .account(principal.org)
         .await
-        .map_err(|e| e.rejection())?
+        .map_err(|e| e.rejection_from("ledger"))?
         .ok_or_else(|| Rejection::new(ErrorCode::NoSubscription))?;
     let body = json!({
         "plan": account.plan,
@@ -68,45 +111,11 @@ async fn credits(
     Ok(res)
 }
 
-fn bad(message: String) -> Rejection {
-    Rejection::new(ErrorCode::InvalidRequest).with_message(message)
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = bytes.get(i + 1..i + 3)?;
-                out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
-/// Parses `from`/`to` as RFC 3339 or as milliseconds since the epoch.
-fn instant(name: &str, value: &str) -> Result<u64, Rejection> {
-    value
-        .parse::<u64>()
-        .ok()
-        .or_else(|| ms_from_rfc3339(value))
-        .ok_or_else(|| {
-            bad(format!(
-                "`{name}` must be an RFC 3339 time or milliseconds since the epoch."
-            ))
-        })
+fn json_body(body: &serde_json::Value) -> Response<GatewayBody> {
+    let mut res = Response::new(boxed(Full::new(Bytes::from(body.to_string()))));
+    res.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res
 }
 
 async fn logs(
@@ -114,67 +123,11 @@ async fn logs(
     principal: Principal,
     query: &str,
 ) -> Result<Response<GatewayBody>, Rejection> {
-    let mut params = HashMap::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let k = percent_decode(k).ok_or_else(|| bad("The query string is not valid.".into()))?;
-        let v = percent_decode(v).ok_or_else(|| bad("The query string is not valid.".into()))?;
-        params.insert(k, v);
-    }
-    let mut q = LogQuery {
-        org: principal.org,
-        from_ms: None,
-        to_ms: None,
-        model: None,
-        status: None,
-        cursor: None,
-        limit: PAGE,
-    };
-    let mut format = ExportFormat::Ndjson;
-    let mut limit = None;
-    for (k, v) in &params {
-        match k.as_str() {
-            "from" => q.from_ms = Some(instant("from", v)?),
-            "to" => q.to_ms = Some(instant("to", v)?),
-            "model" => {
-                q.model = Some(
-                    v.parse::<ModelId>()
-                        .map_err(|_| bad("`model` must be a model id (UUID).".into()))?,
-                )
-            }
-            "status" => {
-                q.status = Some(
-                    v.parse::<u16>()
-                        .ok()
-                        .filter(|s| (100..=599).contains(s))
-                        .ok_or_else(|| bad("`status` must be an HTTP status code.".into()))?,
-                )
-            }
-            "format" => {
-                format = v
-                    .parse::<ExportFormat>()
-                    .map_err(|_| bad("`format` must be ndjson or csv.".into()))?
-            }
-            "cursor" => {
-                LogCursor::decode(v)
-                    .ok_or_else(|| bad("`cursor` is not a cursor this API gave out.".into()))?;
-                q.cursor = Some(v.clone())
-            }
-            "limit" => {
-                limit = Some(
-                    v.parse::<usize>()
-                        .ok()
-                        .filter(|n| (1..=MAX_EXPORT_LIMIT).contains(n))
-                        .ok_or_else(|| {
-                            bad(format!("`limit` must be between 1 and {MAX_EXPORT_LIMIT}."))
-                        })?,
-                )
-            }
-            other => return Err(bad(format!("Unknown parameter `{other}`."))),
-        }
-    }
+    let params = ExportParams::parse(query)?;
+    let mut q = params.log_query(principal.org, PAGE);
+    let format = params.format;
 
-    let Some(limit) = limit else {
+    let Some(limit) = params.limit else {
         return stream_all(state, q, format).await;
     };
     let mut rows: Vec<LogRecord> = Vec::new();
@@ -184,7 +137,7 @@ async fn logs(
             .logs
             .query(q.clone())
             .await
-            .map_err(|e| e.rejection())?;
+            .map_err(|e| e.rejection_from("logs"))?;
         rows.extend(page.records);
         if rows.len() >= limit || page.next_cursor.is_none() {
             break page.next_cursor;
@@ -232,7 +185,7 @@ async fn stream_all(
         .logs
         .query(q.clone())
         .await
-        .map_err(|e| e.rejection())?;
+        .map_err(|e| e.rejection_from("logs"))?;
     let mut head = Vec::new();
     if format == ExportFormat::Csv {
         head.extend_from_slice(tollgate_request_logger::CSV_HEADER.as_bytes());
@@ -268,4 +221,68 @@ async fn stream_all(
         HeaderValue::from_static(format.content_type()),
     );
     Ok(res)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use http::{Method, StatusCode};
+    use tollgate_core::{CostTable, KeyId, OrgId, RouteSpec, SystemClock};
+    use tollgate_sliding_window::MemoryWindowStore;
+    use tower::{Layer, ServiceExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn every_free_route_of_the_table_is_limited_and_paid_ones_pass() {
+        // A table with a free route the gateway does not have yet.
+        let table = CostTable::new([
+            RouteSpec::new(Method::GET, "/api/usage", 0),
+            RouteSpec::new(Method::GET, "/api/paid", 1),
+        ]);
+        let windows: Arc<dyn WindowStore> = Arc::new(MemoryWindowStore::new(SystemClock::shared()));
+        let svc = free_route_limit(windows, Duration::from_secs(60)).layer(tower::service_fn(
+            |_req: Request<Full<Bytes>>| async {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"{}"))))
+            },
+        ));
+        let principal = Principal {
+            org: OrgId::new(),
+            key: KeyId::new(),
+            plan: Plan::Enterprise,
+        };
+        let call = |path: &'static str, principal: Principal| {
+            let mut req = Request::get(path).body(Full::default()).unwrap();
+            table.resolve(&mut req);
+            req.extensions_mut().insert(principal);
+            svc.clone().oneshot(req)
+        };
+        for _ in 0..FREE_ROUTE_BURST {
+            let res = call("/api/usage", principal).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+        }
+        let res = call("/api/usage", principal).await.unwrap();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            res.headers()["ratelimit-limit"],
+            FREE_ROUTE_LIMIT.to_string()
+        );
+        assert!(res.headers().contains_key("retry-after"));
+        // Another key has its own bucket.
+        let other = Principal {
+            key: KeyId::new(),
+            ..principal
+        };
+        assert_eq!(
+            call("/api/usage", other).await.unwrap().status(),
+            StatusCode::OK
+        );
+        // Paid routes are not this layer's business.
+        for _ in 0..2 * FREE_ROUTE_BURST {
+            let res = call("/api/paid", principal).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            assert!(!res.headers().contains_key("ratelimit-limit"));
+        }
+    }
 }

@@ -11,6 +11,9 @@ const LATENCY_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
 
+/// The route label of requests that matched no route.
+pub const UNMATCHED: &str = "unmatched";
+
 /// The gateway's own counters. Gauges owned by layers (open holds, dropped log rows) are
 /// passed in when rendering.
 #[derive(Debug, Default)]
@@ -21,6 +24,8 @@ pub struct Metrics {
     latency_sum_micros: AtomicU64,
     latency_count: AtomicU64,
     backend_errors: RwLock<HashMap<&'static str, AtomicU64>>,
+    /// route template → requests whose client left before the end of the response.
+    abandoned: RwLock<HashMap<String, AtomicU64>>,
 }
 
 /// Gauges read from the layers at scrape time.
@@ -88,6 +93,37 @@ impl Metrics {
             .fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts one request to `route` whose client went away before the end of its response
+    /// (before the head, or in the middle of the body).
+    pub fn record_abandoned(&self, route: &str) {
+        {
+            let map = self.abandoned.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(c) = map.get(route) {
+                c.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        let mut map = self.abandoned.write().unwrap_or_else(|e| e.into_inner());
+        map.entry(route.to_owned())
+            .or_default()
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests to `route` counted as abandoned by their client.
+    pub fn abandoned(&self, route: &str) -> u64 {
+        let map = self.abandoned.read().unwrap_or_else(|e| e.into_inner());
+        map.get(route).map_or(0, |v| v.load(Ordering::Relaxed))
+    }
+
+    /// Failed calls counted for `backend`.
+    pub fn backend_errors(&self, backend: &str) -> u64 {
+        let map = self
+            .backend_errors
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        map.get(backend).map_or(0, |v| v.load(Ordering::Relaxed))
+    }
+
     /// Total requests counted for `(route, code)`.
     pub fn requests(&self, route: &str, code: &str) -> u64 {
         let map = self.requests.read().unwrap_or_else(|e| e.into_inner());
@@ -120,6 +156,26 @@ impl Metrics {
                     "tollgate_requests_total{{route=\"{}\",code=\"{}\"}} {n}",
                     escape(&route),
                     code
+                );
+            }
+        }
+        out.push_str(
+            "# HELP tollgate_requests_abandoned_total Requests whose client went away before \
+             the end of the response, by route template.\n",
+        );
+        out.push_str("# TYPE tollgate_requests_abandoned_total counter\n");
+        {
+            let map = self.abandoned.read().unwrap_or_else(|e| e.into_inner());
+            let mut rows: Vec<_> = map
+                .iter()
+                .map(|(r, v)| (r.clone(), v.load(Ordering::Relaxed)))
+                .collect();
+            rows.sort();
+            for (route, n) in rows {
+                let _ = writeln!(
+                    out,
+                    "tollgate_requests_abandoned_total{{route=\"{}\"}} {n}",
+                    escape(&route)
                 );
             }
         }
@@ -210,6 +266,7 @@ mod tests {
         m.record_request("/api/models/:id/users/me", "OK", Duration::from_millis(30));
         m.record_request("unmatched", "NOT_FOUND", Duration::from_micros(100));
         m.record_backend_error("upstream");
+        m.record_abandoned("/api/credits");
         let text = m.render(Gauges {
             open_holds: 3,
             dropped_log_rows: 2,
@@ -228,6 +285,9 @@ mod tests {
         assert!(text.contains("tollgate_open_credit_holds 3\n"));
         assert!(text.contains("tollgate_log_rows_dropped_total 2\n"));
         assert!(text.contains("tollgate_backend_errors_total{backend=\"upstream\"} 1\n"));
+        assert!(text.contains("tollgate_requests_abandoned_total{route=\"/api/credits\"} 1\n"));
         assert_eq!(m.requests("unmatched", "NOT_FOUND"), 1);
+        assert_eq!(m.abandoned("/api/credits"), 1);
+        assert_eq!(m.backend_errors("upstream"), 1);
     }
 }

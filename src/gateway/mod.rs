@@ -22,11 +22,15 @@
 //! # }
 //! ```
 
+pub mod accounts;
 pub mod admin;
+mod admin_accounts;
 pub mod app;
 pub mod backends;
 pub mod cli;
+mod completion;
 pub mod config;
+pub mod dashboard;
 mod demo;
 pub mod local;
 pub mod metrics;
@@ -34,9 +38,12 @@ pub mod orgs;
 #[cfg(feature = "postgres")]
 pub mod postgres_orgs;
 pub mod proxy;
+pub mod query;
+pub mod readiness;
 pub mod server;
 pub mod state;
 pub mod tls;
+pub mod usage;
 pub mod wire;
 
 use std::convert::Infallible;
@@ -69,7 +76,8 @@ use tollgate_upstream_sign::{
 
 use crate::sandbox::{Sandbox, SandboxServer};
 
-pub use app::{App, GatewayBody, Surface};
+pub use app::{App, GatewayBody, PeerAddr, Surface};
+pub use completion::ResponseBody;
 pub use config::{AdminBind, Config, ConfigError, LogFormat, RateLimitFailure};
 pub use demo::Demo;
 pub use orgs::{MemoryOrgStore, OrgStore};
@@ -191,8 +199,9 @@ pub fn memory_backends_with(clock: SharedClock, hold_ttl: Duration) -> Backends 
             Box::pin(std::future::ready(()))
         })],
         sessions: Arc::new(MemorySessionStore::new()),
-        logs: Arc::new(MemoryLogSink::new(clock)),
+        logs: Arc::new(MemoryLogSink::new(clock.clone())),
         orgs: Arc::new(MemoryOrgStore::new()),
+        accounts: accounts::Accounts::memory(clock),
     }
 }
 
@@ -250,7 +259,11 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
     )
     .with_metrics(Arc::clone(&metrics));
 
-    let logger_layer = RequestLoggerLayer::new(backends.logs.clone());
+    // The logger's worker also feeds the usage rollups, off the request path.
+    let logger_layer = RequestLoggerLayer::new(usage::UsageTee::new(
+        backends.logs.clone(),
+        backends.accounts.usage.clone(),
+    ));
     let logger = logger_layer.handle();
     let state = Arc::new(AppState {
         config: config.clone(),
@@ -260,9 +273,12 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
         sessions: backends.sessions.clone(),
         logs: backends.logs.clone(),
         orgs: backends.orgs.clone(),
+        accounts: backends.accounts.clone(),
         metrics: Arc::clone(&metrics),
         logger,
         draining: std::sync::atomic::AtomicBool::new(false),
+        readiness: Default::default(),
+        admin_lockout: Default::default(),
     });
 
     let mut window =
@@ -282,6 +298,10 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
     let local_stack = ServiceBuilder::new()
         .map_response(app::box_response)
         .layer(ApiKeyAuthLayer::new(backends.keys.clone()))
+        .layer(local::free_route_limit(
+            backends.windows.clone(),
+            config.window,
+        ))
         .service(tower::service_fn(move |req: Request<Incoming>| {
             local::handle(Arc::clone(&local_state), req).map(Ok::<_, Infallible>)
         }));
@@ -303,7 +323,11 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
         None
     };
 
-    let jobs = spawn_jobs(&state, backends.upkeep.clone());
+    let mut jobs = spawn_jobs(&state, backends.upkeep.clone());
+    jobs.push(accounts::spawn_upkeep(
+        &backends.accounts,
+        SystemClock::shared(),
+    ));
     let upkeep = backends.upkeep.clone();
 
     let (public, internal) = serve_listeners(&config, app).await?;
@@ -404,9 +428,11 @@ where
     } else {
         Surface::Both
     };
+    // Each connection's service knows its client's address (the admin lockout is per client).
+    let per_peer = |app: App<A>| move |peer: SocketAddr| app.for_peer(peer);
     let public = Served::spawn(
         public_listener,
-        app.clone().with_surface(surface),
+        per_peer(app.clone().with_surface(surface)),
         ServeOptions {
             name: "public",
             max_connections: Some(config.max_connections),
@@ -419,7 +445,7 @@ where
             // is full.
             Served::spawn(
                 listener,
-                app.with_surface(Surface::Internal),
+                per_peer(app.with_surface(Surface::Internal)),
                 ServeOptions {
                     name: "internal",
                     max_connections: None,

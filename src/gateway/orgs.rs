@@ -11,6 +11,8 @@ pub trait OrgStore: Send + Sync + 'static {
     fn create(&self, name: String) -> BoxFuture<Result<OrgId, BackendError>>;
     /// The organization's name, if it exists.
     fn name(&self, org: OrgId) -> BoxFuture<Result<Option<String>, BackendError>>;
+    /// Every organization with its name, ordered by name (then id).
+    fn list(&self) -> BoxFuture<Result<Vec<(OrgId, String)>, BackendError>>;
 }
 
 /// Organizations in memory.
@@ -44,5 +46,17 @@ impl OrgStore for MemoryOrgStore {
             .get(&org)
             .cloned();
         Box::pin(std::future::ready(Ok(name)))
+    }
+
+    fn list(&self) -> BoxFuture<Result<Vec<(OrgId, String)>, BackendError>> {
+        let mut orgs: Vec<(OrgId, String)> = self
+            .orgs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(id, name)| (*id, name.clone()))
+            .collect();
+        orgs.sort_by(|a, b| (&a.1, a.0).cmp(&(&b.1, b.0)));
+        Box::pin(std::future::ready(Ok(orgs)))
     }
 }

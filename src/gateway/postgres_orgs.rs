@@ -97,6 +97,28 @@ impl OrgStore for PostgresOrgStore {
                 .transpose()
         })
     }
+
+    fn list(&self) -> BoxFuture<Result<Vec<(OrgId, String)>, BackendError>> {
+        let pool = self.pool.clone();
+        Box::pin(async move {
+            let client = pool.get().await.map_err(to_backend_error)?;
+            let rows = client
+                .query(
+                    "SELECT id, name FROM tollgate_orgs ORDER BY name COLLATE \"C\", id",
+                    &[],
+                )
+                .await
+                .map_err(to_backend_error)?;
+            rows.iter()
+                .map(|row| {
+                    Ok((
+                        OrgId::from_uuid(row.try_get(0).map_err(to_backend_error)?),
+                        row.try_get::<_, String>(1).map_err(to_backend_error)?,
+                    ))
+                })
+                .collect()
+        })
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,9 @@ use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response};
+use http_body::Body;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -21,7 +23,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
-use super::app::GatewayBody;
+use tollgate_core::BoxError;
+
 use super::wire::{linger, ConnIo};
 
 /// How long a connection may take to send a request head, idle keep-alive time included.
@@ -50,22 +53,22 @@ pub struct Served {
 }
 
 impl Served {
-    /// Serves `listener` with `service` until [`Served::drain`].
-    pub fn spawn<S>(
+    /// Serves `listener` until [`Served::drain`], each connection with the service
+    /// `service(peer)` makes for its client's address.
+    pub fn spawn<F, S, B>(
         listener: TcpListener,
-        service: S,
+        service: F,
         options: ServeOptions,
     ) -> std::io::Result<Served>
     where
-        S: hyper::service::Service<
-                Request<Incoming>,
-                Response = Response<GatewayBody>,
-                Error = Infallible,
-            > + Clone
+        F: Fn(SocketAddr) -> S + Send + 'static,
+        S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
             + Unpin
             + Send
             + 'static,
         S::Future: Send + Unpin + 'static,
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
     {
         let addr = listener.local_addr()?;
         let (stop, stopped) = watch::channel(false);
@@ -86,21 +89,20 @@ impl Served {
     }
 }
 
-async fn accept_loop<S>(
+async fn accept_loop<F, S, B>(
     listener: TcpListener,
-    service: S,
+    service: F,
     options: ServeOptions,
     mut stopped: watch::Receiver<bool>,
 ) where
-    S: hyper::service::Service<
-            Request<Incoming>,
-            Response = Response<GatewayBody>,
-            Error = Infallible,
-        > + Clone
+    F: Fn(SocketAddr) -> S,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Unpin
         + Send
         + 'static,
     S::Future: Send + Unpin + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
 {
     let mut builder = http1::Builder::new();
     builder
@@ -125,8 +127,8 @@ async fn accept_loop<S>(
             _ = stopped.wait_for(|s| *s) => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors and the like: back off, keep serving.
                 tracing::warn!(listener = options.name, error = %e, "accept failed");
@@ -137,7 +139,7 @@ async fn accept_loop<S>(
         connections.spawn(serve_connection(
             stream,
             Arc::clone(&builder),
-            service.clone(),
+            service(peer),
             stopped.clone(),
             permit,
         ));
@@ -162,21 +164,20 @@ async fn accept_loop<S>(
 
 /// One connection: HTTP/1.1 until the client is done or the drain asks it to finish, then
 /// a lingering close. Holds its slot (`_permit`) until the socket is closed.
-async fn serve_connection<S>(
+async fn serve_connection<S, B>(
     stream: TcpStream,
     builder: Arc<http1::Builder>,
     service: S,
     mut stopped: watch::Receiver<bool>,
     _permit: Option<OwnedSemaphorePermit>,
 ) where
-    S: hyper::service::Service<
-            Request<Incoming>,
-            Response = Response<GatewayBody>,
-            Error = Infallible,
-        > + Unpin
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Unpin
         + Send
         + 'static,
     S::Future: Send + Unpin + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
 {
     let _ = stream.set_nodelay(true);
     let mut conn = builder.serve_connection(TokioIo::new(ConnIo::new(stream)), service);

@@ -9,9 +9,12 @@ use tollgate_request_logger::{LogSink, LoggerHandle};
 use tollgate_sliding_window::WindowStore;
 use tollgate_upstream_sign::SessionStore;
 
+use super::accounts::Accounts;
+use super::admin::AdminLockout;
 use super::config::Config;
 use super::metrics::{Gauges, Metrics};
 use super::orgs::OrgStore;
+use super::readiness::Readiness;
 
 /// One upkeep task of a backend.
 pub type Upkeep = Arc<dyn Fn() -> tollgate_core::BoxFuture<()> + Send + Sync>;
@@ -31,6 +34,8 @@ pub struct Backends {
     pub logs: Arc<dyn LogSink>,
     /// Organizations.
     pub orgs: Arc<dyn OrgStore>,
+    /// Dashboard users and sessions, usage rollups.
+    pub accounts: Accounts,
     /// Periodic upkeep the backends need (evicting idle in-memory windows, writing buffered
     /// last-used times), run every minute and once more at graceful shutdown.
     pub upkeep: Vec<Upkeep>,
@@ -58,12 +63,18 @@ pub struct AppState {
     pub logs: Arc<dyn LogSink>,
     /// Organizations.
     pub orgs: Arc<dyn OrgStore>,
+    /// Dashboard users and sessions, usage rollups.
+    pub accounts: Accounts,
     /// Request counters.
     pub metrics: Arc<Metrics>,
     /// The request logger's queue (dropped rows, flush).
     pub logger: LoggerHandle,
     /// Set when graceful shutdown begins (`/readyz` then answers 503).
     pub draining: AtomicBool,
+    /// The last `/readyz` probe, shared by its callers.
+    pub readiness: Readiness,
+    /// Wrong admin tokens per client address.
+    pub admin_lockout: AdminLockout,
 }
 
 impl std::fmt::Debug for AppState {

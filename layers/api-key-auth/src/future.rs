@@ -10,7 +10,7 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tollgate_core::{
     BackendError, BoxFuture, ErrorCode, GateBody, Identity, IdentitySlot, ModelId, Principal,
-    Rejection,
+    RateLimitInfo, Rejection,
 };
 use tower_service::Service;
 
@@ -111,13 +111,39 @@ where
     }
 }
 
+/// The rate-limit state of a caller the layer refused with 401 or 402 `NO_SUBSCRIPTION`: no
+/// (org, model) window applies to it, and it may send no request until it authenticates
+/// (or subscribes), so `RateLimit-Limit: 0`, `RateLimit-Remaining: 0`, `RateLimit-Reset: 0`
+/// (waiting does not help, hence no `Retry-After`). Nothing is counted against any window.
+pub(crate) const NO_QUOTA: RateLimitInfo = RateLimitInfo {
+    limit: 0,
+    remaining: 0,
+    reset_secs: 0,
+    retry_after_secs: None,
+};
+
+/// Renders a refusal of the layer: the `{error, code}` body, plus the [`NO_QUOTA`]
+/// `RateLimit-*` headers on 401 and 402 (every response carries them; store failures are
+/// not about the caller's quota and get none).
+pub(crate) fn refusal<B>(rejection: Rejection) -> Response<GateBody<B>> {
+    let quota = matches!(
+        rejection.code(),
+        ErrorCode::InvalidApiKey | ErrorCode::NoSubscription
+    );
+    let mut response: Response<GateBody<B>> = rejection.into_response();
+    if quota {
+        NO_QUOTA.apply_headers(response.headers_mut());
+    }
+    response
+}
+
 /// A rejection response, carrying `extra` (what is known about the caller) in its
 /// extensions for the layers outside.
 fn reject<B, T>(rejection: Rejection, extra: Option<T>) -> Response<GateBody<B>>
 where
     T: Clone + Send + Sync + 'static,
 {
-    let mut response: Response<GateBody<B>> = rejection.into_response();
+    let mut response: Response<GateBody<B>> = refusal(rejection);
     if let Some(extra) = extra {
         response.extensions_mut().insert(extra);
     }
@@ -133,7 +159,7 @@ fn backend_failure<B>(
     principal: Option<Principal>,
 ) -> Response<GateBody<B>> {
     tracing::error!(%error, "key store failed during {what}");
-    reject(error.rejection(), principal)
+    reject(error.rejection_from("keys"), principal)
 }
 
 const POLLED_AFTER_COMPLETION: &str = "ResponseFuture polled after completion";

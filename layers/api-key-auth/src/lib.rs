@@ -15,6 +15,12 @@
 //! contract answers 404 before 401. [`UnmatchedRoutes::Authenticate`] requires a key there
 //! too.
 //!
+//! Every refusal with 401 or 402 `NO_SUBSCRIPTION` carries `RateLimit-Limit: 0`,
+//! `RateLimit-Remaining: 0` and `RateLimit-Reset: 0`: such a caller has no rate-limit window
+//! (windows belong to an org's subscription and model) and may send no request until it
+//! presents a valid key of a subscribed org, which waiting does not change, so there is no
+//! `Retry-After`. The refused request takes no capacity from any window.
+//!
 //! An admitted request reaches the inner service with a [`Principal`](tollgate_core::Principal)
 //! and the [`RouteMatch`](tollgate_core::RouteMatch) in its extensions and without its
 //! `X-API-Key` header; its response gets the `Principal` in its extensions, for the layers
@@ -65,6 +71,7 @@
 //!
 //! let res = app.oneshot(Request::get(&uri).body(Full::default())?).await?;
 //! assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+//! assert_eq!(res.headers()["ratelimit-remaining"], "0");
 //! assert_eq!(
 //!     res.into_body().collect().await?.to_bytes(),
 //!     r#"{"error":"The API key is missing, unknown or revoked.","code":"INVALID_API_KEY"}"#
@@ -92,6 +99,6 @@ pub use layer::{ApiKeyAuthLayer, UnmatchedRoutes};
 #[cfg(feature = "memory")]
 pub use memory::{MemoryKeyStore, LAST_USED_RESOLUTION_MS};
 #[cfg(feature = "postgres")]
-pub use postgres::{PostgresKeyStore, PostgresKeyStoreBuilder};
+pub use postgres::{KeyCacheStats, PostgresKeyStore, PostgresKeyStoreBuilder};
 pub use service::{ApiKeyAuth, WRONG_HEADER_MESSAGE, X_API_KEY};
 pub use store::{KeyGrant, KeyInfo, KeyStatus, KeyStore, NewKey};

@@ -11,7 +11,7 @@ use http::{Request, Response};
 use tollgate_core::{ErrorCode, GateBody, Rejection};
 use tower_service::Service;
 
-use crate::future::{PendingCall, ResponseFuture};
+use crate::future::{refusal, PendingCall, ResponseFuture};
 use crate::key::{is_well_formed, KeyHash};
 use crate::layer::{Config, UnmatchedRoutes};
 
@@ -112,7 +112,7 @@ where
             Ok(hash) => hash,
             Err(rejection) => {
                 tracing::debug!(code = %rejection.code(), "request without a usable API key");
-                return ResponseFuture::rejected(rejection.into_response());
+                return ResponseFuture::rejected(refusal(rejection));
             }
         };
         // The secret goes no further in than this layer.

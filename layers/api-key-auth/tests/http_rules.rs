@@ -26,6 +26,22 @@ fn assert_invalid_key(answer: &Answer) {
     assert_eq!(answer.headers[CONTENT_TYPE], "application/json");
     assert_eq!(answer.text(), INVALID_KEY_BODY);
     assert_eq!(answer.code(), Some(ErrorCode::InvalidApiKey));
+    assert_no_quota(answer);
+}
+
+/// A caller refused before any window applies is told it has no quota, and that waiting
+/// would not help (no `Retry-After`).
+#[track_caller]
+fn assert_no_quota(answer: &Answer) {
+    for name in ["ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"] {
+        assert_eq!(
+            answer.headers.get(name).map(HeaderValue::as_bytes),
+            Some(&b"0"[..]),
+            "{name} on a {}",
+            answer.status
+        );
+    }
+    assert!(!answer.headers.contains_key("retry-after"));
 }
 
 #[tokio::test]
@@ -194,6 +210,7 @@ async fn no_subscription_is_402() {
     assert_eq!(answer.headers[CONTENT_TYPE], "application/json");
     assert_eq!(answer.text(), NO_SUBSCRIPTION_BODY);
     assert_eq!(answer.code(), Some(ErrorCode::NoSubscription));
+    assert_no_quota(&answer);
     // The key was identified: outer layers learn whose it was.
     assert_eq!(
         answer.extensions.get::<KeyGrant>(),
@@ -473,6 +490,11 @@ async fn backend_failures_are_503_or_500_responses() {
         assert_eq!(answer.headers[CONTENT_TYPE], "application/json");
         assert_eq!(answer.text(), body);
         assert_eq!(answer.principal().is_some(), identified);
+        assert_eq!(
+            answer.extensions.get::<tollgate_core::BackendFailure>(),
+            Some(&tollgate_core::BackendFailure { backend: "keys" }),
+            "the response names the failed backend"
+        );
     }
     assert_eq!(echo.calls(), 0);
 }

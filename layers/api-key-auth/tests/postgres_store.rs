@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use suite::{Env, START_MS};
-use tollgate_api_key_auth::{KeyHash, KeyStatus, KeyStore, PostgresKeyStore};
+use tollgate_api_key_auth::{
+    generate_key, key::is_well_formed, KeyHash, KeyStatus, KeyStore, PostgresKeyStore,
+};
 use tollgate_core::{BackendErrorKind, KeyId, ManualClock, ModelId, OrgId, Plan};
 use tollgate_postgres::testing::{unreachable_url, TestDb};
 use tollgate_postgres::{pg_config, tokio_postgres, Pool, PoolOptions};
@@ -513,4 +515,105 @@ async fn last_used_is_written_in_the_background() {
 
 fn chrono_ms(ms: u64) -> std::time::SystemTime {
     std::time::UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_spray_of_random_keys_leaves_valid_keys_cached() {
+    const VALID: usize = 50;
+    const SPRAY: usize = 100_000;
+    const NEGATIVE_CAPACITY: u64 = 10_000;
+    // Requests of a spray arrive concurrently.
+    const WORKERS: usize = 50;
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let store = PostgresKeyStore::builder(db.pool().clone())
+        .with_listener(listen_config(&db, "tollgate-test"))
+        // Long enough that no valid entry expires during the test, however slow the machine.
+        .with_cache_ttl(Duration::from_secs(600))
+        .build()
+        .await
+        .unwrap();
+    assert!(store.cache_is_live());
+    let org = OrgId::new();
+    store.set_subscription(org, Some(Plan::Pro)).await.unwrap();
+    let mut valid = Vec::new();
+    for i in 0..VALID {
+        let key = store.create_key(org, format!("k{i}")).await.unwrap();
+        valid.push((KeyHash::of(&key.secret), key.id));
+    }
+    for (hash, id) in &valid {
+        assert_eq!(store.lookup(*hash).await.unwrap().map(|g| g.key), Some(*id));
+    }
+    let warm = store.cache_stats();
+    assert_eq!(warm.cached_keys, VALID);
+    assert_eq!(warm.key_lookups, VALID as u64);
+    assert_eq!(
+        warm.lookup_statements, VALID as u64,
+        "one at a time, one statement each"
+    );
+
+    // One bogus key asked for again and again costs one query.
+    let bogus = KeyHash::of(&generate_key().unwrap().secret);
+    for _ in 0..100 {
+        assert_eq!(store.lookup(bogus).await.unwrap(), None);
+    }
+    let once = store.cache_stats();
+    assert_eq!(
+        (once.key_lookups, once.lookup_statements),
+        (warm.key_lookups + 1, warm.lookup_statements + 1)
+    );
+
+    // The spray: random keys in the real format, each one new.
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..WORKERS)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for _ in 0..SPRAY / WORKERS {
+                    let key = generate_key().unwrap();
+                    assert!(is_well_formed(key.secret.as_bytes()));
+                    assert_eq!(store.lookup(key.hash).await.unwrap(), None);
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let sprayed = store.cache_stats();
+    println!(
+        "{SPRAY} random keys in {:?}: {} looked up in {} statements, {} remembered as unknown",
+        started.elapsed(),
+        sprayed.key_lookups - warm.key_lookups - 1,
+        sprayed.lookup_statements - warm.lookup_statements - 1,
+        sprayed.unknown_keys
+    );
+    assert_eq!(
+        sprayed.key_lookups,
+        warm.key_lookups + 1 + SPRAY as u64,
+        "each distinct unknown key is looked up once"
+    );
+    let statements = sprayed.lookup_statements - warm.lookup_statements - 1;
+    assert!(
+        statements * 4 <= SPRAY as u64,
+        "concurrent lookups share statements: {statements} for {SPRAY} keys"
+    );
+    assert!(
+        sprayed.unknown_keys <= NEGATIVE_CAPACITY,
+        "the negative cache stays within its bound: {}",
+        sprayed.unknown_keys
+    );
+    assert_eq!(sprayed.cached_keys, VALID, "no valid key was evicted");
+
+    // Every valid key is still answered from the cache: no database lookup.
+    for (hash, id) in &valid {
+        assert_eq!(store.lookup(*hash).await.unwrap().map(|g| g.key), Some(*id));
+    }
+    assert_eq!(store.cache_stats().key_lookups, sprayed.key_lookups);
+
+    // Revocation is still immediate for a cached key.
+    assert!(store.revoke_key(valid[0].1).await.unwrap());
+    assert_eq!(store.lookup(valid[0].0).await.unwrap(), None);
+    db.cleanup().await;
 }

@@ -44,6 +44,9 @@ pub enum ErrorCode {
     Unauthorized,
     /// 400 (admin API and malformed requests): broken JSON, missing fields, bad values.
     InvalidRequest,
+    /// 403 (dashboard): the signed-in user may not do this (a viewer's change, a missing or
+    /// wrong CSRF token).
+    Forbidden,
 }
 
 impl ErrorCode {
@@ -66,6 +69,7 @@ impl ErrorCode {
             ErrorCode::InternalError => "INTERNAL_ERROR",
             ErrorCode::Unauthorized => "UNAUTHORIZED",
             ErrorCode::InvalidRequest => "INVALID_REQUEST",
+            ErrorCode::Forbidden => "FORBIDDEN",
         }
     }
 
@@ -86,6 +90,7 @@ impl ErrorCode {
             ErrorCode::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorCode::UpstreamRejected | ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::ServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
@@ -119,11 +124,12 @@ impl ErrorCode {
             ErrorCode::InternalError => "An unexpected error occurred.",
             ErrorCode::Unauthorized => "Missing or invalid admin token.",
             ErrorCode::InvalidRequest => "The request is invalid.",
+            ErrorCode::Forbidden => "You are not allowed to do this.",
         }
     }
 
     /// Every code, for tables and tests.
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::InvalidApiKey,
         ErrorCode::NoSubscription,
         ErrorCode::InsufficientCredits,
@@ -140,6 +146,7 @@ impl ErrorCode {
         ErrorCode::InternalError,
         ErrorCode::Unauthorized,
         ErrorCode::InvalidRequest,
+        ErrorCode::Forbidden,
     ];
 }
 
@@ -167,6 +174,7 @@ pub struct Rejection {
     message: Cow<'static, str>,
     details: Option<serde_json::Value>,
     retry_after_secs: Option<u64>,
+    backend: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -178,6 +186,15 @@ struct RejectionBody<'a> {
 }
 
 impl Rejection {
+    /// 503 `SERVICE_UNAVAILABLE` for a successful response that is withheld because its
+    /// charge could not be recorded: nothing was billed and the client should retry.
+    pub fn charge_unrecorded() -> Self {
+        Rejection::new(ErrorCode::ServiceUnavailable).with_message(
+            "The charge for this request could not be recorded, so its response was withheld \
+             and nothing was billed. Retry the request.",
+        )
+    }
+
     /// A rejection with the code's status and default message.
     pub fn new(code: ErrorCode) -> Self {
         Self {
@@ -186,6 +203,7 @@ impl Rejection {
             message: Cow::Borrowed(code.default_message()),
             details: None,
             retry_after_secs: None,
+            backend: None,
         }
     }
 
@@ -211,6 +229,18 @@ impl Rejection {
     pub fn with_retry_after(mut self, secs: u64) -> Self {
         self.retry_after_secs = Some(secs);
         self
+    }
+
+    /// Marks the refusal as caused by the failure of `backend` (`"keys"`, `"ledger"`, …): the
+    /// rendered response then carries a [`BackendFailure`] extension naming it.
+    pub fn with_backend_failure(mut self, backend: &'static str) -> Self {
+        self.backend = Some(backend);
+        self
+    }
+
+    /// The backend whose failure caused the refusal, if any.
+    pub fn backend_failure(&self) -> Option<&'static str> {
+        self.backend
     }
 
     /// The error code.
@@ -250,7 +280,8 @@ impl Rejection {
     }
 
     /// Renders the response: status, `content-type: application/json`, `Retry-After` when
-    /// set, the body, and the [`ErrorCode`] in the response extensions.
+    /// set, the body, and the [`ErrorCode`] (and the [`BackendFailure`], when there is one) in
+    /// the response extensions.
     pub fn into_response<B: From<Bytes>>(self) -> Response<B> {
         let bytes = self.to_json_bytes();
         let mut res = Response::new(B::from(bytes));
@@ -261,8 +292,21 @@ impl Rejection {
             headers.insert(RETRY_AFTER, HeaderValue::from(secs));
         }
         res.extensions_mut().insert(self.code);
+        if let Some(backend) = self.backend {
+            res.extensions_mut().insert(BackendFailure { backend });
+        }
         res
     }
+}
+
+/// Response extension of a refusal caused by a backend failure (503 `SERVICE_UNAVAILABLE`,
+/// 500 `INTERNAL_ERROR`): which backend failed, by its role (`"keys"`, `"rate_limits"`,
+/// `"ledger"`, `"sessions"`, `"logs"`), so that a server can count backend failures without
+/// knowing which layer refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BackendFailure {
+    /// The failed backend's role.
+    pub backend: &'static str,
 }
 
 impl From<ErrorCode> for Rejection {
@@ -319,6 +363,19 @@ mod tests {
     }
 
     #[test]
+    fn a_backend_failure_names_the_backend_in_the_extensions() {
+        let err = BackendError::unavailable("connection refused");
+        let res: Response<Bytes> = err.rejection_from("ledger").into_response();
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            res.extensions().get::<BackendFailure>(),
+            Some(&BackendFailure { backend: "ledger" })
+        );
+        let plain: Response<Bytes> = err.rejection().into_response();
+        assert_eq!(plain.extensions().get::<BackendFailure>(), None);
+    }
+
+    #[test]
     fn every_code_has_an_error_status_and_a_sentence() {
         for code in ErrorCode::ALL {
             assert!(code.status().is_client_error() || code.status().is_server_error());
@@ -367,6 +424,12 @@ impl BackendError {
     /// The kind of failure.
     pub fn kind(&self) -> BackendErrorKind {
         self.kind
+    }
+
+    /// The rejection a client gets for it, marked as a failure of `backend` (see
+    /// [`BackendFailure`]).
+    pub fn rejection_from(&self, backend: &'static str) -> Rejection {
+        self.rejection().with_backend_failure(backend)
     }
 
     /// The rejection a client gets for it.

@@ -179,6 +179,12 @@ pub enum CreditSettlement {
     },
     /// Nothing was charged (non-2xx, error, or the body did not complete).
     Released,
+    /// The response was a 2xx, but its charge could not be recorded (the ledger failed or
+    /// did not answer in time): nothing was charged, and the response must not reach the
+    /// client either, because it would be delivered unbilled. A response envelope answers
+    /// 503 `SERVICE_UNAVAILABLE` instead; a streamed body ends with an error in place of its
+    /// last bytes.
+    Unrecorded,
 }
 
 /// The credit meter's receipt, in the response extensions. It is settled once, when the hold
@@ -234,12 +240,22 @@ impl CreditReceipt {
             .load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Credits actually charged so far (0 until committed, 0 when released).
+    /// Credits the ledger actually took from the balance: 0 until committed, when released
+    /// or unrecorded, and on an unlimited plan (whose balance is never drawn on).
     pub fn charged(&self) -> u64 {
         match self.settlement() {
-            Some(CreditSettlement::Charged { used, .. }) => used,
+            Some(CreditSettlement::Charged {
+                used,
+                balance: Some(_),
+            }) => used,
             _ => 0,
         }
+    }
+
+    /// Whether the response must be withheld because its charge could not be recorded
+    /// ([`CreditSettlement::Unrecorded`]).
+    pub fn is_unrecorded(&self) -> bool {
+        self.settlement() == Some(CreditSettlement::Unrecorded)
     }
 }
 
@@ -288,6 +304,21 @@ mod tests {
         }));
         assert!(!r.clone().settle(CreditSettlement::Released));
         assert_eq!(r.charged(), 2);
+
+        let unlimited = CreditReceipt::pending(2);
+        unlimited.settle(CreditSettlement::Charged {
+            used: 2,
+            balance: None,
+        });
+        assert_eq!(
+            unlimited.charged(),
+            0,
+            "an unlimited plan is never drawn on"
+        );
+        let unrecorded = CreditReceipt::pending(2);
+        unrecorded.settle(CreditSettlement::Unrecorded);
+        assert!(unrecorded.is_unrecorded());
+        assert_eq!(unrecorded.charged(), 0);
     }
 
     #[test]

@@ -40,7 +40,7 @@ pub use body::GateBody;
 #[cfg(feature = "tokio")]
 pub use clock::TokioClock;
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
-pub use error::{BackendError, BackendErrorKind, ErrorCode, Rejection};
+pub use error::{BackendError, BackendErrorKind, BackendFailure, ErrorCode, Rejection};
 pub use ext::{
     CreditReceipt, CreditSettlement, Identity, IdentitySlot, JsonBodyRequired, Principal,
     RateLimitInfo, RequestId,

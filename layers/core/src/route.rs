@@ -158,7 +158,7 @@ impl RouteSpec {
                 Segment::Model => model = Some(part.parse::<ModelId>().ok()?),
                 Segment::Number(_) => {
                     if part.is_empty()
-                        || part.len() > 19
+                        || part.len() > 20
                         || !part.bytes().all(|b| b.is_ascii_digit())
                     {
                         return None;
@@ -188,7 +188,8 @@ impl CostTable {
         }
     }
 
-    /// The customer API of docs/contract.md §2: the OnlyFans endpoints and `/api/logs`, `/api/credits`.
+    /// The customer API of docs/contract.md §2: the OnlyFans endpoints and `/api/logs`,
+    /// `/api/credits`, `/api/usage`.
     pub fn onlyfans() -> Self {
         use Method as M;
         let m = "/api/models/:id";
@@ -215,6 +216,7 @@ impl CostTable {
                 .with_upstream(M::GET, "payouts/stats"),
             RouteSpec::new(M::GET, "/api/logs", 0),
             RouteSpec::new(M::GET, "/api/credits", 0),
+            RouteSpec::new(M::GET, "/api/usage", 0),
         ])
     }
 
@@ -347,6 +349,24 @@ mod tests {
 
     fn path(rest: &str) -> String {
         format!("/api/models/{MODEL}{rest}")
+    }
+
+    #[test]
+    fn numeric_parameters_take_every_u64_and_nothing_larger() {
+        // Found by the route_match fuzz target: u64::MAX has 20 digits and was refused.
+        let t = CostTable::onlyfans();
+        let max = t
+            .lookup(&Method::GET, &path("/chats/18446744073709551615/messages"))
+            .expect("u64::MAX is a chat id");
+        assert_eq!(max.param("chat_id"), Some(u64::MAX));
+        for too_big in ["18446744073709551616", "000000000000000000001"] {
+            let p = path(&format!("/chats/{too_big}/messages"));
+            assert!(t.lookup(&Method::GET, &p).is_none(), "{too_big}");
+        }
+        let zeros = t
+            .lookup(&Method::GET, &path("/chats/00000000000000000042/messages"))
+            .expect("leading zeros within 20 digits");
+        assert_eq!(zeros.param("chat_id"), Some(42));
     }
 
     #[test]

@@ -11,9 +11,36 @@ use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use tollgate_core::GateBody;
+use tollgate_core::{BoxError, CreditSettlement, GateBody};
 
 use crate::settle::{SettleCall, Ticket};
+
+/// Why a metered body ended with an error of the meter's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeterBodyError {
+    /// The charge could not be recorded, so the rest of the response is withheld.
+    ChargeUnrecorded,
+    /// The 2xx body was larger than the meter buffers to check it is JSON.
+    TooLarge(usize),
+}
+
+impl fmt::Display for MeterBodyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MeterBodyError::ChargeUnrecorded => f.write_str(
+                "the charge for this response could not be recorded; the response is withheld",
+            ),
+            MeterBodyError::TooLarge(cap) => {
+                write!(
+                    f,
+                    "the response body is larger than the meter's {cap} bytes"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for MeterBodyError {}
 
 pin_project! {
     /// The response body of [`CreditMeter`](crate::CreditMeter).
@@ -29,49 +56,59 @@ pin_project! {
     /// [`Body::is_end_stream`] is `false`.
     ///
     /// When the request carried [`JsonBodyRequired`](tollgate_core::JsonBodyRequired), the
-    /// 2xx body is buffered and charged only if it is valid JSON; it is then yielded as one
-    /// frame (followed by trailers, if any). Otherwise frames stream through untouched.
+    /// 2xx body is buffered (up to the layer's cap) and charged only if it is valid JSON; it
+    /// is then yielded as one frame (followed by trailers, if any). Otherwise frames stream
+    /// through untouched.
+    ///
+    /// If the charge cannot be recorded, the body ends with a [`MeterBodyError`] in place of
+    /// the data it held back, so a response is never delivered whole without its charge.
     pub struct MeterBody<B>
     where
         B: Body,
     {
         #[pin]
         inner: GateBody<B>,
-        meter: Meter<B::Error>,
+        meter: Meter,
     }
 }
 
-enum Meter<E> {
+enum Meter {
     /// Not metered (or already settled): the inner body is passed on as it is.
     Off,
     /// Reading the inner body. `buffer` is `Some` when it must be checked for JSON;
     /// `remaining` counts down the exact length the body announced, if it did.
     Streaming {
         ticket: Ticket,
-        buffer: Option<BytesMut>,
+        buffer: Option<Buffer>,
         trailers: Option<HeaderMap>,
         remaining: Option<u64>,
     },
     /// The inner body is complete (or failed); the hold is being committed or released.
     Settling {
         call: SettleCall,
-        tail: Tail<E>,
+        tail: Tail,
     },
     /// Settled; yielding what was held back.
-    Tail(Tail<E>),
+    Tail(Tail),
     Done,
+}
+
+/// A 2xx body held back to check it is JSON, up to `cap` bytes.
+struct Buffer {
+    data: BytesMut,
+    cap: usize,
 }
 
 /// What is yielded after the settlement, in order: an error, or the held-back data and
 /// trailers; then the rest of the inner body unless it already ended.
-struct Tail<E> {
-    error: Option<E>,
+struct Tail {
+    error: Option<BoxError>,
     data: Option<Bytes>,
     trailers: Option<HeaderMap>,
     inner_done: bool,
 }
 
-impl<E> Tail<E> {
+impl Tail {
     fn len(&self) -> u64 {
         self.data.as_ref().map_or(0, |d| d.len() as u64)
     }
@@ -85,12 +122,12 @@ impl<E> Tail<E> {
 /// and returns the data still to be yielded.
 fn finish(
     ticket: Ticket,
-    buffer: Option<BytesMut>,
+    buffer: Option<Buffer>,
     last: Option<Bytes>,
 ) -> (SettleCall, Option<Bytes>) {
     match buffer {
         None => (ticket.commit(), last),
-        Some(mut buf) => {
+        Some(Buffer { data: mut buf, .. }) => {
             let data = match last {
                 // A body of one frame needs no copy.
                 Some(last) if buf.is_empty() => last,
@@ -129,13 +166,16 @@ impl<B: Body> MeterBody<B> {
         }
     }
 
-    pub(crate) fn metered(body: B, ticket: Ticket, json_required: bool) -> Self {
+    pub(crate) fn metered(body: B, ticket: Ticket, buffer_limit: Option<usize>) -> Self {
         let remaining = body.size_hint().exact();
         MeterBody {
             inner: GateBody::inner(body),
             meter: Meter::Streaming {
                 ticket,
-                buffer: json_required.then(BytesMut::new),
+                buffer: buffer_limit.map(|cap| Buffer {
+                    data: BytesMut::new(),
+                    cap,
+                }),
                 trailers: None,
                 remaining,
             },
@@ -159,20 +199,24 @@ fn is_json(data: &[u8]) -> bool {
 impl<B> Body for MeterBody<B>
 where
     B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         loop {
             match mem::replace(this.meter, Meter::Done) {
                 Meter::Off => {
                     *this.meter = Meter::Off;
-                    return this.inner.poll_frame(cx);
+                    return this
+                        .inner
+                        .poll_frame(cx)
+                        .map(|frame| frame.map(|f| f.map_err(Into::into)));
                 }
                 Meter::Streaming {
                     ticket,
@@ -211,8 +255,23 @@ where
                                 continue;
                             }
                             let frame = match buffer.as_mut() {
+                                Some(buf) if buf.data.len() + data.len() > buf.cap => {
+                                    // Too large to check: not charged, and not delivered
+                                    // as a whole either.
+                                    let cap = buf.cap;
+                                    *this.meter = Meter::Settling {
+                                        call: ticket.release(),
+                                        tail: Tail {
+                                            error: Some(MeterBodyError::TooLarge(cap).into()),
+                                            data: None,
+                                            trailers: None,
+                                            inner_done: true,
+                                        },
+                                    };
+                                    continue;
+                                }
                                 Some(buf) => {
-                                    buf.extend_from_slice(&data);
+                                    buf.data.extend_from_slice(&data);
                                     None
                                 }
                                 None => Some(Frame::data(data)),
@@ -251,7 +310,7 @@ where
                         *this.meter = Meter::Settling {
                             call: ticket.release(),
                             tail: Tail {
-                                error: Some(error),
+                                error: Some(error.into()),
                                 data: None,
                                 trailers: None,
                                 inner_done: true,
@@ -271,10 +330,19 @@ where
                         };
                     }
                 },
-                Meter::Settling { mut call, tail } => {
-                    if call.poll_settle(cx).is_pending() {
+                Meter::Settling { mut call, mut tail } => {
+                    let Poll::Ready(settlement) = call.poll_settle(cx) else {
                         *this.meter = Meter::Settling { call, tail };
                         return Poll::Pending;
+                    };
+                    if settlement == CreditSettlement::Unrecorded {
+                        // Not billed, so not delivered: the held-back data never leaves.
+                        tail = Tail {
+                            error: Some(MeterBodyError::ChargeUnrecorded.into()),
+                            data: None,
+                            trailers: None,
+                            inner_done: true,
+                        };
                     }
                     *this.meter = Meter::Tail(tail);
                 }
@@ -316,7 +384,7 @@ where
         match &self.meter {
             Meter::Off => self.inner.size_hint(),
             Meter::Streaming { buffer, .. } => {
-                let held = buffer.as_ref().map_or(0, |b| b.len() as u64);
+                let held = buffer.as_ref().map_or(0, |b| b.data.len() as u64);
                 let inner = self.inner.size_hint();
                 let mut hint = SizeHint::new();
                 hint.set_lower(inner.lower().saturating_add(held));

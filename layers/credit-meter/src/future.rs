@@ -9,12 +9,12 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
-use tollgate_core::{ErrorCode, Rejection};
+use tollgate_core::{CreditSettlement, ErrorCode, Rejection};
 use tower_service::Service;
 
 use crate::body::MeterBody;
 use crate::ledger::HoldOutcome;
-use crate::settle::{HoldCall, SettleCall, Ticket};
+use crate::settle::{HoldCall, SettleCall, Settler, Ticket};
 
 pin_project! {
     /// The response future of [`CreditMeter`](crate::CreditMeter).
@@ -39,8 +39,10 @@ pin_project! {
         Reject { rejection: Option<Rejection> },
         Check {
             hold: HoldCall,
+            settler: Option<Settler>,
             cost: u64,
-            json_required: bool,
+            // `Some(cap)`: the 2xx body must be JSON, buffered up to `cap` bytes to check.
+            buffer_limit: Option<usize>,
             service: Option<S>,
             request: Option<Request<ReqBody>>,
         },
@@ -48,7 +50,7 @@ pin_project! {
             #[pin]
             future: S::Future,
             // `None`: a free route, passed through without metering.
-            metering: Option<(Ticket, bool)>,
+            metering: Option<(Ticket, Option<usize>)>,
         },
         // Settling before answering: non-2xx, errors, and 2xx whose body is already complete.
         Settling {
@@ -82,16 +84,18 @@ where
 
     pub(crate) fn check(
         hold: HoldCall,
+        settler: Settler,
         cost: u64,
-        json_required: bool,
+        buffer_limit: Option<usize>,
         service: S,
         request: Request<ReqBody>,
     ) -> Self {
         ResponseFuture {
             state: State::Check {
                 hold,
+                settler: Some(settler),
                 cost,
-                json_required,
+                buffer_limit,
                 service: Some(service),
                 request: Some(request),
             },
@@ -103,6 +107,7 @@ impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ResBody: Body<Data = Bytes>,
+    ResBody::Error: Into<tollgate_core::BoxError>,
 {
     type Output = Result<Response<MeterBody<ResBody>>, S::Error>;
 
@@ -119,8 +124,9 @@ where
                 }
                 StateProj::Check {
                     hold,
+                    settler,
                     cost,
-                    json_required,
+                    buffer_limit,
                     service,
                     request,
                 } => {
@@ -143,28 +149,32 @@ where
                         Err(err) => {
                             tracing::error!(error = %err, "the credit ledger failed to place a hold");
                             this.state.set(State::Reject {
-                                rejection: Some(err.rejection()),
+                                rejection: Some(err.rejection_from("ledger")),
                             });
                             continue;
                         }
                     };
                     let receipt = tollgate_core::CreditReceipt::pending(*cost);
-                    let ticket = Ticket::new(hold.ledger().clone(), receipt, granted);
-                    let (Some(mut service), Some(request)) = (service.take(), request.take())
+                    let (Some(settler), Some(mut service), Some(request)) =
+                        (settler.take(), service.take(), request.take())
                     else {
+                        if let Some(granted) = granted {
+                            hold.ledger().release_detached(granted);
+                        }
                         // Unreachable by construction; the ticket's drop releases the hold.
                         this.state.set(State::Reject {
                             rejection: Some(Rejection::new(ErrorCode::InternalError)),
                         });
                         continue;
                     };
-                    let metering = Some((ticket, *json_required));
+                    let ticket = Ticket::new(settler, receipt, granted);
+                    let metering = Some((ticket, *buffer_limit));
                     let future = service.call(request);
                     this.state.set(State::Inner { future, metering });
                 }
                 StateProj::Inner { future, metering } => {
                     let result = std::task::ready!(future.poll(cx));
-                    let Some((ticket, json_required)) = metering.take() else {
+                    let Some((ticket, buffer_limit)) = metering.take() else {
                         this.state.set(State::Done);
                         return Poll::Ready(result.map(|res| res.map(MeterBody::plain)));
                     };
@@ -175,7 +185,7 @@ where
                             if body.is_end_stream() || body.size_hint().exact() == Some(0) {
                                 // Complete already (e.g. 204): a server would not poll it at
                                 // all, so settle now. Empty is not JSON.
-                                let call = if json_required {
+                                let call = if buffer_limit.is_some() {
                                     ticket.release()
                                 } else {
                                     ticket.commit()
@@ -188,7 +198,7 @@ where
                             }
                             this.state.set(State::Done);
                             return Poll::Ready(Ok(
-                                res.map(|body| MeterBody::metered(body, ticket, json_required))
+                                res.map(|body| MeterBody::metered(body, ticket, buffer_limit))
                             ));
                         }
                         mut outcome => {
@@ -203,10 +213,15 @@ where
                     }
                 }
                 StateProj::Settling { call, outcome } => {
-                    std::task::ready!(call.poll_settle(cx));
+                    let settlement = std::task::ready!(call.poll_settle(cx));
                     let outcome = outcome.take();
                     this.state.set(State::Done);
                     return Poll::Ready(match outcome {
+                        // An empty 2xx whose charge could not be recorded is not delivered.
+                        Some(Ok(res)) if settlement == CreditSettlement::Unrecorded => {
+                            let (parts, _) = res.into_parts();
+                            Ok(withheld(parts))
+                        }
                         Some(result) => result.map(|res| res.map(MeterBody::plain)),
                         None => Ok(Rejection::new(ErrorCode::InternalError).into_response()),
                     });
@@ -220,6 +235,16 @@ where
             }
         }
     }
+}
+
+/// The 503 a withheld response is replaced by, keeping the response's extensions (the
+/// receipt, and what outer layers put there) so the logger still attributes it.
+fn withheld<B: Body>(parts: http::response::Parts) -> Response<MeterBody<B>> {
+    let mut res: Response<MeterBody<B>> = Rejection::charge_unrecorded().into_response();
+    let code = ErrorCode::ServiceUnavailable;
+    *res.extensions_mut() = parts.extensions;
+    res.extensions_mut().insert(code);
+    res
 }
 
 impl<S, ReqBody> fmt::Debug for ResponseFuture<S, ReqBody>

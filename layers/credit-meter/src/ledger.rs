@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
 use tollgate_core::time::rfc3339_from_ms;
@@ -49,6 +50,41 @@ pub enum HoldOutcome {
     },
     /// The org was never subscribed or has cancelled.
     NoSubscription,
+}
+
+/// What [`Ledger::commit`] did with a hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// The hold was charged.
+    Charged {
+        /// Credits taken from the balance: the hold's amount, or what was left when support
+        /// lowered the balance while the hold was open; 0 on an unlimited plan.
+        charged: u64,
+        /// The balance after the charge; `None` on an unlimited plan.
+        balance: Option<u64>,
+    },
+    /// The hold had expired and been released by the sweeper, and the credits it held are no
+    /// longer available: nothing was charged.
+    Expired,
+    /// No such hold (never made, or already settled): nothing was charged.
+    Unknown,
+}
+
+/// What [`Ledger::release`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseOutcome {
+    /// The hold was open: its credits are available again.
+    Released,
+    /// The hold had already expired and been released by the sweeper.
+    Swept,
+    /// The hold was committed (after a commit whose answer was lost, this says it was
+    /// applied): nothing changed.
+    Committed {
+        /// Credits the commit took.
+        charged: u64,
+    },
+    /// No such hold: released before, forgotten, or never made.
+    Gone,
 }
 
 /// An org's credit account.
@@ -130,6 +166,9 @@ pub enum EntryKind {
     Adjustment,
     /// The subscription was cancelled: plan credits are gone, top-ups stay.
     Cancel,
+    /// A charge given back: its commit was applied, but the response was withheld from the
+    /// client (the commit's answer was lost, or the client left while it was being made).
+    Refund,
 }
 
 /// One row of the append-only ledger. Replaying `delta_plan` and `delta_topup` from zero gives
@@ -167,20 +206,38 @@ pub trait Ledger: Send + Sync + 'static {
         request_id: Option<RequestId>,
     ) -> BoxFuture<Result<HoldOutcome, BackendError>>;
 
-    /// Charges a hold (plan credits first, then top-ups). Returns the balance after the
-    /// charge, `None` on an unlimited plan. Committing an unknown or already settled hold
-    /// charges nothing and fails.
-    fn commit(&self, hold: Hold) -> BoxFuture<Result<Option<u64>, BackendError>>;
+    /// Charges a hold (plan credits first, then top-ups) and says what was taken.
+    /// Committing an unknown or already settled hold charges nothing
+    /// ([`CommitOutcome::Unknown`]). An `Err` means the outcome is not known (the ledger
+    /// failed or its answer was lost): [`release`](Ledger::release) the hold to settle it
+    /// either way — it answers [`ReleaseOutcome::Committed`] if the commit was applied after
+    /// all. A committed hold is remembered for one hold TTL.
+    fn commit(&self, hold: Hold) -> BoxFuture<Result<CommitOutcome, BackendError>>;
 
-    /// Gives a hold's credits back without charging. Releasing twice is harmless.
-    fn release(&self, hold: Hold) -> BoxFuture<Result<(), BackendError>>;
+    /// Gives a hold's credits back without charging, and says what had become of it. A
+    /// committed hold stays charged. Releasing twice is harmless.
+    fn release(&self, hold: Hold) -> BoxFuture<Result<ReleaseOutcome, BackendError>>;
 
-    /// Releases without waiting (for `Drop`): in-memory ledgers release at once, remote ones
-    /// queue the release; holds also expire on their own ([`Ledger::sweep_expired_holds`]).
+    /// Gives a hold back without waiting, for a request whose response did not reach the
+    /// client (called from `Drop`, and when a settlement could not be confirmed): an open
+    /// hold is released, and a hold that was committed after all (its commit's answer was
+    /// lost) is refunded, once, with a [`EntryKind::Refund`] row. In-memory ledgers do it at
+    /// once; remote ones queue it and retry until it lands. Holds also expire on their own
+    /// ([`Ledger::sweep_expired_holds`]).
     fn release_detached(&self, hold: Hold);
 
+    /// Pushes the expiry of each of `holds` that is still open to one hold TTL from now:
+    /// what keeps the holds of requests still in flight from being swept, however long they
+    /// take. Returns how many were still open.
+    fn extend_holds(&self, holds: Vec<Hold>) -> BoxFuture<Result<usize, BackendError>>;
+
+    /// How long a hold that nobody extends stays open before the sweeper releases it.
+    fn hold_ttl(&self) -> Duration;
+
     /// Subscribes `org` to `plan` or changes its plan: a new period starts now, plan credits
-    /// become the plan's monthly credits, top-ups are kept.
+    /// become the plan's monthly credits, top-ups are kept. Subscribing an org to the plan it
+    /// is already on changes nothing (no new period, no ledger row), so a retried
+    /// subscription is safe.
     fn subscribe(&self, org: OrgId, plan: Plan) -> BoxFuture<Result<Account, BackendError>>;
 
     /// Cancels the subscription (plan credits are dropped, top-ups kept). `false` when the org
@@ -225,16 +282,24 @@ impl<T: Ledger + ?Sized> Ledger for Arc<T> {
         (**self).hold(org, amount, request_id)
     }
 
-    fn commit(&self, hold: Hold) -> BoxFuture<Result<Option<u64>, BackendError>> {
+    fn commit(&self, hold: Hold) -> BoxFuture<Result<CommitOutcome, BackendError>> {
         (**self).commit(hold)
     }
 
-    fn release(&self, hold: Hold) -> BoxFuture<Result<(), BackendError>> {
+    fn release(&self, hold: Hold) -> BoxFuture<Result<ReleaseOutcome, BackendError>> {
         (**self).release(hold)
     }
 
     fn release_detached(&self, hold: Hold) {
         (**self).release_detached(hold)
+    }
+
+    fn extend_holds(&self, holds: Vec<Hold>) -> BoxFuture<Result<usize, BackendError>> {
+        (**self).extend_holds(holds)
+    }
+
+    fn hold_ttl(&self) -> Duration {
+        (**self).hold_ttl()
     }
 
     fn subscribe(&self, org: OrgId, plan: Plan) -> BoxFuture<Result<Account, BackendError>> {

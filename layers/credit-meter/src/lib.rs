@@ -50,7 +50,7 @@
 //! use tower::{ServiceBuilder, ServiceExt};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn main() -> Result<(), tollgate_core::BoxError> {
 //! let ledger = Arc::new(MemoryLedger::new(ManualClock::new(1_700_000_000_000)));
 //! let org = OrgId::new();
 //! ledger.subscribe(org, Plan::Free).await?; // 100 plan credits
@@ -90,6 +90,7 @@
 mod body;
 mod future;
 mod jobs;
+mod keeper;
 mod layer;
 mod ledger;
 #[cfg(feature = "memory")]
@@ -99,15 +100,16 @@ mod postgres;
 mod service;
 mod settle;
 
-pub use body::MeterBody;
+pub use body::{MeterBody, MeterBodyError};
 pub use future::ResponseFuture;
 pub use jobs::run_ledger_jobs;
-pub use layer::CreditMeterLayer;
+pub use layer::{CreditMeterLayer, DEFAULT_MAX_BUFFERED_BODY, DEFAULT_SETTLE_TIMEOUT};
 pub use ledger::{
-    Account, CreditsView, EntryKind, Hold, HoldId, HoldOutcome, Ledger, LedgerEntry, MAX_CREDITS,
+    Account, CommitOutcome, CreditsView, EntryKind, Hold, HoldId, HoldOutcome, Ledger, LedgerEntry,
+    ReleaseOutcome, MAX_CREDITS,
 };
 #[cfg(feature = "memory")]
 pub use memory::{MemoryLedger, DEFAULT_HOLD_TTL, MAX_ENTRIES_PER_ORG};
 #[cfg(feature = "postgres")]
-pub use postgres::{PostgresLedger, DEFAULT_RELEASE_QUEUE};
+pub use postgres::{PostgresLedger, DEFAULT_ORG_CONCURRENCY, DEFAULT_RELEASE_QUEUE};
 pub use service::CreditMeter;

@@ -6,13 +6,14 @@
 //! change a balance first renews the org's period if it is over, so a request right after the
 //! period end already sees the new plan credits.
 //!
-//! **Expired holds.** A hold older than the hold TTL (default 5 minutes, longer than any
-//! sane upstream timeout) is released by [`Ledger::sweep_expired_holds`]. If the request it
+//! **Expired holds.** A hold that nobody [extends](Ledger::extend_holds) for the hold TTL
+//! (default 5 minutes) is released by [`Ledger::sweep_expired_holds`]. If the request it
 //! belonged to later succeeds after all, its commit re-checks the balance: it is charged only
 //! if `balance − held` still covers it (the credits were given back and may have been held by
-//! another request meanwhile), otherwise the commit fails and nothing is charged, so the
-//! balance can never go below zero and a hold is never charged twice. A swept hold is
-//! remembered for one more TTL; a commit arriving later still charges nothing.
+//! another request meanwhile), otherwise the commit answers [`CommitOutcome::Expired`] and
+//! nothing is charged, so the balance can never go below zero and a hold is never charged
+//! twice. A swept hold is remembered for one more TTL; a commit arriving later still charges
+//! nothing.
 //!
 //! **Admin changes under holds.** If support lowers a balance, the plan changes or the org
 //! cancels while holds are open, a later commit charges at most what is left (plan credits
@@ -33,7 +34,8 @@ use tollgate_core::{
 };
 
 use crate::ledger::{
-    Account, EntryKind, Hold, HoldId, HoldOutcome, Ledger, LedgerEntry, MAX_CREDITS,
+    Account, CommitOutcome, EntryKind, Hold, HoldId, HoldOutcome, Ledger, LedgerEntry,
+    ReleaseOutcome, MAX_CREDITS,
 };
 
 /// Periods replayed one by one after an idle gap (100 years); past that the period restarts.
@@ -63,6 +65,14 @@ struct SweptHold {
     forget_at_ms: u64,
 }
 
+/// A committed hold, remembered for one TTL: what it took from each pot.
+struct CommittedHold {
+    from_plan: u64,
+    from_topup: u64,
+    request_id: Option<RequestId>,
+    forget_at_ms: u64,
+}
+
 /// One org's account, open holds and ledger rows.
 struct Book {
     org: OrgId,
@@ -74,6 +84,7 @@ struct Book {
     period_end_ms: u64,
     holds: HashMap<HoldId, HoldRecord>,
     swept: HashMap<HoldId, SweptHold>,
+    committed: HashMap<HoldId, CommittedHold>,
     /// The newest [`MAX_ENTRIES_PER_ORG`] ledger rows.
     entries: std::collections::VecDeque<LedgerEntry>,
 }
@@ -112,6 +123,7 @@ impl Book {
             period_end_ms: 0,
             holds: HashMap::new(),
             swept: HashMap::new(),
+            committed: HashMap::new(),
             entries: std::collections::VecDeque::new(),
         }
     }
@@ -191,23 +203,65 @@ impl Book {
         renewed
     }
 
-    /// Takes `amount` (at most the balance): plan credits first, then top-ups.
-    fn charge(&mut self, now: u64, amount: u64, request_id: Option<RequestId>) {
+    /// Charges hold `id` `amount` (at most the balance): plan credits first, then top-ups,
+    /// and remembers what it took for one TTL (until `forget_at_ms`). Returns the amount.
+    fn charge(
+        &mut self,
+        id: HoldId,
+        now: u64,
+        forget_at_ms: u64,
+        amount: u64,
+        request_id: Option<RequestId>,
+    ) -> u64 {
         let amount = amount.min(self.balance());
-        if amount == 0 {
-            return;
-        }
         let from_plan = amount.min(self.plan_credits);
         let from_topup = amount - from_plan;
-        self.plan_credits -= from_plan;
-        self.topup_credits -= from_topup;
-        self.record(
-            now,
-            EntryKind::Charge,
-            delta(0, from_plan),
-            delta(0, from_topup),
-            request_id,
+        if amount > 0 {
+            self.plan_credits -= from_plan;
+            self.topup_credits -= from_topup;
+            self.record(
+                now,
+                EntryKind::Charge,
+                delta(0, from_plan),
+                delta(0, from_topup),
+                request_id.clone(),
+            );
+        }
+        self.committed.insert(
+            id,
+            CommittedHold {
+                from_plan,
+                from_topup,
+                request_id,
+                forget_at_ms,
+            },
         );
+        amount
+    }
+
+    /// Gives a committed hold's charge back (a refund row), once.
+    fn refund(&mut self, now: u64, id: HoldId) -> bool {
+        let Some(c) = self.committed.remove(&id) else {
+            return false;
+        };
+        if c.from_plan + c.from_topup > 0 {
+            self.plan_credits = self
+                .plan_credits
+                .saturating_add(c.from_plan)
+                .min(MAX_CREDITS);
+            self.topup_credits = self
+                .topup_credits
+                .saturating_add(c.from_topup)
+                .min(MAX_CREDITS);
+            self.record(
+                now,
+                EntryKind::Refund,
+                delta(c.from_plan, 0),
+                delta(c.from_topup, 0),
+                c.request_id,
+            );
+        }
+        true
     }
 }
 
@@ -269,7 +323,12 @@ impl MemoryLedger {
             .collect()
     }
 
-    fn hold_now(&self, org: OrgId, amount: u64, request_id: Option<RequestId>) -> HoldOutcome {
+    pub(crate) fn hold_now(
+        &self,
+        org: OrgId,
+        amount: u64,
+        request_id: Option<RequestId>,
+    ) -> HoldOutcome {
         let Some(book) = self.book(org) else {
             return HoldOutcome::NoSubscription;
         };
@@ -300,23 +359,24 @@ impl MemoryLedger {
         }
     }
 
-    fn commit_now(&self, hold: &Hold) -> Result<Option<u64>, BackendError> {
-        let unknown = || {
-            BackendError::other(format!(
-                "hold {} of org {} is unknown or already settled; nothing was charged",
-                hold.id, hold.org
-            ))
+    fn commit_now(&self, hold: &Hold) -> CommitOutcome {
+        let Some(book) = self.book(hold.org) else {
+            return CommitOutcome::Unknown;
         };
-        let book = self.book(hold.org).ok_or_else(unknown)?;
         let now = self.now();
         let mut b = lock(&book);
         b.renew(now);
+        let forget_at_ms = now.saturating_add(self.hold_ttl_ms);
         if let Some(rec) = b.holds.remove(&hold.id) {
             b.held = b.held.saturating_sub(rec.amount);
             self.open_holds.fetch_sub(1, Ordering::Relaxed);
             if b.is_unlimited() {
                 // Upgraded to an unlimited plan while the request was in flight.
-                return Ok(None);
+                b.charge(hold.id, now, forget_at_ms, 0, None);
+                return CommitOutcome::Charged {
+                    charged: 0,
+                    balance: None,
+                };
             }
             if rec.amount > b.balance() {
                 tracing::warn!(
@@ -327,44 +387,77 @@ impl MemoryLedger {
                     "the balance was lowered while the hold was open; charging what is left"
                 );
             }
-            b.charge(now, rec.amount, rec.request_id);
-            return Ok(Some(b.balance()));
+            let charged = b.charge(hold.id, now, forget_at_ms, rec.amount, rec.request_id);
+            return CommitOutcome::Charged {
+                charged,
+                balance: Some(b.balance()),
+            };
         }
         if let Some(swept) = b.swept.remove(&hold.id) {
             if b.is_unlimited() {
-                return Ok(None);
+                b.charge(hold.id, now, forget_at_ms, 0, None);
+                return CommitOutcome::Charged {
+                    charged: 0,
+                    balance: None,
+                };
             }
             let available = b.balance().saturating_sub(b.held);
             if available < swept.amount {
-                return Err(BackendError::other(format!(
-                    "hold {} of org {} expired and was released, and the {} credits it held \
-                     are no longer available; nothing was charged",
-                    hold.id, hold.org, swept.amount
-                )));
+                return CommitOutcome::Expired;
             }
             tracing::warn!(
                 org = %hold.org,
                 hold = %hold.id,
                 "committing a hold that had expired and was released; charged after re-checking the balance"
             );
-            b.charge(now, swept.amount, swept.request_id);
-            return Ok(Some(b.balance()));
+            let charged = b.charge(hold.id, now, forget_at_ms, swept.amount, swept.request_id);
+            return CommitOutcome::Charged {
+                charged,
+                balance: Some(b.balance()),
+            };
         }
-        Err(unknown())
+        CommitOutcome::Unknown
     }
 
-    fn release_now(&self, hold: &Hold) {
+    /// Releases `hold`; with `refund`, a committed hold is refunded instead of kept.
+    fn release_now(&self, hold: &Hold, refund: bool) -> ReleaseOutcome {
         let Some(book) = self.book(hold.org) else {
-            return;
+            return ReleaseOutcome::Gone;
         };
+        let now = self.now();
         let mut b = lock(&book);
         if let Some(rec) = b.holds.remove(&hold.id) {
             b.held = b.held.saturating_sub(rec.amount);
             self.open_holds.fetch_sub(1, Ordering::Relaxed);
+            ReleaseOutcome::Released
+        } else if b.swept.remove(&hold.id).is_some() {
+            // Forgotten, so a stray commit cannot charge it later.
+            ReleaseOutcome::Swept
+        } else if let Some(c) = b.committed.get(&hold.id) {
+            let charged = c.from_plan + c.from_topup;
+            if refund {
+                b.refund(now, hold.id);
+            }
+            ReleaseOutcome::Committed { charged }
         } else {
-            // Already swept: forget it so a stray commit cannot charge it later.
-            b.swept.remove(&hold.id);
+            ReleaseOutcome::Gone
         }
+    }
+
+    fn extend_now(&self, holds: &[Hold]) -> usize {
+        let expires_at_ms = self.now().saturating_add(self.hold_ttl_ms);
+        let mut open = 0;
+        for hold in holds {
+            let Some(book) = self.book(hold.org) else {
+                continue;
+            };
+            let mut b = lock(&book);
+            if let Some(rec) = b.holds.get_mut(&hold.id) {
+                rec.expires_at_ms = rec.expires_at_ms.max(expires_at_ms);
+                open += 1;
+            }
+        }
+        open
     }
 
     fn subscribe_now(&self, org: OrgId, plan: Plan) -> Account {
@@ -372,6 +465,10 @@ impl MemoryLedger {
         let now = self.now();
         let mut b = lock(&book);
         b.renew(now);
+        if b.plan == Some(plan) {
+            // Already on this plan: a retried subscription starts no new period.
+            return b.account();
+        }
         let fresh = plan.monthly_credits().unwrap_or(0);
         let d = delta(fresh, b.plan_credits);
         b.plan = Some(plan);
@@ -459,6 +556,7 @@ impl MemoryLedger {
         for book in self.all_books() {
             let mut b = lock(&book);
             b.swept.retain(|_, s| s.forget_at_ms > now);
+            b.committed.retain(|_, c| c.forget_at_ms > now);
             let expired: Vec<HoldId> = b
                 .holds
                 .iter()
@@ -525,17 +623,24 @@ impl Ledger for MemoryLedger {
         Box::pin(ready(Ok(self.hold_now(org, amount, request_id))))
     }
 
-    fn commit(&self, hold: Hold) -> BoxFuture<Result<Option<u64>, BackendError>> {
-        Box::pin(ready(self.commit_now(&hold)))
+    fn commit(&self, hold: Hold) -> BoxFuture<Result<CommitOutcome, BackendError>> {
+        Box::pin(ready(Ok(self.commit_now(&hold))))
     }
 
-    fn release(&self, hold: Hold) -> BoxFuture<Result<(), BackendError>> {
-        self.release_now(&hold);
-        Box::pin(ready(Ok(())))
+    fn release(&self, hold: Hold) -> BoxFuture<Result<ReleaseOutcome, BackendError>> {
+        Box::pin(ready(Ok(self.release_now(&hold, false))))
     }
 
     fn release_detached(&self, hold: Hold) {
-        self.release_now(&hold);
+        self.release_now(&hold, true);
+    }
+
+    fn extend_holds(&self, holds: Vec<Hold>) -> BoxFuture<Result<usize, BackendError>> {
+        Box::pin(ready(Ok(self.extend_now(&holds))))
+    }
+
+    fn hold_ttl(&self) -> Duration {
+        MemoryLedger::hold_ttl(self)
     }
 
     fn subscribe(&self, org: OrgId, plan: Plan) -> BoxFuture<Result<Account, BackendError>> {
@@ -628,9 +733,16 @@ mod tests {
         };
         let (a, b, _c) = (hold(&ledger), hold(&ledger), hold(&ledger));
         assert_eq!(ledger.open_holds(), 3);
-        ledger.commit_now(&a).unwrap();
-        ledger.release_now(&b);
-        ledger.release_now(&b);
+        assert!(matches!(
+            ledger.commit_now(&a),
+            CommitOutcome::Charged { charged: 1, .. }
+        ));
+        assert_eq!(ledger.release_now(&b, false), ReleaseOutcome::Released);
+        assert_eq!(ledger.release_now(&b, false), ReleaseOutcome::Gone);
+        assert_eq!(
+            ledger.release_now(&a, false),
+            ReleaseOutcome::Committed { charged: 1 }
+        );
         assert_eq!(ledger.open_holds(), 1);
         clock.set(10);
         assert_eq!(ledger.sweep_now(), 1);

@@ -44,6 +44,7 @@ impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for CreditMeter<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
     ResBody: Body<Data = Bytes>,
+    ResBody::Error: Into<tollgate_core::BoxError>,
 {
     type Response = Response<MeterBody<ResBody>>;
     type Error = S::Error;
@@ -82,7 +83,15 @@ where
         // The ready service goes into the future; a fresh clone stays for the next call.
         let clone = self.inner.clone();
         let service = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::check(hold, cost, json_required, service, req)
+        let buffer_limit = json_required.then_some(self.config.max_buffered_body);
+        ResponseFuture::check(
+            hold,
+            self.config.settler(),
+            cost,
+            buffer_limit,
+            service,
+            req,
+        )
     }
 }
 

@@ -1,16 +1,31 @@
 //! Settling a request's credits exactly once: the [`Ticket`] owns a granted hold until it is
-//! committed or released; a [`SettleCall`] drives that ledger call; both finish their job
+//! committed or released; a [`SettleCall`] drives that ledger work; both finish their job
 //! without awaiting when they are dropped.
+//!
+//! **When the charge cannot be recorded.** A 2xx is delivered only once its charge is in the
+//! ledger: nothing is delivered unbilled and nothing is billed undelivered. The commit is
+//! bounded by the meter's settle timeout. If it fails or does not answer in time, its outcome
+//! is unknown (the statement may have been applied with its answer lost), so the hold is
+//! *released* to find out: a release that finds the hold open (or already swept) proves
+//! nothing was charged, and the response is withheld ([`CreditSettlement::Unrecorded`]); a
+//! release that finds the hold committed proves the commit was applied, and the response is
+//! delivered as charged. Only if the release cannot reach the ledger either is the response
+//! withheld, and the hold handed to [`Ledger::release_detached`], whose background retries
+//! release it — or refund it, if the commit had been applied — as soon as the ledger
+//! answers. A hold is never pinned by a failed commit, and a withheld response is never
+//! billed.
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use tollgate_core::{BackendError, BoxFuture, CreditReceipt, CreditSettlement};
 
-use crate::ledger::{Hold, HoldOutcome, Ledger};
+use crate::keeper::HoldKeeper;
+use crate::ledger::{CommitOutcome, Hold, HoldOutcome, Ledger, ReleaseOutcome};
 
 /// Finishes a ledger call that its owner no longer waits for, without blocking: a call that
 /// is already done (every in-memory call) completes right here; otherwise it is handed to the
@@ -33,6 +48,19 @@ pub(crate) fn finish_detached<T: Send + 'static>(
             ),
         },
     }
+}
+
+/// Awaits `fut` for at most `limit`. An answer that is already there (every in-memory ledger)
+/// needs no timer, and outside a tokio runtime there is no timer to use.
+async fn bounded<T>(mut fut: BoxFuture<T>, limit: Duration) -> Option<T> {
+    if let Poll::Ready(value) = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await
+    {
+        return Some(value);
+    }
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Some(fut.await);
+    }
+    tokio::time::timeout(limit, fut).await.ok()
 }
 
 /// A [`Ledger::hold`] call in flight. If dropped before it resolves (the response future was
@@ -92,25 +120,33 @@ impl fmt::Debug for HoldCall {
     }
 }
 
-/// A granted request: its receipt and its hold (`None` on an unlimited plan). Dropping an
-/// unsettled ticket releases the hold at once (`release_detached`) and settles the receipt
-/// as released.
+/// What settling needs besides the hold: the ledger, the keeper of live holds and the bound
+/// on each ledger call.
+#[derive(Clone)]
+pub(crate) struct Settler {
+    pub(crate) ledger: Arc<dyn Ledger>,
+    pub(crate) keeper: Arc<HoldKeeper>,
+    pub(crate) timeout: Duration,
+}
+
+/// A granted request: its receipt and its hold (`None` on an unlimited plan). While the
+/// ticket lives, the hold is kept from expiring; dropping an unsettled ticket releases the
+/// hold at once (`release_detached`) and settles the receipt as released.
 pub(crate) struct Ticket {
-    ledger: Arc<dyn Ledger>,
+    settler: Settler,
     receipt: CreditReceipt,
     hold: Option<Hold>,
-    /// Cleared once a commit or release has been started: the ticket's drop then has
-    /// nothing left to do.
-    armed: bool,
 }
 
 impl Ticket {
-    pub(crate) fn new(ledger: Arc<dyn Ledger>, receipt: CreditReceipt, hold: Option<Hold>) -> Self {
+    pub(crate) fn new(settler: Settler, receipt: CreditReceipt, hold: Option<Hold>) -> Self {
+        if let Some(hold) = &hold {
+            settler.keeper.register(hold);
+        }
         Ticket {
-            ledger,
+            settler,
             receipt,
             hold,
-            armed: true,
         }
     }
 
@@ -121,43 +157,41 @@ impl Ticket {
     /// Charges the request: commits the hold (on an unlimited plan there is nothing to
     /// commit and the receipt says `balance: None`).
     pub(crate) fn commit(mut self) -> SettleCall {
-        self.armed = false;
-        let op = match self.hold.take() {
-            Some(hold) => SettleOp::Commit {
-                fut: self.ledger.commit(hold.clone()),
-                hold,
+        let cost = self.receipt.cost();
+        match self.hold.take() {
+            Some(hold) => SettleCall {
+                fut: Some(Box::pin(commit(self.settler.clone(), hold.clone(), cost))),
+                receipt: self.receipt.clone(),
+                abandon: Some((self.settler.clone(), hold)),
             },
-            None => SettleOp::Settled(CreditSettlement::Charged {
-                used: self.receipt.cost(),
-                balance: None,
-            }),
-        };
-        SettleCall::new(op, self.receipt.clone())
+            None => SettleCall::new(
+                Box::pin(std::future::ready(CreditSettlement::Charged {
+                    used: cost,
+                    balance: None,
+                })),
+                self.receipt.clone(),
+            ),
+        }
     }
 
     /// Gives the credits back.
     pub(crate) fn release(mut self) -> SettleCall {
-        self.armed = false;
-        let op = match self.hold.take() {
-            Some(hold) => SettleOp::Release {
-                fut: self.ledger.release(hold.clone()),
-                hold,
-            },
-            None => SettleOp::Settled(CreditSettlement::Released),
+        let fut: BoxFuture<CreditSettlement> = match self.hold.take() {
+            Some(hold) => Box::pin(release(self.settler.clone(), hold)),
+            None => Box::pin(std::future::ready(CreditSettlement::Released)),
         };
-        SettleCall::new(op, self.receipt.clone())
+        SettleCall::new(fut, self.receipt.clone())
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
+        // Unsettled (not committed or released): the request is gone.
         if let Some(hold) = self.hold.take() {
-            self.ledger.release_detached(hold);
+            self.settler.keeper.forget(hold.id);
+            self.settler.ledger.release_detached(hold);
+            self.receipt.settle(CreditSettlement::Released);
         }
-        self.receipt.settle(CreditSettlement::Released);
     }
 }
 
@@ -170,107 +204,136 @@ impl fmt::Debug for Ticket {
     }
 }
 
-enum SettleOp {
-    Commit {
-        fut: BoxFuture<Result<Option<u64>, BackendError>>,
-        hold: Hold,
-    },
-    Release {
-        fut: BoxFuture<Result<(), BackendError>>,
-        hold: Hold,
-    },
-    Settled(CreditSettlement),
-}
-
-impl SettleOp {
-    fn poll(&mut self, cost: u64, cx: &mut Context<'_>) -> Poll<CreditSettlement> {
-        match self {
-            SettleOp::Commit { fut, hold } => {
-                let result = std::task::ready!(fut.as_mut().poll(cx));
-                Poll::Ready(settlement_of_commit(cost, hold, result))
-            }
-            SettleOp::Release { fut, hold } => {
-                let result = std::task::ready!(fut.as_mut().poll(cx));
-                Poll::Ready(settlement_of_release(hold, result))
-            }
-            SettleOp::Settled(s) => Poll::Ready(*s),
-        }
-    }
-
-    /// The rest of the call as one future (only when its owner was dropped mid-call).
-    fn into_future(self, cost: u64) -> BoxFuture<CreditSettlement> {
-        match self {
-            SettleOp::Commit { fut, hold } => {
-                Box::pin(async move { settlement_of_commit(cost, &hold, fut.await) })
-            }
-            SettleOp::Release { fut, hold } => {
-                Box::pin(async move { settlement_of_release(&hold, fut.await) })
-            }
-            SettleOp::Settled(s) => Box::pin(std::future::ready(s)),
-        }
-    }
-}
-
-fn settlement_of_commit(
-    cost: u64,
-    hold: &Hold,
-    result: Result<Option<u64>, BackendError>,
-) -> CreditSettlement {
-    match result {
-        Ok(balance) => CreditSettlement::Charged {
-            used: cost,
+/// Commits `hold`; when the commit's outcome is not known, settles it by releasing.
+async fn commit(settler: Settler, hold: Hold, cost: u64) -> CreditSettlement {
+    let outcome = bounded(settler.ledger.commit(hold.clone()), settler.timeout).await;
+    let settlement = match outcome {
+        Some(Ok(CommitOutcome::Charged { charged, balance })) => CreditSettlement::Charged {
+            // On an unlimited plan nothing is taken; the receipt shows the route's cost.
+            used: if balance.is_some() { charged } else { cost },
             balance,
         },
-        Err(err) => {
-            // The response was delivered; the customer is not billed for it.
+        Some(Ok(CommitOutcome::Expired)) => {
+            tracing::warn!(
+                org = %hold.org,
+                hold = %hold.id,
+                "the credit hold expired and its credits were spent meanwhile; the response \
+                 is withheld and nothing is charged"
+            );
+            CreditSettlement::Unrecorded
+        }
+        Some(Ok(CommitOutcome::Unknown)) => {
             tracing::error!(
                 org = %hold.org,
                 hold = %hold.id,
-                error = %err,
-                "committing a credit hold failed; the request was not charged"
+                "the ledger does not know the credit hold; the response is withheld and \
+                 nothing is charged"
             );
-            CreditSettlement::Released
+            CreditSettlement::Unrecorded
+        }
+        failed => {
+            match failed {
+                Some(Err(err)) => tracing::warn!(
+                    org = %hold.org,
+                    hold = %hold.id,
+                    error = %err,
+                    "committing a credit hold failed; releasing it to learn whether it was charged"
+                ),
+                _ => tracing::warn!(
+                    org = %hold.org,
+                    hold = %hold.id,
+                    timeout_ms = settler.timeout.as_millis() as u64,
+                    "committing a credit hold did not answer in time; releasing it to learn \
+                     whether it was charged"
+                ),
+            }
+            resolve(&settler, hold.clone()).await
+        }
+    };
+    settler.keeper.forget(hold.id);
+    settlement
+}
+
+/// Settles a hold whose commit failed: the release says whether the commit was applied.
+async fn resolve(settler: &Settler, hold: Hold) -> CreditSettlement {
+    match bounded(settler.ledger.release(hold.clone()), settler.timeout).await {
+        Some(Ok(ReleaseOutcome::Released | ReleaseOutcome::Swept | ReleaseOutcome::Gone)) => {
+            CreditSettlement::Unrecorded
+        }
+        Some(Ok(ReleaseOutcome::Committed { charged })) => {
+            // The commit was applied after all: the response is paid for, deliver it.
+            let balance = bounded(settler.ledger.account(hold.org), settler.timeout)
+                .await
+                .and_then(Result::ok)
+                .flatten()
+                .and_then(|account| account.balance());
+            tracing::info!(
+                org = %hold.org,
+                hold = %hold.id,
+                "the failed commit had been applied; the response is delivered as charged"
+            );
+            CreditSettlement::Charged {
+                used: charged,
+                balance,
+            }
+        }
+        failed => {
+            if let Some(Err(err)) = &failed {
+                tracing::warn!(org = %hold.org, hold = %hold.id, error = %err, "releasing the credit hold failed too; it is retried in the background");
+            }
+            settler.ledger.release_detached(hold);
+            CreditSettlement::Unrecorded
         }
     }
 }
 
-fn settlement_of_release(hold: &Hold, result: Result<(), BackendError>) -> CreditSettlement {
-    if let Err(err) = result {
-        tracing::error!(
-            org = %hold.org,
-            hold = %hold.id,
-            error = %err,
-            "releasing a credit hold failed; it will be released when it expires"
-        );
+/// Releases `hold`, handing the release to the ledger's background retries if it fails.
+async fn release(settler: Settler, hold: Hold) -> CreditSettlement {
+    settler.keeper.forget(hold.id);
+    match bounded(settler.ledger.release(hold.clone()), settler.timeout).await {
+        Some(Ok(_)) => {}
+        failed => {
+            if let Some(Err(err)) = &failed {
+                tracing::warn!(org = %hold.org, hold = %hold.id, error = %err, "releasing a credit hold failed; it is retried in the background");
+            }
+            settler.ledger.release_detached(hold);
+        }
     }
     CreditSettlement::Released
 }
 
-/// A commit or release in flight. Settles the receipt when it completes; if dropped first, the
-/// call is finished in the background ([`finish_detached`]) and settles the receipt then.
+/// A commit or release in flight. Settles the receipt when it completes.
+///
+/// Dropped first, a release is finished in the background ([`finish_detached`]) and settles
+/// the receipt then. A commit is *abandoned*: its body was never handed on, so the request
+/// must not be charged; the hold is given back with [`Ledger::release_detached`], which
+/// refunds it if the commit statement had already been applied.
 pub(crate) struct SettleCall {
-    op: Option<SettleOp>,
+    fut: Option<BoxFuture<CreditSettlement>>,
     receipt: CreditReceipt,
+    /// For a commit: how to give the hold back if the call is dropped before it completes.
+    abandon: Option<(Settler, Hold)>,
 }
 
 impl SettleCall {
-    fn new(op: SettleOp, receipt: CreditReceipt) -> Self {
+    fn new(fut: BoxFuture<CreditSettlement>, receipt: CreditReceipt) -> Self {
         SettleCall {
-            op: Some(op),
+            fut: Some(fut),
             receipt,
+            abandon: None,
         }
     }
 
     pub(crate) fn poll_settle(&mut self, cx: &mut Context<'_>) -> Poll<CreditSettlement> {
-        let Some(op) = self.op.as_mut() else {
+        let Some(fut) = self.fut.as_mut() else {
             return Poll::Ready(
                 self.receipt
                     .settlement()
                     .unwrap_or(CreditSettlement::Released),
             );
         };
-        let settlement = std::task::ready!(op.poll(self.receipt.cost(), cx));
-        self.op = None;
+        let settlement = std::task::ready!(fut.as_mut().poll(cx));
+        self.fut = None;
         self.receipt.settle(settlement);
         Poll::Ready(settlement)
     }
@@ -286,11 +349,22 @@ impl Future for SettleCall {
 
 impl Drop for SettleCall {
     fn drop(&mut self) {
-        if let Some(op) = self.op.take() {
-            let receipt = self.receipt.clone();
-            finish_detached(op.into_future(receipt.cost()), move |settlement| {
-                receipt.settle(settlement);
-            });
+        let Some(fut) = self.fut.take() else {
+            return;
+        };
+        match self.abandon.take() {
+            Some((settler, hold)) => {
+                drop(fut);
+                settler.keeper.forget(hold.id);
+                settler.ledger.release_detached(hold);
+                self.receipt.settle(CreditSettlement::Released);
+            }
+            None => {
+                let receipt = self.receipt.clone();
+                finish_detached(fut, move |settlement| {
+                    receipt.settle(settlement);
+                });
+            }
         }
     }
 }
@@ -299,7 +373,7 @@ impl fmt::Debug for SettleCall {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SettleCall")
             .field("receipt", &self.receipt)
-            .field("done", &self.op.is_none())
+            .field("done", &self.fut.is_none())
             .finish()
     }
 }

@@ -297,6 +297,38 @@ async fn json_required_json_2xx_is_charged_and_yielded_as_one_frame() {
 }
 
 #[tokio::test]
+async fn json_required_2xx_over_the_buffer_cap_is_not_charged() {
+    let (_clock, ledger) = manual_ledger();
+    let org = org_with(&ledger, Plan::Basic, Some(10)).await;
+    // Used without the gateway's proxy (no body cap of its own upstream of the meter): the
+    // meter's own cap bounds what it buffers.
+    let svc = ServiceBuilder::new()
+        .layer(CreditMeterLayer::new(Arc::clone(&ledger)).with_max_buffered_body(1_000))
+        .service_fn(|_req: Req| async {
+            let chunks: Vec<Result<_, Infallible>> = (0..5)
+                .map(|_| Ok(http_body::Frame::data(Bytes::from(vec![b' '; 300]))))
+                .collect();
+            Ok::<_, Infallible>(Response::new(StreamBody::new(futures_util::stream::iter(
+                chunks,
+            ))))
+        });
+    let mut req = request(&users_me(), org, "r-1");
+    req.extensions_mut().insert(JsonBodyRequired);
+    let res = svc.oneshot(req).await.unwrap();
+    let r = receipt(&res);
+    let err = res
+        .into_body()
+        .collect()
+        .await
+        .err()
+        .expect("an error, not the body");
+    assert!(err.to_string().contains("larger than"), "{err}");
+    assert_eq!(r.settlement(), Some(CreditSettlement::Released));
+    assert_eq!(ledger.open_holds(), 0);
+    assert_eq!(balance(&ledger, org).await, 10);
+}
+
+#[tokio::test]
 async fn without_the_marker_a_non_json_2xx_streams_and_is_charged() {
     let (_clock, ledger) = manual_ledger();
     let org = org_with(&ledger, Plan::Basic, Some(10)).await;
@@ -587,16 +619,29 @@ impl Ledger for DownLedger {
     fn commit(
         &self,
         _: tollgate_credit_meter::Hold,
-    ) -> tollgate_core::BoxFuture<Result<Option<u64>, tollgate_core::BackendError>> {
+    ) -> tollgate_core::BoxFuture<
+        Result<tollgate_credit_meter::CommitOutcome, tollgate_core::BackendError>,
+    > {
         Box::pin(async { Err(down()) })
     }
     fn release(
         &self,
         _: tollgate_credit_meter::Hold,
-    ) -> tollgate_core::BoxFuture<Result<(), tollgate_core::BackendError>> {
+    ) -> tollgate_core::BoxFuture<
+        Result<tollgate_credit_meter::ReleaseOutcome, tollgate_core::BackendError>,
+    > {
         Box::pin(async { Err(down()) })
     }
     fn release_detached(&self, _: tollgate_credit_meter::Hold) {}
+    fn extend_holds(
+        &self,
+        _: Vec<tollgate_credit_meter::Hold>,
+    ) -> tollgate_core::BoxFuture<Result<usize, tollgate_core::BackendError>> {
+        Box::pin(async { Err(down()) })
+    }
+    fn hold_ttl(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(300)
+    }
     fn subscribe(
         &self,
         _: tollgate_core::OrgId,
@@ -673,6 +718,10 @@ async fn a_ledger_that_is_down_is_503_and_not_forwarded() {
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        res.extensions().get::<tollgate_core::BackendFailure>(),
+        Some(&tollgate_core::BackendFailure { backend: "ledger" })
+    );
     assert_eq!(
         body_json(res.into_body()).await,
         json!({

@@ -63,6 +63,9 @@ memory_suite!(
     a_swept_hold_is_forgotten_after_another_ttl,
     a_released_swept_hold_cannot_be_charged_later,
     the_periodic_job_renews_and_sweeps_without_requests,
+    subscribing_again_to_the_same_plan_changes_nothing,
+    extended_holds_are_not_swept,
+    a_withheld_committed_hold_is_refunded_once,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

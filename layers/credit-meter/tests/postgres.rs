@@ -17,7 +17,9 @@ use http_body_util::{BodyExt, Full};
 use tokio::sync::OnceCell;
 use tollgate_core::time::{add_one_month_ms, ms_from_rfc3339};
 use tollgate_core::{BackendErrorKind, CreditReceipt, CreditSettlement, ManualClock, OrgId, Plan};
-use tollgate_credit_meter::{CreditMeterLayer, EntryKind, HoldOutcome, Ledger, PostgresLedger};
+use tollgate_credit_meter::{
+    CommitOutcome, CreditMeterLayer, EntryKind, HoldOutcome, Ledger, PostgresLedger,
+};
 use tollgate_postgres::testing::{unreachable_url, TestDb};
 use tower::{service_fn, ServiceBuilder, ServiceExt};
 
@@ -103,6 +105,9 @@ postgres_suite!(
     a_swept_hold_is_forgotten_after_another_ttl,
     a_released_swept_hold_cannot_be_charged_later,
     the_periodic_job_renews_and_sweeps_without_requests,
+    subscribing_again_to_the_same_plan_changes_nothing,
+    extended_holds_are_not_swept,
+    a_withheld_committed_hold_is_refunded_once,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -131,8 +136,14 @@ async fn a_restarted_instance_sees_balances_holds_and_rows() {
     assert_eq!(second.open_holds(), 1, "counted from the database");
     assert_eq!(second.entries(org).await.unwrap(), before);
     // The hold taken before the restart is still good, once.
-    assert_eq!(second.commit(open.clone()).await.unwrap(), Some(1_013));
-    assert!(second.commit(open).await.is_err());
+    assert_eq!(
+        second.commit(open.clone()).await.unwrap(),
+        CommitOutcome::Charged {
+            charged: 7,
+            balance: Some(1_013)
+        }
+    );
+    assert_eq!(second.commit(open).await.unwrap(), CommitOutcome::Unknown);
     let rows = second.entries(org).await.unwrap();
     let last = rows.last().unwrap();
     assert_eq!(
@@ -297,7 +308,13 @@ async fn a_crashed_replicas_holds_are_released_by_another_after_the_ttl() {
         .iter()
         .all(|e| e.kind != EntryKind::Charge));
     let all = held(&*survivor, org, 50, "after").await;
-    assert_eq!(survivor.commit(all).await.unwrap(), Some(0));
+    assert_eq!(
+        survivor.commit(all).await.unwrap(),
+        CommitOutcome::Charged {
+            charged: 50,
+            balance: Some(0)
+        }
+    );
     pg.cleanup().await;
 }
 
@@ -399,7 +416,7 @@ async fn replicas_starting_at_once_migrate_once() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(applied, 1);
+    assert_eq!(applied, 2, "V1 and V2, once each");
     drop(client);
     pg.cleanup().await;
 }

@@ -79,9 +79,9 @@ pub use layer::{
     DEFAULT_FLUSH_INTERVAL, DEFAULT_WRITE_TIMEOUT,
 };
 #[cfg(feature = "memory")]
-pub use memory::{MemoryLogSink, DEFAULT_MAX_ROWS};
+pub use memory::{MemoryLogSink, DEFAULT_MAX_ANONYMOUS_ROWS, DEFAULT_MAX_ROWS};
 #[cfg(feature = "postgres")]
-pub use postgres::PostgresLogSink;
+pub use postgres::{PostgresLogSink, DEFAULT_ANONYMOUS_ROWS_PER_DAY};
 pub use record::{ExportFormat, ExportFormatParseError, LogRecord, CSV_HEADER};
 pub use service::RequestLogger;
 pub use sink::{InvalidCursor, LogCursor, LogPage, LogQuery, LogSink, RETENTION};

@@ -12,8 +12,11 @@ use tollgate_core::{BackendError, BoxFuture, Clock, OrgId};
 use crate::record::LogRecord;
 use crate::sink::{InvalidCursor, LogCursor, LogPage, LogQuery, LogSink, RETENTION};
 
-/// Rows kept by default before the oldest are dropped.
+/// Rows kept by default per organization before its oldest are dropped.
 pub const DEFAULT_MAX_ROWS: usize = 100_000;
+
+/// Rows without an organization (unauthenticated requests) kept by default, newest first.
+pub const DEFAULT_MAX_ANONYMOUS_ROWS: usize = 10_000;
 
 /// (time, sequence): the order of rows, unique per row.
 type RowKey = (u64, u64);
@@ -23,13 +26,17 @@ type RowKey = (u64, u64);
 ///
 /// - Rows older than the retention (14 days by default) from their own timestamp are deleted
 ///   on every write and query, and are never returned.
-/// - At most `max_rows` rows are kept; beyond that the oldest go first.
+/// - At most `max_rows` rows are kept **per organization**; beyond that the org's oldest go
+///   first. Rows without an organization (401s, 404s: requests nobody was authenticated
+///   for) have a separate, smaller cap, `max_anonymous_rows`, newest kept. So no amount of
+///   traffic from outside (or from another organization) displaces an org's history.
 /// - Queries see one organization's rows only, ordered by time and then by arrival, with a
 ///   cursor that stays valid while rows are added.
 pub struct MemoryLogSink {
     clock: Arc<dyn Clock>,
     retention_ms: u64,
     max_rows: usize,
+    max_anonymous_rows: usize,
     state: Mutex<State>,
 }
 
@@ -49,6 +56,7 @@ impl MemoryLogSink {
             clock: Arc::new(clock),
             retention_ms: RETENTION.as_millis() as u64,
             max_rows: DEFAULT_MAX_ROWS,
+            max_anonymous_rows: DEFAULT_MAX_ANONYMOUS_ROWS,
             state: Mutex::new(State::default()),
         }
     }
@@ -59,10 +67,22 @@ impl MemoryLogSink {
         self
     }
 
-    /// The most rows kept (default [`DEFAULT_MAX_ROWS`]); at least 1.
+    /// The most rows kept per organization (default [`DEFAULT_MAX_ROWS`]); at least 1.
     pub fn with_max_rows(mut self, max_rows: usize) -> Self {
         self.max_rows = max_rows.max(1);
         self
+    }
+
+    /// The most rows without an organization kept (default [`DEFAULT_MAX_ANONYMOUS_ROWS`]);
+    /// 0 keeps none.
+    pub fn with_max_anonymous_rows(mut self, max_rows: usize) -> Self {
+        self.max_anonymous_rows = max_rows;
+        self
+    }
+
+    /// Rows currently stored without an organization.
+    pub fn anonymous_len(&self) -> usize {
+        self.lock().by_org.get(&None).map_or(0, BTreeSet::len)
     }
 
     /// Rows currently stored (expired rows included until the next write, query or purge).
@@ -108,10 +128,13 @@ impl MemoryLogSink {
             if record.time_ms < cutoff {
                 continue;
             }
+            let cap = match record.org_id {
+                Some(_) => self.max_rows,
+                None => self.max_anonymous_rows,
+            };
+            let org = record.org_id;
             state.insert(record);
-        }
-        while state.rows.len() > self.max_rows {
-            state.pop_oldest();
+            state.trim(org, cap);
         }
     }
 
@@ -186,14 +209,18 @@ impl State {
         self.rows.insert(key, record);
     }
 
-    fn pop_oldest(&mut self) {
-        if let Some((key, row)) = self.rows.pop_first() {
-            if let Some(keys) = self.by_org.get_mut(&row.org_id) {
-                keys.remove(&key);
-                if keys.is_empty() {
-                    self.by_org.remove(&row.org_id);
-                }
+    /// Drops the oldest rows of `org` (or of the anonymous rows) beyond `cap`.
+    fn trim(&mut self, org: Option<OrgId>, cap: usize) {
+        let Some(keys) = self.by_org.get_mut(&org) else {
+            return;
+        };
+        while keys.len() > cap {
+            if let Some(key) = keys.pop_first() {
+                self.rows.remove(&key);
             }
+        }
+        if keys.is_empty() {
+            self.by_org.remove(&org);
         }
     }
 
@@ -235,6 +262,7 @@ impl fmt::Debug for MemoryLogSink {
             .field("rows", &self.len())
             .field("retention_ms", &self.retention_ms)
             .field("max_rows", &self.max_rows)
+            .field("max_anonymous_rows", &self.max_anonymous_rows)
             .finish()
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tollgate_core::{ManualClock, OrgId};
 use tollgate_request_logger::{LogQuery, LogSink, MemoryLogSink};
 
-use suite::{ids, query_ids, row, Backend, DAY, NOW};
+use suite::{query_ids, row, Backend, DAY, NOW};
 
 struct Memory;
 
@@ -99,8 +99,8 @@ async fn purge_expired_applies_the_retention_now() {
 }
 
 #[tokio::test]
-async fn the_row_cap_drops_the_oldest_first() {
-    let sink = MemoryLogSink::new(ManualClock::new(NOW)).with_max_rows(5);
+async fn the_row_cap_is_per_org_and_drops_its_oldest_first() {
+    let sink = MemoryLogSink::new(ManualClock::new(NOW)).with_max_rows(3);
     let (a, b) = (OrgId::new(), OrgId::new());
     sink.write_batch(vec![
         row(Some(a), NOW - 50, "a50"),
@@ -117,11 +117,35 @@ async fn the_row_cap_drops_the_oldest_first() {
     ])
     .await
     .unwrap();
-    assert_eq!(sink.len(), 5);
-    assert_eq!(ids(&sink.all()), ["a50", "b40", "a30", "a20", "b10"]);
+    // a had 4 rows: its oldest went; b's 3 rows are all kept, whatever a wrote.
+    assert_eq!(sink.len(), 6);
     assert_eq!(
         query_ids(&sink, LogQuery::new(a)).await,
         ["a50", "a30", "a20"]
     );
-    assert_eq!(query_ids(&sink, LogQuery::new(b)).await, ["b40", "b10"]);
+    assert_eq!(
+        query_ids(&sink, LogQuery::new(b)).await,
+        ["b60", "b40", "b10"]
+    );
+}
+
+#[tokio::test]
+async fn anonymous_floods_keep_every_orgs_rows_and_are_bounded() {
+    let sink = MemoryLogSink::new(ManualClock::new(NOW)).with_max_anonymous_rows(1_000);
+    let orgs = suite::anonymous_flood_keeps_every_orgs_rows(&sink, 50_000).await;
+    assert_eq!(orgs, 3);
+    assert_eq!(
+        sink.anonymous_len(),
+        1_000,
+        "anonymous rows stay within their cap"
+    );
+    // The newest anonymous rows are the ones kept.
+    let anonymous: Vec<_> = sink
+        .all()
+        .into_iter()
+        .filter(|r| r.org_id.is_none())
+        .collect();
+    assert_eq!(anonymous.len(), 1_000);
+    assert_eq!(anonymous.last().unwrap().request_id, "anon-49999");
+    assert_eq!(anonymous.first().unwrap().request_id, "anon-49000");
 }

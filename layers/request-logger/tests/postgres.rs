@@ -526,7 +526,71 @@ async fn replicas_starting_at_once_migrate_once() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(applied, 1);
+    assert_eq!(applied, 2, "V1 and V2, once each");
     drop(client);
     pg.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_floods_keep_every_orgs_rows_and_are_capped_per_day() {
+    let Some(pg) = Pg::new().await else { return };
+    pg.migrated().await;
+    let clock = ManualClock::new(NOW);
+    let sink = PostgresLogSink::new(pg.db.new_pool(), clock.clone())
+        .with_anonymous_rows_per_day(700)
+        .with_auto_maintenance(false);
+    // All within today (NOW is late in a UTC day; the flood starts an hour before).
+    let orgs = suite::anonymous_flood_keeps_every_orgs_rows(&sink, 5_000).await;
+    assert_eq!(orgs, 3);
+    // A second replica shares the day's quota.
+    let other = PostgresLogSink::new(pg.db.new_pool(), clock.clone())
+        .with_anonymous_rows_per_day(700)
+        .with_auto_maintenance(false);
+    other
+        .write_batch((0..100).map(|i| row(None, NOW - 10 + i, "late")).collect())
+        .await
+        .unwrap();
+    let client = pg.db.pool().get().await.unwrap();
+    let anonymous: i64 = client
+        .query_one(
+            "SELECT count(*) FROM tollgate_request_logs WHERE org_id IS NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(anonymous, 700, "the day's quota, for all replicas together");
+    assert_eq!(sink.anonymous_rows_refused(), 5_000 - 700);
+    assert_eq!(other.anonymous_rows_refused(), 100);
+    // The day's first anonymous rows are the ones kept.
+    let last: String = client
+        .query_one(
+            "SELECT request_id FROM tollgate_request_logs WHERE org_id IS NULL \
+             ORDER BY time_ms DESC, id DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(last, "anon-699");
+
+    // The next day has a quota of its own, and the purge forgets the counters of days gone.
+    other
+        .write_batch(vec![row(None, NOW + DAY, "tomorrow")])
+        .await
+        .unwrap();
+    assert_eq!(other.anonymous_rows_refused(), 100);
+    clock.advance(Duration::from_millis(20 * DAY));
+    other.maintain().await.unwrap();
+    let counters: i64 = client
+        .query_one(
+            "SELECT count(*) FROM tollgate_request_log_anonymous_days",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(counters, 0);
+    drop(client);
+    pg.db.cleanup().await;
 }

@@ -168,7 +168,14 @@ where
                         StateOwned::Collect { parts, buf, .. } => (parts, buf),
                         _ => unreachable!("state was Collect"),
                     };
+                    let unrecorded = parts
+                        .extensions
+                        .get::<CreditReceipt>()
+                        .is_some_and(CreditReceipt::is_unrecorded);
                     let res = match outcome {
+                        // The meter could not record the charge and withheld the body: not
+                        // the upstream's fault, and nothing was billed.
+                        _ if unrecorded => withheld(parts),
                         Ok(()) => envelope(parts, buf),
                         Err(invalid) => upstream_error(parts, invalid),
                     };
@@ -286,6 +293,12 @@ fn push_u64(buf: &mut Vec<u8>, mut n: u64) {
     buf.extend_from_slice(&digits[i..]);
 }
 
+/// 503 `SERVICE_UNAVAILABLE` in place of a 2xx whose charge could not be recorded, keeping
+/// the rate-limit headers and every response extension.
+fn withheld<B>(parts: Parts) -> Response<GateBody<B>> {
+    replace_with(parts, Rejection::charge_unrecorded())
+}
+
 /// 502 `UPSTREAM_ERROR`, keeping the rate-limit headers and every response extension (the
 /// principal and receipt the logger reads).
 fn upstream_error<B>(parts: Parts, invalid: Invalid) -> Response<GateBody<B>> {
@@ -294,14 +307,21 @@ fn upstream_error<B>(parts: Parts, invalid: Invalid) -> Response<GateBody<B>> {
         reason = %invalid,
         "2xx response is not a JSON body; answering 502 UPSTREAM_ERROR"
     );
-    let mut res: Response<GateBody<B>> = Rejection::new(ErrorCode::UpstreamError).into_response();
+    replace_with(parts, Rejection::new(ErrorCode::UpstreamError))
+}
+
+/// `rejection` in place of the response of `parts`, keeping its rate-limit headers and every
+/// response extension (the principal and receipt the logger reads).
+fn replace_with<B>(parts: Parts, rejection: Rejection) -> Response<GateBody<B>> {
+    let code = rejection.code();
+    let mut res: Response<GateBody<B>> = rejection.into_response();
     for name in [&RATELIMIT_LIMIT, &RATELIMIT_REMAINING, &RATELIMIT_RESET] {
         if let Some(value) = parts.headers.get(name) {
             res.headers_mut().insert(name.clone(), value.clone());
         }
     }
     let mut extensions = parts.extensions;
-    extensions.insert(ErrorCode::UpstreamError);
+    extensions.insert(code);
     res.extensions_mut().extend(extensions);
     res
 }

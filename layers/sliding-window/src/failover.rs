@@ -13,15 +13,21 @@ use tollgate_core::{BackendError, BackendErrorKind, BoxFuture};
 use crate::memory::MemoryWindowStore;
 use crate::store::{BucketKey, Decision, WindowLimits, WindowStore};
 
-/// The default bound on one call to the primary store.
-pub const DEFAULT_FAILOVER_TIMEOUT: Duration = Duration::from_millis(250);
+/// The default bound on one call to the primary store while the primary answers nobody.
+///
+/// A refused or reset connection fails at once; this bound only matters for a primary that
+/// is frozen or cut off. It is a second, not a few hundred milliseconds, because deciding
+/// locally while the shared store is merely slow admits more than the shared limit: on a
+/// loaded host (a replica starved of CPU, a Redis working through a burst of a thousand
+/// decisions) a healthy primary can go quiet for a few hundred milliseconds.
+pub const DEFAULT_FAILOVER_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The longest a call waits while the primary keeps answering other calls: under a burst,
 /// a healthy Redis can take longer than [`DEFAULT_FAILOVER_TIMEOUT`] to reach a call queued
 /// behind hundreds of others, and deciding locally then would admit more than the shared
 /// limit. A dead or frozen primary answers nobody, so calls to it still give up after one
 /// timeout.
-pub const MAX_QUEUED_WAIT: Duration = Duration::from_secs(2);
+pub const MAX_QUEUED_WAIT: Duration = Duration::from_secs(3);
 
 /// The default number of consecutive failures that opens the circuit.
 pub const DEFAULT_FAILURE_THRESHOLD: u32 = 3;

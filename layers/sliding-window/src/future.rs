@@ -140,7 +140,7 @@ where
                                 "rate-limit store failed; refusing the request"
                             );
                             State::Reject {
-                                rejection: Some(error.rejection()),
+                                rejection: Some(error.rejection_from("rate_limits")),
                                 info: None,
                             }
                         }

@@ -323,6 +323,26 @@ impl RedisWindowStore {
         }
     }
 
+    /// Connects, checks that Redis answers and loads the window script on every node (a
+    /// cluster's primaries included), so the first burst of decisions after a start finds a
+    /// warm connection and no `NOSCRIPT` round trip: hundreds of first calls reloading the
+    /// script at once can take longer than a failover timeout and trip the breaker.
+    pub async fn warm_up(&self) -> Result<(), BackendError> {
+        self.ping().await?;
+        let mut conn = self.conn()?;
+        let timeout = self.timeout;
+        tokio::time::timeout(timeout, async {
+            match &mut conn {
+                Conn::Standalone(c) => SCRIPT.load_async(c).await,
+                Conn::Cluster(c) => SCRIPT.load_async(c).await,
+            }
+        })
+        .await
+        .map_err(|_| timed_out(timeout))?
+        .map_err(backend_error)?;
+        Ok(())
+    }
+
     /// The connection, made on first use (this needs a Tokio runtime).
     fn conn(&self) -> Result<Conn, BackendError> {
         if let Some(conn) = self.conn.get() {

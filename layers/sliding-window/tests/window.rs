@@ -432,6 +432,12 @@ async fn a_failing_store_is_a_503_or_500_response() {
         assert_eq!(reply.status, status);
         assert_eq!(reply.body, body);
         assert_eq!(reply.limits(), (None, None, None, None));
+        assert_eq!(
+            reply.backend_failure,
+            Some(tollgate_core::BackendFailure {
+                backend: "rate_limits"
+            })
+        );
         assert_eq!(calls.load(Ordering::SeqCst), 0);
     }
 }

@@ -19,7 +19,7 @@ use tower_service::Service;
 use crate::classify::{classify_error_body, classify_head, Verdict};
 use crate::layer::Shared;
 use crate::rules::Signature;
-use crate::session::{ModelStatus, Session};
+use crate::session::{ModelSession, ModelStatus, Session};
 use crate::signer::SignError;
 
 static SIGN: HeaderName = HeaderName::from_static("sign");
@@ -61,7 +61,12 @@ struct Pending<S, ReqBody> {
     req: Request<ReqBody>,
 }
 
-type SessionFuture = BoxFuture<Result<Option<(Session, ModelStatus)>, BackendError>>;
+type SessionFuture = BoxFuture<Result<Option<ModelSession>, BackendError>>;
+
+/// The answer to a request whose session was replaced while it was in flight: the upstream
+/// refused the old session, the model's new one has not been tried.
+const STALE_SESSION: &str =
+    "The model was reconnected while this request was in flight. Retry the request.";
 
 pin_project! {
     #[project = StateProj]
@@ -86,7 +91,7 @@ pin_project! {
             buf: Vec<u8>,
         },
         Disconnect {
-            fut: BoxFuture<Result<(), BackendError>>,
+            fut: BoxFuture<Result<bool, BackendError>>,
             rejection: Option<Rejection>,
         },
         Reject {
@@ -103,6 +108,9 @@ pin_project! {
         state: State<S, F, ReqBody, ResBody>,
         shared: Arc<Shared>,
         model: Option<ModelId>,
+        // The version of the session the request is signed with: a disconnect applies to it
+        // only, never to a session the model was reconnected with since.
+        version: u64,
     }
 }
 
@@ -145,6 +153,7 @@ where
             state,
             shared,
             model,
+            version: 0,
         }
     }
 }
@@ -187,13 +196,22 @@ where
                         Err(e) => {
                             tracing::error!(model = ?this.model, error = %e, "session store failed");
                             State::Reject {
-                                rejection: Some(e.rejection()),
+                                rejection: Some(e.rejection_from("sessions")),
                             }
                         }
-                        Ok(None) | Ok(Some((_, ModelStatus::Disconnected))) => State::Reject {
+                        Ok(None)
+                        | Ok(Some(ModelSession {
+                            status: ModelStatus::Disconnected,
+                            ..
+                        })) => State::Reject {
                             rejection: Some(Rejection::new(ErrorCode::ModelSessionExpired)),
                         },
-                        Ok(Some((session, ModelStatus::Connected))) => {
+                        Ok(Some(ModelSession {
+                            session,
+                            status: ModelStatus::Connected,
+                            version,
+                        })) => {
+                            *this.version = version;
                             match (SessionHeaders::new(&session), pending.take()) {
                                 (Some(headers), Some(pending)) => {
                                     let path = pending
@@ -215,6 +233,7 @@ where
                                     disconnect(
                                         this.shared,
                                         *this.model,
+                                        *this.version,
                                         None,
                                         Rejection::new(ErrorCode::ModelSessionExpired),
                                     )
@@ -322,6 +341,7 @@ where
                             this.state.set(disconnect(
                                 this.shared,
                                 *this.model,
+                                *this.version,
                                 Some(status),
                                 rejection,
                             ));
@@ -359,6 +379,7 @@ where
                             this.state.set(disconnect(
                                 this.shared,
                                 *this.model,
+                                *this.version,
                                 Some(status),
                                 rejection,
                             ));
@@ -382,15 +403,26 @@ where
                     }
                 }
                 StateProj::Disconnect { fut, rejection } => {
-                    if let Err(e) = ready!(fut.as_mut().poll(cx)) {
-                        // The client still learns the session is dead; the next request will
-                        // try again to persist it.
-                        tracing::error!(model = ?this.model, error = %e,
-                            "could not mark the model disconnected");
-                    }
-                    let rejection = rejection
+                    let mut rejection = rejection
                         .take()
                         .unwrap_or_else(|| Rejection::new(ErrorCode::ModelSessionExpired));
+                    match ready!(fut.as_mut().poll(cx)) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            // Reconnected (or removed) while this request was out: the dead
+                            // session was the old one and the model keeps its new one.
+                            tracing::info!(model = ?this.model, version = *this.version,
+                                "the upstream refused a session the model no longer uses; \
+                                 it stays connected");
+                            rejection = rejection.with_message(STALE_SESSION);
+                        }
+                        Err(e) => {
+                            // The client still learns the session is dead; the next request
+                            // will try again to persist it.
+                            tracing::error!(model = ?this.model, error = %e,
+                                "could not mark the model disconnected");
+                        }
+                    }
                     this.state.set(State::Done);
                     return Poll::Ready(Ok(respond(rejection)));
                 }
@@ -414,10 +446,12 @@ fn internal_error<S, F, ReqBody, ResBody>() -> State<S, F, ReqBody, ResBody> {
     }
 }
 
-/// Marks the model disconnected, then answers with `rejection`.
+/// Marks the model disconnected (if it still has the session of `version`), then answers
+/// with `rejection`.
 fn disconnect<S, F, ReqBody, ResBody>(
     shared: &Shared,
     model: Option<ModelId>,
+    version: u64,
     upstream_status: Option<StatusCode>,
     rejection: Rejection,
 ) -> State<S, F, ReqBody, ResBody> {
@@ -431,7 +465,7 @@ fn disconnect<S, F, ReqBody, ResBody>(
             "upstream says the model's session is dead; marking it disconnected");
     }
     State::Disconnect {
-        fut: shared.sessions.mark_disconnected(model),
+        fut: shared.sessions.mark_disconnected(model, version),
         rejection: Some(rejection),
     }
 }

@@ -27,6 +27,14 @@
 //! | 5xx, 1xx, 3xx | 502 `UPSTREAM_ERROR` |
 //! | transport error of the client | 502 `UPSTREAM_ERROR` (504 `UPSTREAM_TIMEOUT` for a timeout) |
 //!
+//! A disconnect applies only to the session the request was signed with: every connect and
+//! reconnect gives the model's session a new version ([`ModelSession::version`]), the
+//! request carries the version it read, and [`SessionStore::mark_disconnected`] changes
+//! nothing when the model was reconnected in the meantime. Such a request (the upstream
+//! refused the *old* session) still gets 502 `MODEL_SESSION_EXPIRED`, with the sentence "The
+//! model was reconnected while this request was in flight. Retry the request.", and the
+//! model stays connected.
+//!
 //! Decisions worth knowing: a stored session part that cannot be sent as a header can never
 //! work, so it is treated as a dead session (model disconnected, `MODEL_SESSION_EXPIRED`:
 //! the fix is to reconnect it); a signature that is not header text is `SIGNING_FAILED`; a
@@ -115,5 +123,5 @@ pub use remote::{InvalidSignerToken, InvalidSignerUrl, RemoteSigner, DEFAULT_SIG
 pub use rules::{sandbox_rules, DynamicRules, RulesError, Signature, SANDBOX_RULES_JSON};
 pub use rules_signer::{RulesFileError, RulesSigner, RulesWatcher, DEFAULT_RULES_POLL_INTERVAL};
 pub use service::UpstreamSign;
-pub use session::{InvalidSession, ModelRecord, ModelStatus, Session, SessionStore};
+pub use session::{InvalidSession, ModelRecord, ModelSession, ModelStatus, Session, SessionStore};
 pub use signer::{SignError, Signer};

@@ -8,18 +8,29 @@ use std::sync::{PoisonError, RwLock};
 
 use tollgate_core::{BackendError, BoxFuture, ModelId, OrgId};
 
-use crate::session::{ModelRecord, ModelStatus, Session, SessionStore};
+use crate::session::{ModelRecord, ModelSession, ModelStatus, Session, SessionStore};
 
 struct Entry {
     seq: u64,
     record: ModelRecord,
     session: Session,
+    version: u64,
 }
 
 #[derive(Default)]
 struct State {
     next_seq: u64,
+    // One counter for the whole store, so versions only grow, even across `insert`s that
+    // replace a model with the same id.
+    last_version: u64,
     models: HashMap<ModelId, Entry>,
+}
+
+impl State {
+    fn next_version(&mut self) -> u64 {
+        self.last_version += 1;
+        self.last_version
+    }
 }
 
 /// A [`SessionStore`] in memory. Every operation is atomic under one lock.
@@ -52,12 +63,14 @@ impl MemorySessionStore {
         let mut state = self.write();
         let seq = state.next_seq;
         state.next_seq += 1;
+        let version = state.next_version();
         state.models.insert(
             id,
             Entry {
                 seq,
                 record: record.clone(),
                 session,
+                version,
             },
         );
         record
@@ -92,23 +105,28 @@ impl fmt::Debug for MemorySessionStore {
 }
 
 impl SessionStore for MemorySessionStore {
-    fn session(
-        &self,
-        model: ModelId,
-    ) -> BoxFuture<Result<Option<(Session, ModelStatus)>, BackendError>> {
-        let found = self
-            .read()
-            .models
-            .get(&model)
-            .map(|e| (e.session.clone(), e.record.status));
+    fn session(&self, model: ModelId) -> BoxFuture<Result<Option<ModelSession>, BackendError>> {
+        let found = self.read().models.get(&model).map(|e| ModelSession {
+            session: e.session.clone(),
+            status: e.record.status,
+            version: e.version,
+        });
         Box::pin(ready(Ok(found)))
     }
 
-    fn mark_disconnected(&self, model: ModelId) -> BoxFuture<Result<(), BackendError>> {
-        if let Some(e) = self.write().models.get_mut(&model) {
-            e.record.status = ModelStatus::Disconnected;
-        }
-        Box::pin(ready(Ok(())))
+    fn mark_disconnected(
+        &self,
+        model: ModelId,
+        version: u64,
+    ) -> BoxFuture<Result<bool, BackendError>> {
+        let applied = match self.write().models.get_mut(&model) {
+            Some(e) if e.version == version => {
+                e.record.status = ModelStatus::Disconnected;
+                true
+            }
+            _ => false,
+        };
+        Box::pin(ready(Ok(applied)))
     }
 
     fn connect(
@@ -126,8 +144,11 @@ impl SessionStore for MemorySessionStore {
         model: ModelId,
         session: Session,
     ) -> BoxFuture<Result<Option<ModelRecord>, BackendError>> {
-        let record = self.write().models.get_mut(&model).map(|e| {
+        let mut state = self.write();
+        let version = state.next_version();
+        let record = state.models.get_mut(&model).map(|e| {
             e.session = session;
+            e.version = version;
             e.record.status = ModelStatus::Connected;
             e.record.clone()
         });

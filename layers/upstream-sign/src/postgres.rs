@@ -4,8 +4,12 @@
 //! # Table
 //!
 //! `tollgate_models` (id, org, name, status, `session_ciphertext` bytea, `session_nonce`
-//! bytea, created/updated times), created by the migrations in `migrations/` (history table
-//! `tollgate_upstream_sign_migrations`).
+//! bytea, `session_version` bigint, created/updated times), created by the migrations in
+//! `migrations/` (history table `tollgate_upstream_sign_migrations`).
+//!
+//! `session_version` starts at 1 and `reconnect` adds 1 in the same statement that replaces
+//! the session; `mark_disconnected` updates the row only while the version is still the one
+//! the request read, so the check and the change are one atomic statement.
 //!
 //! # Encryption
 //!
@@ -42,7 +46,7 @@ use tollgate_postgres::{
     NotificationHandler, PoolOptions,
 };
 
-use crate::session::{ModelRecord, ModelStatus, Session, SessionStore};
+use crate::session::{ModelRecord, ModelSession, ModelStatus, Session, SessionStore};
 
 mod embedded {
     refinery::embed_migrations!("migrations");
@@ -60,8 +64,13 @@ const NONCE_LEN: usize = 24;
 const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(30);
 const DEFAULT_CACHE_CAPACITY: usize = 100_000;
 
-const SESSION_SQL: &str =
-    "SELECT status, session_ciphertext, session_nonce FROM tollgate_models WHERE id = $1";
+const SESSION_SQL: &str = "SELECT status, session_ciphertext, session_nonce, session_version \
+                           FROM tollgate_models WHERE id = $1";
+// The check and the change in one statement: a reconnect committed meanwhile (a new
+// version) makes it match nothing.
+const DISCONNECT_SQL: &str = "UPDATE tollgate_models SET status = 'disconnected', \
+                              updated_at = now() WHERE id = $1 AND session_version = $2 \
+                              AND status <> 'disconnected'";
 const RECORD_COLUMNS: &str = "id, org_id, name, status";
 
 /// A [`SessionStore`] in PostgreSQL with sessions encrypted at rest (see the
@@ -244,7 +253,7 @@ impl fmt::Debug for PostgresSessionStore {
 }
 
 struct SessionCache {
-    sessions: InvalidatingCache<ModelId, (Session, ModelStatus)>,
+    sessions: InvalidatingCache<ModelId, ModelSession>,
 }
 
 impl NotificationHandler for SessionCache {
@@ -268,6 +277,14 @@ fn parse_status(text: &str) -> Result<ModelStatus, BackendError> {
             "unexpected model status {other:?} in tollgate_models"
         ))),
     }
+}
+
+fn version_from(stored: i64) -> Result<u64, BackendError> {
+    u64::try_from(stored).map_err(|_| {
+        BackendError::other(format!(
+            "unexpected session version {stored} in tollgate_models"
+        ))
+    })
 }
 
 fn record_from(row: &Row) -> Result<ModelRecord, BackendError> {
@@ -357,10 +374,7 @@ impl Inner {
         })
     }
 
-    async fn session(
-        &self,
-        model: ModelId,
-    ) -> Result<Option<(Session, ModelStatus)>, BackendError> {
+    async fn session(&self, model: ModelId) -> Result<Option<ModelSession>, BackendError> {
         let live = self.cache_live();
         if live {
             if let Some(found) = self.cache.sessions.get(&model) {
@@ -384,35 +398,53 @@ impl Inner {
         let status = parse_status(row.try_get(0).map_err(to_backend_error)?)?;
         let ciphertext: &[u8] = row.try_get(1).map_err(to_backend_error)?;
         let nonce: &[u8] = row.try_get(2).map_err(to_backend_error)?;
-        let session = self.open(model, ciphertext, nonce)?;
+        let version: i64 = row.try_get(3).map_err(to_backend_error)?;
+        let found = ModelSession {
+            session: self.open(model, ciphertext, nonce)?,
+            status,
+            version: version_from(version)?,
+        };
         if live {
-            self.cache.sessions.insert_if_current(
-                model,
-                (session.clone(), status),
-                epoch,
-                self.cache_ttl,
-            );
+            self.cache
+                .sessions
+                .insert_if_current(model, found.clone(), epoch, self.cache_ttl);
         }
-        Ok(Some((session, status)))
+        Ok(Some(found))
     }
 
-    async fn mark_disconnected(&self, model: ModelId) -> Result<(), BackendError> {
+    async fn mark_disconnected(&self, model: ModelId, version: u64) -> Result<bool, BackendError> {
+        // A version that does not fit the column was never handed out: nothing to disconnect.
+        let Ok(version) = i64::try_from(version) else {
+            return Ok(false);
+        };
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(to_backend_error)?;
         let changed = tx
-            .execute(
-                "UPDATE tollgate_models SET status = 'disconnected', updated_at = now() \
-                 WHERE id = $1 AND status <> 'disconnected'",
-                &[model.as_uuid()],
-            )
+            .execute(DISCONNECT_SQL, &[model.as_uuid(), &version])
             .await
             .map_err(to_backend_error)?;
         if changed > 0 {
             notify(&tx, model).await?;
         }
         tx.commit().await.map_err(to_backend_error)?;
+        // Also when nothing changed: a stale request means this replica may still cache the
+        // old session (the reconnect's notification not yet here); read the table next time.
         self.cache.sessions.invalidate(&model);
-        Ok(())
+        if changed > 0 {
+            return Ok(true);
+        }
+        // Nothing changed: either already disconnected at this version (a concurrent request
+        // got there first), or reconnected since (the request's session is not the current
+        // one). Rare, so a second statement is fine.
+        let row = client
+            .query_opt(
+                "SELECT 1 FROM tollgate_models WHERE id = $1 AND session_version = $2 \
+                 AND status = 'disconnected'",
+                &[model.as_uuid(), &version],
+            )
+            .await
+            .map_err(to_backend_error)?;
+        Ok(row.is_some())
     }
 
     async fn connect(
@@ -459,8 +491,8 @@ impl Inner {
             .query_opt(
                 &format!(
                     "UPDATE tollgate_models SET status = 'connected', session_ciphertext = $2, \
-                     session_nonce = $3, updated_at = now() WHERE id = $1 \
-                     RETURNING {RECORD_COLUMNS}"
+                     session_nonce = $3, session_version = session_version + 1, \
+                     updated_at = now() WHERE id = $1 RETURNING {RECORD_COLUMNS}"
                 ),
                 &[
                     model.as_uuid(),
@@ -507,17 +539,18 @@ impl Inner {
 }
 
 impl SessionStore for PostgresSessionStore {
-    fn session(
-        &self,
-        model: ModelId,
-    ) -> BoxFuture<Result<Option<(Session, ModelStatus)>, BackendError>> {
+    fn session(&self, model: ModelId) -> BoxFuture<Result<Option<ModelSession>, BackendError>> {
         let inner = Arc::clone(&self.inner);
         Box::pin(async move { inner.session(model).await })
     }
 
-    fn mark_disconnected(&self, model: ModelId) -> BoxFuture<Result<(), BackendError>> {
+    fn mark_disconnected(
+        &self,
+        model: ModelId,
+        version: u64,
+    ) -> BoxFuture<Result<bool, BackendError>> {
         let inner = Arc::clone(&self.inner);
-        Box::pin(async move { inner.mark_disconnected(model).await })
+        Box::pin(async move { inner.mark_disconnected(model, version).await })
     }
 
     fn connect(

@@ -126,17 +126,42 @@ pub struct ModelRecord {
     pub status: ModelStatus,
 }
 
+/// What the request path reads for a model: its session, its status and the session's
+/// version.
+///
+/// The version identifies one session of the model: [`SessionStore::connect`] and every
+/// [`SessionStore::reconnect`] give the model a new, higher one. A request remembers the
+/// version it was signed with, so an answer that arrives after the model was reconnected
+/// (the upstream refusing the *old* session) cannot disconnect the new one
+/// ([`SessionStore::mark_disconnected`] applies only to the version it names).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSession {
+    /// The session material (`Debug` redacts its secrets).
+    pub session: Session,
+    /// Whether the session works.
+    pub status: ModelStatus,
+    /// The version of this session: greater after every connect or reconnect.
+    pub version: u64,
+}
+
 /// Where models and their sessions live. Implementations must be safe under concurrent use
 /// and must never log session material.
 pub trait SessionStore: Send + Sync + 'static {
-    /// The model's session and status; `None` when the model does not exist.
-    fn session(
+    /// The model's session, status and session version; `None` when the model does not
+    /// exist.
+    fn session(&self, model: ModelId) -> BoxFuture<Result<Option<ModelSession>, BackendError>>;
+
+    /// Marks the model `disconnected` (persisted) if its session is still the one of
+    /// `version`; a model reconnected since keeps its new session and status.
+    ///
+    /// Returns `true` when the model is disconnected at `version` (by this call or an
+    /// earlier one), `false` when nothing applied: the model does not exist, or its session
+    /// was replaced since `version` was read.
+    fn mark_disconnected(
         &self,
         model: ModelId,
-    ) -> BoxFuture<Result<Option<(Session, ModelStatus)>, BackendError>>;
-
-    /// Marks the model `disconnected` (persisted). Unknown models are ignored.
-    fn mark_disconnected(&self, model: ModelId) -> BoxFuture<Result<(), BackendError>>;
+        version: u64,
+    ) -> BoxFuture<Result<bool, BackendError>>;
 
     /// Adds a new, connected model to `org`.
     fn connect(
@@ -146,7 +171,8 @@ pub trait SessionStore: Send + Sync + 'static {
         session: Session,
     ) -> BoxFuture<Result<ModelRecord, BackendError>>;
 
-    /// Replaces the model's session and marks it connected; `None` when it does not exist.
+    /// Replaces the model's session (with a new version) and marks it connected; `None` when
+    /// it does not exist.
     fn reconnect(
         &self,
         model: ModelId,
@@ -166,12 +192,16 @@ macro_rules! forward_session_store {
             fn session(
                 &self,
                 model: ModelId,
-            ) -> BoxFuture<Result<Option<(Session, ModelStatus)>, BackendError>> {
+            ) -> BoxFuture<Result<Option<ModelSession>, BackendError>> {
                 (**self).session(model)
             }
 
-            fn mark_disconnected(&self, model: ModelId) -> BoxFuture<Result<(), BackendError>> {
-                (**self).mark_disconnected(model)
+            fn mark_disconnected(
+                &self,
+                model: ModelId,
+                version: u64,
+            ) -> BoxFuture<Result<bool, BackendError>> {
+                (**self).mark_disconnected(model, version)
             }
 
             fn connect(

@@ -13,8 +13,8 @@ use tollgate_core::{
     BackendError, BoxFuture, CostTable, ErrorCode, GateBody, ManualClock, ModelId, OrgId,
 };
 use tollgate_upstream_sign::{
-    sandbox_rules, MemorySessionStore, ModelRecord, ModelStatus, RulesSigner, Session,
-    SessionStore, SignError, Signature, Signer, UpstreamSignLayer,
+    sandbox_rules, MemorySessionStore, ModelRecord, ModelSession, ModelStatus, RulesSigner,
+    Session, SessionStore, SignError, Signature, Signer, UpstreamSignLayer,
 };
 use tower::{Layer, ServiceExt};
 use tower_test::mock;
@@ -543,6 +543,62 @@ async fn session_that_cannot_be_a_header_disconnects_the_model() {
     assert_eq!(f.status().await, ModelStatus::Disconnected);
 }
 
+#[tokio::test]
+async fn a_stale_401_does_not_disconnect_the_reconnected_model() {
+    let f = Fixture::new();
+    let old = session();
+    let new = Session::new("sess=fresh; auth_id=424242", "424242", X_BC, UA);
+    let (mock, mut handle) = mock::pair::<UpReq, UpRes>();
+    let svc = f.layer().layer(mock);
+
+    // A request goes out signed with the old session...
+    let in_flight = tokio::spawn(
+        svc.clone()
+            .oneshot(f.request(Method::GET, "http://h/api2/v2/chats")),
+    );
+    let (seen, reply) = handle.next_request().await.unwrap();
+    assert_eq!(seen.headers()["cookie"], old.cookie.as_str());
+
+    // ...the admin reconnects the model while it is out...
+    f.store.reconnect(f.model, new.clone()).await.unwrap();
+
+    // ...and the upstream then refuses the old session.
+    reply.send_response(upstream_error(401, 0, "Access denied."));
+    let res = in_flight.await.unwrap().unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        json_of(res).await,
+        json!({
+            "error": "The model was reconnected while this request was in flight. Retry the request.",
+            "code": "MODEL_SESSION_EXPIRED",
+        })
+    );
+    assert_eq!(
+        f.status().await,
+        ModelStatus::Connected,
+        "the new session stays"
+    );
+
+    // The next request goes out with the new session and works.
+    let next = tokio::spawn(svc.oneshot(f.request(Method::GET, "http://h/api2/v2/chats")));
+    let (seen, reply) = handle.next_request().await.unwrap();
+    assert_eq!(seen.headers()["cookie"], new.cookie.as_str());
+    reply.send_response(upstream(200, "application/json", r#"{"list":[]}"#));
+    let res = next.await.unwrap().unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(json_of(res).await, json!({"list": []}));
+
+    // A 401 for the session in use still disconnects the model, as before.
+    let (_, res) = exchange(
+        f.layer(),
+        f.request(Method::GET, "http://h/api2/v2/chats"),
+        Ok(upstream_error(401, 0, "Access denied.")),
+    )
+    .await;
+    assert_eq!(json_of(res).await, error_json("MODEL_SESSION_EXPIRED"));
+    assert_eq!(f.status().await, ModelStatus::Disconnected);
+}
+
 /// A signer that fails, or answers garbage, counting its calls.
 struct BrokenSigner {
     calls: AtomicUsize,
@@ -595,10 +651,7 @@ struct FailingStore {
 }
 
 impl SessionStore for FailingStore {
-    fn session(
-        &self,
-        model: ModelId,
-    ) -> BoxFuture<Result<Option<(Session, ModelStatus)>, BackendError>> {
+    fn session(&self, model: ModelId) -> BoxFuture<Result<Option<ModelSession>, BackendError>> {
         if self.lookups_fail {
             return Box::pin(std::future::ready(Err(BackendError::unavailable(
                 "db down",
@@ -606,7 +659,7 @@ impl SessionStore for FailingStore {
         }
         self.inner.session(model)
     }
-    fn mark_disconnected(&self, _: ModelId) -> BoxFuture<Result<(), BackendError>> {
+    fn mark_disconnected(&self, _: ModelId, _: u64) -> BoxFuture<Result<bool, BackendError>> {
         Box::pin(std::future::ready(Err(BackendError::other("write failed"))))
     }
     fn connect(
@@ -648,6 +701,12 @@ async fn store_failures() {
     .await;
     assert!(seen.is_none());
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        res.extensions().get::<tollgate_core::BackendFailure>(),
+        Some(&tollgate_core::BackendFailure {
+            backend: "sessions"
+        })
+    );
     assert_eq!(json_of(res).await, error_json("SERVICE_UNAVAILABLE"));
 
     // The disconnect cannot be persisted: the client still learns the session is dead.

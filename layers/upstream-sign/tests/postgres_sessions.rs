@@ -10,7 +10,7 @@ mod suite;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use suite::{session, Env};
+use suite::{disconnect, read, session, Env};
 use tollgate_core::{BackendErrorKind, ModelId, OrgId};
 use tollgate_postgres::testing::{unreachable_url, TestDb};
 use tollgate_postgres::{pg_config, tokio_postgres, Pool, PoolOptions};
@@ -117,7 +117,7 @@ async fn sessions_are_encrypted_at_rest_with_a_fresh_nonce_per_write() {
     assert_ne!(nonce2, nonce);
     assert_ne!(ciphertext2, ciphertext);
     assert_eq!(
-        env.store.session(m.id).await.unwrap(),
+        read(&*env.store, m.id).await,
         Some((cookie_session(), ModelStatus::Connected))
     );
     env.cleanup().await;
@@ -188,7 +188,7 @@ async fn a_wrong_key_or_a_moved_ciphertext_fails_cleanly() {
     // Reconnecting re-encrypts under the reconnecting store's key.
     wrong.reconnect(m.id, session(5)).await.unwrap().unwrap();
     assert_eq!(
-        wrong.session(m.id).await.unwrap(),
+        read(&wrong, m.id).await,
         Some((session(5), ModelStatus::Connected))
     );
     eventually(Duration::from_secs(1), || async {
@@ -212,13 +212,13 @@ async fn changes_on_one_replica_reach_the_other_within_a_second() {
         .unwrap();
     // B caches the session.
     assert_eq!(
-        b.session(m.id).await.unwrap(),
+        read(&b, m.id).await,
         Some((session(1), ModelStatus::Connected))
     );
 
-    a.mark_disconnected(m.id).await.unwrap();
+    disconnect(&a, m.id).await;
     let took = eventually(Duration::from_secs(1), || async {
-        b.session(m.id).await.unwrap() == Some((session(1), ModelStatus::Disconnected))
+        read(&b, m.id).await == Some((session(1), ModelStatus::Disconnected))
     })
     .await
     .expect("B sees the disconnection within 1 s");
@@ -226,7 +226,7 @@ async fn changes_on_one_replica_reach_the_other_within_a_second() {
 
     a.reconnect(m.id, session(2)).await.unwrap();
     let took = eventually(Duration::from_secs(1), || async {
-        b.session(m.id).await.unwrap() == Some((session(2), ModelStatus::Connected))
+        read(&b, m.id).await == Some((session(2), ModelStatus::Connected))
     })
     .await
     .expect("B uses the new session within 1 s");
@@ -247,26 +247,26 @@ async fn models_sessions_and_statuses_survive_a_restart() {
             .connect(org, "dropped".into(), session(2))
             .await
             .unwrap();
-        store.mark_disconnected(dropped.id).await.unwrap();
+        disconnect(&store, dropped.id).await;
         let renewed = store
             .connect(org, "renewed".into(), session(3))
             .await
             .unwrap();
-        store.mark_disconnected(renewed.id).await.unwrap();
+        disconnect(&store, renewed.id).await;
         store.reconnect(renewed.id, session(33)).await.unwrap();
         (kept, dropped, renewed)
     };
     let store = replica(&db, db.new_pool(), KEY).await;
     assert_eq!(
-        store.session(kept.id).await.unwrap(),
+        read(&store, kept.id).await,
         Some((session(1), ModelStatus::Connected))
     );
     assert_eq!(
-        store.session(dropped.id).await.unwrap(),
+        read(&store, dropped.id).await,
         Some((session(2), ModelStatus::Disconnected))
     );
     assert_eq!(
-        store.session(renewed.id).await.unwrap(),
+        read(&store, renewed.id).await,
         Some((session(33), ModelStatus::Connected))
     );
     let names: Vec<_> = store
@@ -303,7 +303,7 @@ async fn an_unreachable_database_is_unavailable() {
     let (org, model) = (OrgId::new(), ModelId::new());
     let results = [
         store.session(model).await.map(drop),
-        store.mark_disconnected(model).await,
+        store.mark_disconnected(model, 1).await.map(drop),
         store.connect(org, "m".into(), session(1)).await.map(drop),
         store.reconnect(model, session(1)).await.map(drop),
         store.model(model).await.map(drop),
@@ -331,7 +331,7 @@ async fn losing_the_listener_falls_back_to_the_table() {
         .connect(OrgId::new(), "m".into(), session(1))
         .await
         .unwrap();
-    assert!(store.session(m.id).await.unwrap().is_some());
+    assert!(read(&store, m.id).await.is_some());
     // Changed behind the store's back (no NOTIFY), then the listener's connection dies.
     let client = db.pool().get().await.unwrap();
     client
@@ -350,9 +350,105 @@ async fn losing_the_listener_falls_back_to_the_table() {
     assert_eq!(killed, 1);
     drop(client);
     eventually(Duration::from_secs(2), || async {
-        store.session(m.id).await.unwrap().map(|(_, s)| s) == Some(ModelStatus::Disconnected)
+        read(&store, m.id).await.map(|(_, s)| s) == Some(ModelStatus::Disconnected)
     })
     .await
     .expect("without a live listener the table is read");
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stale_disconnect_on_another_replica_leaves_the_new_session() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let a = replica(&db, db.pool().clone(), KEY).await;
+    let b = replica(&db, db.new_pool(), KEY).await;
+    let m = a
+        .connect(OrgId::new(), "m".into(), session(1))
+        .await
+        .unwrap();
+    // B serves a request with the first session (and caches it)...
+    let old = b.session(m.id).await.unwrap().unwrap().version;
+    // ...A reconnects the model, and B's late 401 arrives, maybe before the notification.
+    a.reconnect(m.id, session(2)).await.unwrap().unwrap();
+    assert!(!b.mark_disconnected(m.id, old).await.unwrap());
+    for store in [&a, &b] {
+        assert_eq!(
+            read(store, m.id).await,
+            Some((session(2), ModelStatus::Connected)),
+            "B reads the table after a stale disconnect, A has the new session"
+        );
+    }
+    // Nothing changed, so nothing was announced: the replicas still agree a second later.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    for store in [&a, &b] {
+        assert_eq!(
+            read(store, m.id).await,
+            Some((session(2), ModelStatus::Connected))
+        );
+        assert_eq!(
+            store.model(m.id).await.unwrap().unwrap().status,
+            ModelStatus::Connected
+        );
+    }
+    // A 401 of the current session on B reaches A within a second.
+    let current = b.session(m.id).await.unwrap().unwrap().version;
+    assert!(current > old);
+    assert!(b.mark_disconnected(m.id, current).await.unwrap());
+    eventually(Duration::from_secs(1), || async {
+        read(&a, m.id).await == Some((session(2), ModelStatus::Disconnected))
+    })
+    .await
+    .expect("A sees the disconnection within 1 s");
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_made_before_session_versions_keeps_working() {
+    use tollgate_postgres::refinery::{Migration, Runner};
+    use tollgate_upstream_sign::postgres::MIGRATION_SET;
+
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    // The schema as the first release left it, with a model in it.
+    let v1 =
+        Migration::unapplied("V1__models", include_str!("../migrations/V1__models.sql")).unwrap();
+    tollgate_postgres::run_migrations(db.pool(), MIGRATION_SET, Runner::new(&[v1]))
+        .await
+        .unwrap();
+    let (org, id) = (OrgId::new(), ModelId::new());
+    db.pool()
+        .get()
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO tollgate_models \
+             (id, org_id, name, status, session_ciphertext, session_nonce) \
+             VALUES ($1, $2, 'old', 'connected', '\\x00', $3)",
+            &[id.as_uuid(), org.as_uuid(), &[0u8; 24].as_slice()],
+        )
+        .await
+        .unwrap();
+
+    // The current store migrates it on start; the old row is at version 1.
+    let store = replica(&db, db.new_pool(), KEY).await;
+    assert_eq!(
+        store.list(org).await.unwrap()[0].status,
+        ModelStatus::Connected
+    );
+    assert!(store.mark_disconnected(id, 1).await.unwrap());
+    assert_eq!(
+        store.model(id).await.unwrap().unwrap().status,
+        ModelStatus::Disconnected
+    );
+    store.reconnect(id, session(7)).await.unwrap().unwrap();
+    let read_back = store.session(id).await.unwrap().unwrap();
+    assert_eq!(
+        (read_back.session, read_back.status, read_back.version),
+        (session(7), ModelStatus::Connected, 2)
+    );
+    assert!(!store.mark_disconnected(id, 1).await.unwrap());
     db.cleanup().await;
 }

@@ -7,7 +7,7 @@ mod suite;
 
 use std::sync::Arc;
 
-use suite::{session, Env};
+use suite::{disconnect, read, session, Env};
 use tollgate_core::{ModelId, OrgId};
 use tollgate_upstream_sign::{MemorySessionStore, ModelStatus, SessionStore};
 
@@ -26,9 +26,9 @@ async fn the_suite_runs_through_the_box_forwarding_impl() {
     let store: Box<dyn SessionStore> = Box::new(MemorySessionStore::new());
     let org = OrgId::new();
     let m = store.connect(org, "m".into(), session(1)).await.unwrap();
-    store.mark_disconnected(m.id).await.unwrap();
+    disconnect(&*store, m.id).await;
     assert_eq!(
-        store.session(m.id).await.unwrap(),
+        read(&*store, m.id).await,
         Some((session(1), ModelStatus::Disconnected))
     );
     assert_eq!(store.list(org).await.unwrap().len(), 1);

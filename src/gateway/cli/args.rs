@@ -46,6 +46,8 @@ pub struct Cli {
     #[command(flatten)]
     pub(super) limits: Limits,
     #[command(flatten)]
+    pub(super) dashboard: DashboardArgs,
+    #[command(flatten)]
     pub(super) operation: Operation,
 }
 
@@ -216,6 +218,17 @@ pub(super) struct Limits {
 }
 
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Dashboard")]
+pub(super) struct DashboardArgs {
+    /// `1`: the dashboard's session cookie without `Secure` (and invite links with http://),
+    /// for plain HTTP on loopback; browsers drop `Secure` cookies sent over HTTP. `0`: the
+    /// cookie is `Secure` (TLS in front of the gateway).
+    #[arg(long, env = "TOLLGATE_DASHBOARD_INSECURE_COOKIES", value_name = "1|0",
+          default_value = "0", value_parser = toggle)]
+    pub(super) dashboard_insecure_cookies: Toggle,
+}
+
+#[derive(Debug, Args)]
 #[command(next_help_heading = "Operation")]
 pub(super) struct Operation {
     /// Seed a demo org (basic plan), model and key, and print them. Default: on when no
@@ -264,7 +277,7 @@ fn toggle(value: &str) -> Result<Toggle, String> {
     match value.to_ascii_lowercase().as_str() {
         "1" | "true" | "on" | "yes" => Ok(Toggle(true)),
         "0" | "false" | "off" | "no" => Ok(Toggle(false)),
-        _ => Err("expected on or off".to_owned()),
+        _ => Err("expected on or off (or 1 or 0)".to_owned()),
     }
 }
 

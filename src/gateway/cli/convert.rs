@@ -53,6 +53,7 @@ impl Cli {
             backends,
             upstream,
             limits,
+            dashboard,
             operation,
         } = self;
         let admin_token = secret(
@@ -141,6 +142,7 @@ impl Cli {
             demo,
             hold_ttl: Duration::from_millis(limits.hold_ttl_ms),
             drain_timeout: Duration::from_millis(operation.drain_timeout_ms),
+            dashboard_insecure_cookies: dashboard.dashboard_insecure_cookies.0,
             max_connections: limits.max_connections,
             log_format: match operation.log_format {
                 Format::Text => LogFormat::Text,
@@ -197,6 +199,7 @@ mod tests {
         assert_eq!(c.drain_timeout, Duration::from_millis(30_000));
         assert_eq!(c.max_connections, 10_000);
         assert_eq!(c.log_format, LogFormat::Text);
+        assert!(!c.dashboard_insecure_cookies, "session cookies are Secure");
         assert_eq!(c.log_filter, "info");
     }
 
@@ -222,6 +225,7 @@ mod tests {
             "--log-format=json",
             "--max-connections=7",
             "--drain-timeout-ms=1500",
+            "--dashboard-insecure-cookies=1",
             "--demo=off",
         ])
         .unwrap();
@@ -233,6 +237,7 @@ mod tests {
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.max_connections, 7);
         assert_eq!(c.drain_timeout, Duration::from_millis(1_500));
+        assert!(c.dashboard_insecure_cookies);
         assert!(!c.demo);
     }
 
@@ -245,6 +250,7 @@ mod tests {
             (&["--body-limit=-1"], "--body-limit"),
             (&["--max-connections=0"], "positive"),
             (&["--rate-limit-failure", "maybe"], "open"),
+            (&["--dashboard-insecure-cookies=maybe"], "--dashboard-insecure-cookies"),
             (&["--upstream", "ftp://x"], "http"),
             (&["--admin-token="], "at least 8"),
             (&["--admin-token=short"], "at least 8"),

@@ -10,7 +10,8 @@ use std::time::Duration;
 use tollgate_core::time::{ms_from_rfc3339, rfc3339_from_ms};
 use tollgate_core::{BackendErrorKind, ManualClock, OrgId, Plan, RequestId};
 use tollgate_credit_meter::{
-    run_ledger_jobs, EntryKind, Hold, HoldId, HoldOutcome, Ledger, MAX_CREDITS,
+    run_ledger_jobs, CommitOutcome, EntryKind, Hold, HoldId, HoldOutcome, Ledger, ReleaseOutcome,
+    MAX_CREDITS,
 };
 
 use crate::common::{replay, T0};
@@ -166,16 +167,21 @@ pub async fn unknown_orgs(backend: &impl Backend) {
         org,
         amount: 1,
     };
-    let err = ledger.commit(fake.clone()).await.unwrap_err();
-    assert_eq!(err.kind(), BackendErrorKind::Other);
-    ledger.release(fake).await.unwrap();
+    assert_eq!(
+        ledger.commit(fake.clone()).await.unwrap(),
+        CommitOutcome::Unknown
+    );
+    assert_eq!(ledger.release(fake).await.unwrap(), ReleaseOutcome::Gone);
     let absurd = Hold {
         id: HoldId(u64::MAX),
         org,
         amount: u64::MAX,
     };
-    assert!(ledger.commit(absurd.clone()).await.is_err());
-    ledger.release(absurd).await.unwrap();
+    assert_eq!(
+        ledger.commit(absurd.clone()).await.unwrap(),
+        CommitOutcome::Unknown
+    );
+    assert_eq!(ledger.release(absurd).await.unwrap(), ReleaseOutcome::Gone);
 }
 
 pub async fn a_hold_belongs_to_its_org(backend: &impl Backend) {
@@ -189,11 +195,20 @@ pub async fn a_hold_belongs_to_its_org(backend: &impl Backend) {
         org: b,
         ..h.clone()
     };
-    assert!(ledger.commit(forged.clone()).await.is_err());
-    ledger.release(forged).await.unwrap();
+    assert_eq!(
+        ledger.commit(forged.clone()).await.unwrap(),
+        CommitOutcome::Unknown
+    );
+    assert_eq!(ledger.release(forged).await.unwrap(), ReleaseOutcome::Gone);
     assert_eq!(pots(&*ledger, a).await, (100, 0, 10));
     assert_eq!(pots(&*ledger, b).await, (100, 0, 0));
-    assert_eq!(ledger.commit(h).await.unwrap(), Some(90));
+    assert_eq!(
+        ledger.commit(h).await.unwrap(),
+        CommitOutcome::Charged {
+            charged: 10,
+            balance: Some(90)
+        }
+    );
 }
 
 pub async fn top_ups_and_adjustments(backend: &impl Backend) {
@@ -249,7 +264,13 @@ pub async fn top_ups_and_adjustments(backend: &impl Backend) {
         }
     );
     let h = held(&*ledger, org, MAX_CREDITS, "all").await;
-    assert_eq!(ledger.commit(h).await.unwrap(), Some(0));
+    assert_eq!(
+        ledger.commit(h).await.unwrap(),
+        CommitOutcome::Charged {
+            charged: MAX_CREDITS,
+            balance: Some(0)
+        }
+    );
     replay(&ledger.entries(org).await.unwrap());
 }
 
@@ -273,8 +294,14 @@ pub async fn holds_count_against_the_available_balance(backend: &impl Backend) {
         ledger.hold(org, 1, None).await.unwrap(),
         HoldOutcome::Insufficient { available: 0 }
     );
-    ledger.release(a).await.unwrap();
-    assert_eq!(ledger.commit(b).await.unwrap(), Some(3));
+    assert_eq!(ledger.release(a).await.unwrap(), ReleaseOutcome::Released);
+    assert_eq!(
+        ledger.commit(b).await.unwrap(),
+        CommitOutcome::Charged {
+            charged: 2,
+            balance: Some(3)
+        }
+    );
     assert_eq!(pots(&*ledger, org).await, (3, 0, 0));
     assert_eq!(ledger.open_holds(), 0);
 }
@@ -284,10 +311,24 @@ pub async fn a_hold_is_settled_once(backend: &impl Backend) {
     let org = OrgId::new();
     ledger.subscribe(org, Plan::Free).await.unwrap();
     let h = held(&*ledger, org, 4, "once").await;
-    assert_eq!(ledger.commit(h.clone()).await.unwrap(), Some(96));
-    assert!(ledger.commit(h.clone()).await.is_err(), "second commit");
-    ledger.release(h.clone()).await.unwrap();
-    ledger.release_detached(h);
+    assert_eq!(
+        ledger.commit(h.clone()).await.unwrap(),
+        CommitOutcome::Charged {
+            charged: 4,
+            balance: Some(96)
+        }
+    );
+    assert_eq!(
+        ledger.commit(h.clone()).await.unwrap(),
+        CommitOutcome::Unknown,
+        "second commit"
+    );
+    // After a commit whose answer was lost, the release says it was applied, and changes
+    // nothing.
+    assert_eq!(
+        ledger.release(h.clone()).await.unwrap(),
+        ReleaseOutcome::Committed { charged: 4 }
+    );
     assert_eq!(pots(&*ledger, org).await, (96, 0, 0));
     let charges = ledger
         .entries(org)
@@ -299,8 +340,15 @@ pub async fn a_hold_is_settled_once(backend: &impl Backend) {
     assert_eq!(charges, 1);
 
     let r = held(&*ledger, org, 4, "released").await;
-    ledger.release(r.clone()).await.unwrap();
-    assert!(ledger.commit(r).await.is_err(), "commit after release");
+    assert_eq!(
+        ledger.release(r.clone()).await.unwrap(),
+        ReleaseOutcome::Released
+    );
+    assert_eq!(
+        ledger.commit(r).await.unwrap(),
+        CommitOutcome::Unknown,
+        "commit after release"
+    );
     assert_eq!(pots(&*ledger, org).await, (96, 0, 0));
     assert_eq!(ledger.open_holds(), 0);
 }
@@ -317,7 +365,11 @@ pub async fn a_detached_release_gives_the_credits_back(backend: &impl Backend) {
     })
     .await;
     assert_eq!(ledger.open_holds(), 0);
-    assert!(ledger.commit(h).await.is_err(), "released holds are gone");
+    assert_eq!(
+        ledger.commit(h).await.unwrap(),
+        CommitOutcome::Unknown,
+        "released holds are gone"
+    );
     assert!(ledger
         .entries(org)
         .await
@@ -376,7 +428,13 @@ pub async fn renewal_happens_on_the_request_path(backend: &impl Backend) {
     clock.set(ms_from_rfc3339("2023-02-28T07:35:02.748Z").unwrap());
     // No job ran: the hold itself renews first.
     let h = held(&*ledger, org, 1, "fresh-period").await;
-    assert_eq!(ledger.commit(h).await.unwrap(), Some(99));
+    assert_eq!(
+        ledger.commit(h).await.unwrap(),
+        CommitOutcome::Charged {
+            charged: 1,
+            balance: Some(99)
+        }
+    );
     let kinds: Vec<_> = ledger
         .entries(org)
         .await
@@ -483,8 +541,15 @@ pub async fn a_hold_open_across_a_downgrade_never_goes_negative(backend: &impl B
     ledger.subscribe(org, Plan::Free).await.unwrap();
     let h = held(&*ledger, org, 80, "big").await;
     ledger.set_balance(org, 30).await.unwrap();
-    // Support lowered the balance under the open hold: the commit takes what is left.
-    assert_eq!(ledger.commit(h).await.unwrap(), Some(0));
+    // Support lowered the balance under the open hold: the commit takes what is left, and
+    // says so (the receipt, the log and the usage figures report these 30, not 80).
+    assert_eq!(
+        ledger.commit(h).await.unwrap(),
+        CommitOutcome::Charged {
+            charged: 30,
+            balance: Some(0)
+        }
+    );
     let rows = ledger.entries(org).await.unwrap();
     let last = rows.last().unwrap();
     assert_eq!(
@@ -495,10 +560,16 @@ pub async fn a_hold_open_across_a_downgrade_never_goes_negative(backend: &impl B
     assert_eq!(pots(&*ledger, org).await, (0, 0, 0));
 
     // A hold open while the org moves to an unlimited plan is not charged.
-    ledger.subscribe(org, Plan::Free).await.unwrap();
+    ledger.set_balance(org, 100).await.unwrap();
     let h = held(&*ledger, org, 10, "up").await;
     ledger.subscribe(org, Plan::Enterprise).await.unwrap();
-    assert_eq!(ledger.commit(h).await.unwrap(), None);
+    assert_eq!(
+        ledger.commit(h).await.unwrap(),
+        CommitOutcome::Charged {
+            charged: 0,
+            balance: None
+        }
+    );
     assert_eq!(ledger.open_holds(), 0);
     assert_eq!(pots(&*ledger, org).await, (0, 0, 0));
 }
@@ -553,7 +624,13 @@ pub async fn charges_take_plan_credits_first_then_top_ups(backend: &impl Backend
     ledger.set_balance(org, 3).await.unwrap();
     ledger.top_up(org, 10).await.unwrap();
     let h = held(&*ledger, org, 5, "span").await;
-    assert_eq!(ledger.commit(h).await.unwrap(), Some(8));
+    assert_eq!(
+        ledger.commit(h).await.unwrap(),
+        CommitOutcome::Charged {
+            charged: 5,
+            balance: Some(8)
+        }
+    );
     assert_eq!(pots(&*ledger, org).await, (0, 8, 0));
     let last = ledger.entries(org).await.unwrap().pop().unwrap();
     assert_eq!(
@@ -587,8 +664,14 @@ pub async fn the_sweeper_releases_expired_holds(backend: &impl Backend) {
 
     // The swept hold's request succeeds late: the balance still covers it, so it is
     // charged — once.
-    assert_eq!(ledger.commit(old.clone()).await.unwrap(), Some(1));
-    assert!(ledger.commit(old).await.is_err());
+    assert_eq!(
+        ledger.commit(old.clone()).await.unwrap(),
+        CommitOutcome::Charged {
+            charged: 6,
+            balance: Some(1)
+        }
+    );
+    assert_eq!(ledger.commit(old).await.unwrap(), CommitOutcome::Unknown);
     assert_eq!(pots(&*ledger, org).await, (1, 0, 0));
     assert_eq!(ledger.open_holds(), 0);
     let rows = ledger.entries(org).await.unwrap();
@@ -613,12 +696,20 @@ pub async fn a_late_commit_of_a_swept_hold_whose_credits_were_taken_charges_noth
     assert_eq!(ledger.sweep_expired_holds().await.unwrap(), 1);
     // The freed credits are held by another request.
     let other = held(&*ledger, org, 4, "other").await;
-    let err = ledger.commit(old.clone()).await.unwrap_err();
-    assert!(err.to_string().contains("expired"), "{err}");
+    assert_eq!(
+        ledger.commit(old.clone()).await.unwrap(),
+        CommitOutcome::Expired
+    );
     assert_eq!(pots(&*ledger, org).await, (5, 0, 4));
-    assert_eq!(ledger.commit(other).await.unwrap(), Some(1));
+    assert_eq!(
+        ledger.commit(other).await.unwrap(),
+        CommitOutcome::Charged {
+            charged: 4,
+            balance: Some(1)
+        }
+    );
     // Refused once, forgotten: it can never be charged later either.
-    assert!(ledger.commit(old).await.is_err());
+    assert_eq!(ledger.commit(old).await.unwrap(), CommitOutcome::Unknown);
     assert_eq!(pots(&*ledger, org).await, (1, 0, 0));
     replay(&ledger.entries(org).await.unwrap());
 }
@@ -632,7 +723,7 @@ pub async fn a_swept_hold_is_forgotten_after_another_ttl(backend: &impl Backend)
     assert_eq!(ledger.sweep_expired_holds().await.unwrap(), 1);
     clock.advance(Duration::from_secs(60));
     ledger.sweep_expired_holds().await.unwrap();
-    assert!(ledger.commit(old).await.is_err());
+    assert_eq!(ledger.commit(old).await.unwrap(), CommitOutcome::Unknown);
     assert_eq!(pots(&*ledger, org).await, (100, 0, 0));
 }
 
@@ -643,9 +734,117 @@ pub async fn a_released_swept_hold_cannot_be_charged_later(backend: &impl Backen
     let old = held(&*ledger, org, 5, "stuck").await;
     clock.advance(Duration::from_secs(60));
     assert_eq!(ledger.sweep_expired_holds().await.unwrap(), 1);
-    ledger.release(old.clone()).await.unwrap();
-    assert!(ledger.commit(old).await.is_err());
+    assert_eq!(
+        ledger.release(old.clone()).await.unwrap(),
+        ReleaseOutcome::Swept
+    );
+    assert_eq!(ledger.commit(old).await.unwrap(), CommitOutcome::Unknown);
     assert_eq!(pots(&*ledger, org).await, (100, 0, 0));
+}
+
+/// A subscription retried (or sent twice) changes nothing: no new period, no refill.
+pub async fn subscribing_again_to_the_same_plan_changes_nothing(backend: &impl Backend) {
+    let (clock, ledger) = fresh(backend).await;
+    let org = OrgId::new();
+    let first = ledger.subscribe(org, Plan::Pro).await.unwrap();
+    let h = held(&*ledger, org, 40, "spent").await;
+    ledger.commit(h).await.unwrap();
+    clock.advance(Duration::from_secs(86_400));
+    let again = ledger.subscribe(org, Plan::Pro).await.unwrap();
+    assert_eq!(again.plan_credits, 4_960, "no refill");
+    assert_eq!(
+        (again.period_start_ms, again.period_end_ms),
+        (first.period_start_ms, first.period_end_ms),
+        "no new period"
+    );
+    let plan_changes = ledger
+        .entries(org)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.kind == EntryKind::PlanChange)
+        .count();
+    assert_eq!(plan_changes, 1);
+    // A real change still starts a new period; so does subscribing after a cancellation.
+    let basic = ledger.subscribe(org, Plan::Basic).await.unwrap();
+    assert_eq!(basic.plan_credits, 1_000);
+    ledger.cancel(org).await.unwrap();
+    let back = ledger.subscribe(org, Plan::Basic).await.unwrap();
+    assert_eq!(back.plan, Some(Plan::Basic));
+    assert_eq!(back.plan_credits, 1_000);
+}
+
+/// Extended holds outlive their TTL; the others are swept as before.
+pub async fn extended_holds_are_not_swept(backend: &impl Backend) {
+    let (clock, ledger) = with_short_ttl(backend).await;
+    let org = OrgId::new();
+    ledger.subscribe(org, Plan::Free).await.unwrap();
+    let live = held(&*ledger, org, 5, "live").await;
+    let dead = held(&*ledger, org, 3, "dead").await;
+    for _ in 0..3 {
+        clock.advance(Duration::from_secs(40));
+        assert_eq!(ledger.extend_holds(vec![live.clone()]).await.unwrap(), 1);
+        ledger.sweep_expired_holds().await.unwrap();
+    }
+    // 120 s later (two TTLs): the extended hold is open, the other one was swept.
+    assert_eq!(pots(&*ledger, org).await, (100, 0, 5));
+    assert_eq!(ledger.open_holds(), 1);
+    assert_eq!(ledger.extend_holds(vec![dead.clone()]).await.unwrap(), 0);
+    assert_eq!(ledger.release(dead).await.unwrap(), ReleaseOutcome::Swept);
+    assert_eq!(
+        ledger.commit(live.clone()).await.unwrap(),
+        CommitOutcome::Charged {
+            charged: 5,
+            balance: Some(95)
+        }
+    );
+    assert_eq!(ledger.extend_holds(vec![live]).await.unwrap(), 0, "settled");
+    assert_eq!(ledger.extend_holds(Vec::new()).await.unwrap(), 0);
+}
+
+/// A request whose response was withheld gives its hold back with `release_detached`: a hold
+/// whose commit was applied after all (its answer lost) is refunded, once.
+pub async fn a_withheld_committed_hold_is_refunded_once(backend: &impl Backend) {
+    let (_clock, ledger) = fresh(backend).await;
+    let org = OrgId::new();
+    ledger.subscribe(org, Plan::Free).await.unwrap();
+    ledger.set_balance(org, 3).await.unwrap();
+    ledger.top_up(org, 10).await.unwrap();
+    let h = held(&*ledger, org, 5, "withheld").await;
+    assert_eq!(
+        ledger.commit(h.clone()).await.unwrap(),
+        CommitOutcome::Charged {
+            charged: 5,
+            balance: Some(8)
+        }
+    );
+    ledger.release_detached(h.clone());
+    eventually("the refund is in", || async {
+        pots(&*ledger, org).await == (3, 10, 0)
+    })
+    .await;
+    ledger.release_detached(h.clone());
+    assert_eq!(
+        ledger.release(h.clone()).await.unwrap(),
+        ReleaseOutcome::Gone
+    );
+    assert_eq!(ledger.commit(h).await.unwrap(), CommitOutcome::Unknown);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(pots(&*ledger, org).await, (3, 10, 0), "refunded once");
+    let rows = ledger.entries(org).await.unwrap();
+    let last = rows.last().unwrap();
+    assert_eq!(
+        (
+            last.kind,
+            last.delta_plan,
+            last.delta_topup,
+            last.balance_after
+        ),
+        (EntryKind::Refund, 3, 2, 13)
+    );
+    assert_eq!(last.request_id.as_deref(), Some("withheld"));
+    assert_eq!(replay(&rows), (3, 10));
+    assert_eq!(ledger.open_holds(), 0);
 }
 
 /// The periodic job, in real time over a manual clock.
@@ -697,8 +896,14 @@ pub async fn racing_holds_charge_exactly_the_balance(backend: &impl Backend) {
                 .unwrap()
             {
                 HoldOutcome::Held(h) => {
-                    let balance = ledger.commit(h).await.unwrap();
-                    assert!(balance.is_some_and(|b| b < BALANCE));
+                    let CommitOutcome::Charged {
+                        charged: 1,
+                        balance: Some(balance),
+                    } = ledger.commit(h).await.unwrap()
+                    else {
+                        panic!("not charged");
+                    };
+                    assert!(balance < BALANCE);
                     true
                 }
                 HoldOutcome::Insufficient { .. } => false,

@@ -67,6 +67,7 @@ pub struct Reply {
     pub headers: HeaderMap,
     pub info: Option<RateLimitInfo>,
     pub code: Option<ErrorCode>,
+    pub backend_failure: Option<tollgate_core::BackendFailure>,
     pub body: Bytes,
 }
 
@@ -97,6 +98,10 @@ pub async fn send(api: &mut Api, req: Request<Body>) -> Reply {
         status: parts.status,
         info: parts.extensions.get::<RateLimitInfo>().copied(),
         code: parts.extensions.get::<ErrorCode>().copied(),
+        backend_failure: parts
+            .extensions
+            .get::<tollgate_core::BackendFailure>()
+            .copied(),
         headers: parts.headers,
         body: body.collect().await.unwrap().to_bytes(),
     }

@@ -40,6 +40,9 @@ macro_rules! session_store_suite {
             sessions_never_show_in_debug_or_records,
             concurrent_connects_and_disconnects_are_exact,
             concurrent_reconnects_leave_one_whole_session,
+            every_connect_and_reconnect_gives_a_new_version,
+            a_stale_disconnect_leaves_the_reconnected_session,
+            stale_disconnects_racing_reconnects_never_win,
         );
     };
     (@tests $backend:path; $($name:ident),* $(,)?) => {
@@ -52,6 +55,24 @@ macro_rules! session_store_suite {
             }
         )*
     };
+}
+
+/// The model's session and status, without the version.
+pub async fn read<S: SessionStore + ?Sized>(
+    store: &S,
+    model: ModelId,
+) -> Option<(Session, ModelStatus)> {
+    store
+        .session(model)
+        .await
+        .unwrap()
+        .map(|m| (m.session, m.status))
+}
+
+/// Disconnects the model's current session, as a request signed with it would.
+pub async fn disconnect<S: SessionStore + ?Sized>(store: &S, model: ModelId) {
+    let version = store.session(model).await.unwrap().unwrap().version;
+    assert!(store.mark_disconnected(model, version).await.unwrap());
 }
 
 pub fn session(n: u32) -> Session {
@@ -76,16 +97,16 @@ pub async fn connected_models_read_back_with_their_session<S: SessionStore>(stor
     assert_ne!(a.id, b.id);
 
     assert_eq!(
-        store.session(a.id).await.unwrap(),
+        read(&*store, a.id).await,
         Some((session(1), ModelStatus::Connected))
     );
     // Again (from a cache, where there is one).
     assert_eq!(
-        store.session(a.id).await.unwrap(),
+        read(&*store, a.id).await,
         Some((session(1), ModelStatus::Connected))
     );
     assert_eq!(
-        store.session(b.id).await.unwrap(),
+        read(&*store, b.id).await,
         Some((session(2), ModelStatus::Connected))
     );
     assert_eq!(store.model(b.id).await.unwrap(), Some(b.clone()));
@@ -110,7 +131,7 @@ pub async fn lists_are_per_org_oldest_first<S: SessionStore>(store: Arc<S>) {
     assert_eq!(store.list(other_org).await.unwrap(), vec![c]);
     assert!(store.list(OrgId::new()).await.unwrap().is_empty());
     // A status change shows in the list.
-    store.mark_disconnected(b.id).await.unwrap();
+    disconnect(&*store, b.id).await;
     let statuses: Vec<_> = store
         .list(org)
         .await
@@ -135,11 +156,11 @@ pub async fn disconnection_is_kept_until_reconnect<S: SessionStore>(store: Arc<S
         .unwrap();
     let b = store.connect(org, "bob".into(), session(2)).await.unwrap();
     // Read once (and cached, where there is a cache) before the change.
-    store.session(a.id).await.unwrap();
+    read(&*store, a.id).await;
 
-    store.mark_disconnected(a.id).await.unwrap();
+    disconnect(&*store, a.id).await;
     assert_eq!(
-        store.session(a.id).await.unwrap(),
+        read(&*store, a.id).await,
         Some((session(1), ModelStatus::Disconnected))
     );
     assert_eq!(
@@ -151,13 +172,13 @@ pub async fn disconnection_is_kept_until_reconnect<S: SessionStore>(store: Arc<S
         ModelStatus::Connected
     );
     // Twice is harmless.
-    store.mark_disconnected(a.id).await.unwrap();
+    disconnect(&*store, a.id).await;
 
     let re = store.reconnect(a.id, session(9)).await.unwrap().unwrap();
     assert_eq!(re.status, ModelStatus::Connected);
     assert_eq!((re.id, re.org, re.name.as_str()), (a.id, org, "alice"));
     assert_eq!(
-        store.session(a.id).await.unwrap(),
+        read(&*store, a.id).await,
         Some((session(9), ModelStatus::Connected))
     );
     assert_eq!(store.model(a.id).await.unwrap(), Some(re));
@@ -165,13 +186,13 @@ pub async fn disconnection_is_kept_until_reconnect<S: SessionStore>(store: Arc<S
 
 pub async fn unknown_models_are_none_and_ignored<S: SessionStore>(store: Arc<S>) {
     let unknown = ModelId::new();
-    assert_eq!(store.session(unknown).await.unwrap(), None);
+    assert_eq!(read(&*store, unknown).await, None);
     assert_eq!(store.model(unknown).await.unwrap(), None);
-    store.mark_disconnected(unknown).await.unwrap();
+    assert!(!store.mark_disconnected(unknown, 1).await.unwrap());
     assert_eq!(store.reconnect(unknown, session(1)).await.unwrap(), None);
     // Reconnecting an unknown id does not create it.
     assert_eq!(store.model(unknown).await.unwrap(), None);
-    assert_eq!(store.session(unknown).await.unwrap(), None);
+    assert_eq!(read(&*store, unknown).await, None);
 }
 
 pub async fn session_material_round_trips_exactly<S: SessionStore>(store: Arc<S>) {
@@ -194,7 +215,7 @@ pub async fn session_material_round_trips_exactly<S: SessionStore>(store: Arc<S>
         .await
         .unwrap();
     assert_eq!(
-        store.session(m.id).await.unwrap(),
+        read(&*store, m.id).await,
         Some((odd, ModelStatus::Connected))
     );
     assert_eq!(
@@ -212,11 +233,11 @@ pub async fn sessions_never_show_in_debug_or_records<S: SessionStore + Debug>(st
         "Mozilla/5.0",
     );
     let m = store.connect(org, "m".into(), secret).await.unwrap();
-    let (read, _) = store.session(m.id).await.unwrap().unwrap();
+    let (got, _) = read(&*store, m.id).await.unwrap();
     let outputs = [
         format!("{store:?}"),
         format!("{m:?}"),
-        format!("{read:?}"),
+        format!("{got:?}"),
         format!("{:?}", store.list(org).await.unwrap()),
         format!("{:?}", store.model(m.id).await.unwrap()),
         serde_json::to_string(&store.list(org).await.unwrap()).unwrap(),
@@ -239,13 +260,13 @@ pub async fn concurrent_connects_and_disconnects_are_exact<S: SessionStore>(stor
                 .unwrap();
             // Read (and cache) it, then change it, racing everyone else.
             assert_eq!(
-                store.session(m.id).await.unwrap(),
+                read(&*store, m.id).await,
                 Some((session(i), ModelStatus::Connected))
             );
             if i % 2 == 0 {
-                store.mark_disconnected(m.id).await.unwrap();
+                disconnect(&*store, m.id).await;
                 assert_eq!(
-                    store.session(m.id).await.unwrap().map(|(_, s)| s),
+                    read(&*store, m.id).await.map(|(_, s)| s),
                     Some(ModelStatus::Disconnected)
                 );
             }
@@ -271,17 +292,14 @@ pub async fn concurrent_connects_and_disconnects_are_exact<S: SessionStore>(stor
         } else {
             ModelStatus::Connected
         };
-        assert_eq!(
-            store.session(id).await.unwrap(),
-            Some((session(i), expected))
-        );
+        assert_eq!(read(&*store, id).await, Some((session(i), expected)));
     }
 }
 
 pub async fn concurrent_reconnects_leave_one_whole_session<S: SessionStore>(store: Arc<S>) {
     let org = OrgId::new();
     let m = store.connect(org, "m".into(), session(0)).await.unwrap();
-    store.mark_disconnected(m.id).await.unwrap();
+    disconnect(&*store, m.id).await;
     let tasks: Vec<_> = (1..=16u32)
         .map(|i| {
             let store = Arc::clone(&store);
@@ -289,8 +307,8 @@ pub async fn concurrent_reconnects_leave_one_whole_session<S: SessionStore>(stor
                 let record = store.reconnect(m.id, session(i)).await.unwrap().unwrap();
                 assert_eq!(record.status, ModelStatus::Connected);
                 // Every read sees one of the sessions written, never a mix.
-                let (read, status) = store.session(m.id).await.unwrap().unwrap();
-                assert!((1..=16).any(|j| read == session(j)), "{read:?}");
+                let (got, status) = read(&*store, m.id).await.unwrap();
+                assert!((1..=16).any(|j| got == session(j)), "{got:?}");
                 assert_eq!(status, ModelStatus::Connected);
             })
         })
@@ -298,8 +316,114 @@ pub async fn concurrent_reconnects_leave_one_whole_session<S: SessionStore>(stor
     for task in tasks {
         task.await.unwrap();
     }
-    let (read, status) = store.session(m.id).await.unwrap().unwrap();
-    assert!((1..=16).any(|j| read == session(j)));
+    let (got, status) = read(&*store, m.id).await.unwrap();
+    assert!((1..=16).any(|j| got == session(j)));
     assert_eq!(status, ModelStatus::Connected);
     assert_eq!(store.list(org).await.unwrap().len(), 1);
+}
+
+pub async fn every_connect_and_reconnect_gives_a_new_version<S: SessionStore>(store: Arc<S>) {
+    let org = OrgId::new();
+    let m = store.connect(org, "m".into(), session(1)).await.unwrap();
+    let mut last = store.session(m.id).await.unwrap().unwrap().version;
+    for i in 2..=5u32 {
+        // A disconnect does not change the version; a reconnect does.
+        disconnect(&*store, m.id).await;
+        assert_eq!(store.session(m.id).await.unwrap().unwrap().version, last);
+        store.reconnect(m.id, session(i)).await.unwrap().unwrap();
+        let read = store.session(m.id).await.unwrap().unwrap();
+        assert!(read.version > last, "{} after {last}", read.version);
+        assert_eq!(
+            (read.session, read.status),
+            (session(i), ModelStatus::Connected)
+        );
+        last = read.version;
+    }
+    // Reconnecting with the very same material is a new session too.
+    store.reconnect(m.id, session(5)).await.unwrap().unwrap();
+    assert!(store.session(m.id).await.unwrap().unwrap().version > last);
+}
+
+pub async fn a_stale_disconnect_leaves_the_reconnected_session<S: SessionStore>(store: Arc<S>) {
+    let org = OrgId::new();
+    let m = store.connect(org, "m".into(), session(1)).await.unwrap();
+    // A request reads (and signs with) the first session...
+    let old = store.session(m.id).await.unwrap().unwrap().version;
+    // ...the model is reconnected while it is out...
+    store.reconnect(m.id, session(2)).await.unwrap().unwrap();
+    let new = store.session(m.id).await.unwrap().unwrap().version;
+    // ...and its late 401 must not disconnect the new session.
+    assert!(!store.mark_disconnected(m.id, old).await.unwrap());
+    assert_eq!(
+        read(&*store, m.id).await,
+        Some((session(2), ModelStatus::Connected))
+    );
+    assert_eq!(
+        store.model(m.id).await.unwrap().unwrap().status,
+        ModelStatus::Connected
+    );
+    assert_eq!(
+        store.list(org).await.unwrap()[0].status,
+        ModelStatus::Connected
+    );
+
+    // A 401 for the session in use does disconnect it, and says so again when repeated.
+    assert!(store.mark_disconnected(m.id, new).await.unwrap());
+    assert!(store.mark_disconnected(m.id, new).await.unwrap());
+    assert_eq!(
+        read(&*store, m.id).await,
+        Some((session(2), ModelStatus::Disconnected))
+    );
+    // An older one still changes nothing, and after a reconnect neither does `new`.
+    assert!(!store.mark_disconnected(m.id, old).await.unwrap());
+    store.reconnect(m.id, session(3)).await.unwrap().unwrap();
+    assert!(!store.mark_disconnected(m.id, new).await.unwrap());
+    assert!(!store.mark_disconnected(m.id, old).await.unwrap());
+    assert_eq!(
+        read(&*store, m.id).await,
+        Some((session(3), ModelStatus::Connected))
+    );
+}
+
+pub async fn stale_disconnects_racing_reconnects_never_win<S: SessionStore>(store: Arc<S>) {
+    let org = OrgId::new();
+    let mut models = Vec::new();
+    for i in 0..16u32 {
+        models.push(
+            store
+                .connect(org, format!("m{i}"), session(i))
+                .await
+                .unwrap(),
+        );
+    }
+    // For each model, a request that read the first session races a reconnect: whichever
+    // lands first, the model ends connected with the new session.
+    let tasks: Vec<_> = models
+        .iter()
+        .map(|m| {
+            let (store, id) = (Arc::clone(&store), m.id);
+            tokio::spawn(async move {
+                let seen = store.session(id).await.unwrap().unwrap().version;
+                let (s2, s3) = (Arc::clone(&store), Arc::clone(&store));
+                let reconnect = tokio::spawn(async move { s2.reconnect(id, session(100)).await });
+                let stale = tokio::spawn(async move { s3.mark_disconnected(id, seen).await });
+                reconnect.await.unwrap().unwrap().unwrap();
+                stale.await.unwrap().unwrap();
+                id
+            })
+        })
+        .collect();
+    for task in tasks {
+        let id = task.await.unwrap();
+        assert_eq!(
+            read(&*store, id).await,
+            Some((session(100), ModelStatus::Connected))
+        );
+    }
+    assert!(store
+        .list(org)
+        .await
+        .unwrap()
+        .iter()
+        .all(|m| m.status == ModelStatus::Connected));
 }

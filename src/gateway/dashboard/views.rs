@@ -1,0 +1,264 @@
+//! The dashboard's pages: one askama template each (in `templates/`, all extending
+//! `layout.html`), filled by the handlers. Askama escapes every value for HTML, so names and
+//! emails customers typed render as text.
+
+use std::sync::OnceLock;
+
+use std::hash::{Hash, Hasher};
+
+use askama::Template;
+
+/// The stylesheet, embedded in the binary.
+pub const STYLESHEET: &str = include_str!("static/dashboard.css");
+
+/// A short hash of the stylesheet, so its URL changes whenever it does (it is cached).
+pub fn asset_version() -> &'static str {
+    static VERSION: OnceLock<String> = OnceLock::new();
+    VERSION.get_or_init(|| {
+        // SipHash with fixed keys: the same text gives the same version in every build.
+        let mut hasher = std::hash::DefaultHasher::new();
+        STYLESHEET.hash(&mut hasher);
+        format!("{:012x}", hasher.finish() & 0xffff_ffff_ffff)
+    })
+}
+
+/// What the layout needs: the title and, when signed in, the navigation.
+pub struct Frame {
+    pub title: String,
+    pub nav: Option<Nav>,
+    pub asset_version: &'static str,
+}
+
+impl Frame {
+    /// A page without navigation (sign-in, invite, errors of signed-out visitors).
+    pub fn bare(title: impl Into<String>) -> Self {
+        Frame {
+            title: title.into(),
+            nav: None,
+            asset_version: asset_version(),
+        }
+    }
+
+    /// A page with the top bar and, inside an org, its tabs.
+    pub fn with_nav(title: impl Into<String>, nav: Nav) -> Self {
+        Frame {
+            title: title.into(),
+            nav: Some(nav),
+            asset_version: asset_version(),
+        }
+    }
+
+    /// The session's CSRF token, for the hidden field of every form.
+    pub fn csrf(&self) -> &str {
+        self.nav.as_ref().map_or("", |n| n.csrf.as_str())
+    }
+}
+
+/// The top bar of a signed-in page.
+pub struct Nav {
+    /// The user's email, or "Operator".
+    pub who: String,
+    /// `Owner`, `Viewer` or `Operator`.
+    pub role: &'static str,
+    pub operator: bool,
+    pub csrf: String,
+    pub org: Option<OrgNav>,
+}
+
+/// The org whose pages are shown, and its tabs.
+pub struct OrgNav {
+    pub id: String,
+    pub name: String,
+    pub links: Vec<NavLink>,
+}
+
+pub struct NavLink {
+    pub href: String,
+    pub label: &'static str,
+    pub current: bool,
+}
+
+/// The tabs of an org's pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tab {
+    Overview,
+    Team,
+}
+
+impl OrgNav {
+    pub fn new(id: String, name: String, current: Option<Tab>) -> Self {
+        let base = format!("/dashboard/orgs/{id}");
+        let links = [
+            (Tab::Overview, "Overview", base.clone()),
+            (Tab::Team, "Team", format!("{base}/team")),
+        ]
+        .into_iter()
+        .map(|(tab, label, href)| NavLink {
+            href,
+            label,
+            current: current == Some(tab),
+        })
+        .collect();
+        OrgNav { id, name, links }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "login.html")]
+pub struct LoginPage {
+    pub frame: Frame,
+    pub error: Option<String>,
+    pub notice: Option<String>,
+    pub operator_enabled: bool,
+}
+
+#[derive(Template)]
+#[template(path = "invite.html")]
+pub struct InvitePage {
+    pub frame: Frame,
+    pub email: String,
+    pub role: &'static str,
+    pub action: String,
+    pub error: Option<String>,
+    pub min_chars: usize,
+}
+
+#[derive(Template)]
+#[template(path = "error.html")]
+pub struct ErrorPage {
+    pub frame: Frame,
+    pub status: u16,
+    pub heading: String,
+    pub message: String,
+    pub back_href: &'static str,
+    pub back_label: &'static str,
+}
+
+/// This period's usage, formatted.
+pub struct UsageSummary {
+    pub requests: String,
+    pub ok: String,
+    pub client_errors: String,
+    pub server_errors: String,
+    pub rate_limited: String,
+    pub credits: String,
+    pub error_rate: String,
+}
+
+#[derive(Template)]
+#[template(path = "overview.html")]
+pub struct OverviewPage {
+    pub frame: Frame,
+    pub org_name: String,
+    pub plan: String,
+    pub plan_note: String,
+    pub balance: String,
+    pub plan_credits: String,
+    pub topup_credits: String,
+    pub period_end: String,
+    pub period_note: String,
+    pub usage: UsageSummary,
+}
+
+pub struct TeamRow {
+    pub email: String,
+    pub role: &'static str,
+    pub status: &'static str,
+    pub created: String,
+    pub removable: bool,
+    pub remove_action: String,
+}
+
+pub struct InviteLink {
+    pub email: String,
+    pub url: String,
+}
+
+#[derive(Template)]
+#[template(path = "team.html")]
+pub struct TeamPage {
+    pub frame: Frame,
+    pub org_name: String,
+    pub users: Vec<TeamRow>,
+    pub can_change: bool,
+    pub invite_action: String,
+    pub invite_link: Option<InviteLink>,
+    pub error: Option<String>,
+}
+
+#[derive(Template)]
+#[template(path = "account.html")]
+pub struct AccountPage {
+    pub frame: Frame,
+    pub who: String,
+    pub is_operator: bool,
+    pub notice: Option<String>,
+    pub error: Option<String>,
+    pub min_chars: usize,
+}
+
+pub struct OrgRow {
+    pub id: String,
+    pub name: String,
+    pub plan: String,
+    pub balance: String,
+    pub href: String,
+}
+
+#[derive(Template)]
+#[template(path = "orgs.html")]
+pub struct OrgsPage {
+    pub frame: Frame,
+    pub orgs: Vec<OrgRow>,
+}
+
+/// `1234567` → `1,234,567`.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A time as `2024-05-31 13:27 UTC`.
+pub fn date_time(ms: u64) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(i64::try_from(ms).unwrap_or(i64::MAX))
+        .map_or_else(String::new, |t| t.format("%Y-%m-%d %H:%M UTC").to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_and_dates() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1_000), "1,000");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+        assert_eq!(date_time(1_675_150_502_748), "2023-01-31 07:35 UTC");
+    }
+
+    #[test]
+    fn customer_text_is_escaped() {
+        let page = ErrorPage {
+            frame: Frame::bare("x"),
+            status: 404,
+            heading: "<script>alert(1)</script>".into(),
+            message: "\"><img src=x onerror=alert(1)>".into(),
+            back_href: "/dashboard",
+            back_label: "Back",
+        };
+        let html = page.render().unwrap();
+        assert!(
+            !html.contains("<script>alert") && !html.contains("<img src=x"),
+            "{html}"
+        );
+        assert!(html.contains("&#60;script&#62;") || html.contains("&lt;script&gt;"));
+    }
+}
