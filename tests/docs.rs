@@ -1,6 +1,7 @@
 //! The documentation matches the code: every route of the cost table and of the admin router
 //! is in `docs/openapi.yaml` (with its price), every setting of the binary is in
-//! `docs/configuration.md`, and the READMEs, `docs/` and the rustdoc link only to files in
+//! `docs/configuration.md`, every error code is explained in `docs/` and listed in the
+//! OpenAPI document, and the READMEs, `docs/` and the rustdoc link only to files in
 //! the repository.
 
 use std::collections::BTreeSet;
@@ -9,7 +10,7 @@ use std::path::{Path, PathBuf};
 use clap::CommandFactory;
 use serde_json::Value;
 
-use tollgate::core::CostTable;
+use tollgate::core::{CostTable, ErrorCode};
 use tollgate::gateway::cli::Cli;
 
 fn root() -> PathBuf {
@@ -169,6 +170,32 @@ fn every_setting_of_the_binary_is_documented() {
         );
     }
     assert!(count >= 26, "{count} settings");
+}
+
+#[test]
+fn every_error_code_is_explained_and_in_the_openapi_document() {
+    let customer = read("docs/customer-api.md");
+    let admin = read("docs/admin-api.md");
+    let doc = openapi();
+    let listed: Vec<&str> = doc["components"]["schemas"]["ErrorCode"]["enum"]
+        .as_array()
+        .expect("an ErrorCode enum")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for code in ErrorCode::ALL {
+        let code = code.as_str();
+        // A heading of its own in the customer API, or a row of the admin API's table.
+        assert!(
+            customer.contains(&format!("— `{code}`")) || admin.contains(&format!("| `{code}` |")),
+            "{code} is not explained in docs/customer-api.md or docs/admin-api.md"
+        );
+        assert!(
+            listed.contains(&code),
+            "{code} is not in the ErrorCode schema"
+        );
+    }
+    assert_eq!(listed.len(), ErrorCode::ALL.len(), "{listed:?}");
 }
 
 /// Markdown links `[text](target)` of `text`.

@@ -272,7 +272,10 @@ mod tests {
         assert!(auth.is_sensitive());
         assert!(!format!("{with:?}").contains("s3cret"));
         for bad in ["", " padded", "line\nbreak"] {
-            assert_eq!(signer.clone().with_bearer_token(bad).unwrap_err(), InvalidSignerToken);
+            assert_eq!(
+                signer.clone().with_bearer_token(bad).unwrap_err(),
+                InvalidSignerToken
+            );
         }
         // The original is untouched: the token belongs to the new signer only.
         assert!(signer.inner.authorization.is_none());

@@ -250,7 +250,10 @@ mod tests {
             (&["--body-limit=-1"], "--body-limit"),
             (&["--max-connections=0"], "positive"),
             (&["--rate-limit-failure", "maybe"], "open"),
-            (&["--dashboard-insecure-cookies=maybe"], "--dashboard-insecure-cookies"),
+            (
+                &["--dashboard-insecure-cookies=maybe"],
+                "--dashboard-insecure-cookies",
+            ),
             (&["--upstream", "ftp://x"], "http"),
             (&["--admin-token="], "at least 8"),
             (&["--admin-token=short"], "at least 8"),

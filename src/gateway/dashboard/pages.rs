@@ -15,9 +15,9 @@ use super::views::{
     date_time, thousands, Frame, InviteLink, Nav, OrgNav, OrgRow, OrgsPage, OverviewPage, Tab,
     TeamPage, TeamRow, UsageSummary,
 };
+use super::Site;
 use crate::gateway::admin_accounts::{create_invite, host_of, invite_url, remove_user};
 use crate::gateway::app::GatewayBody;
-use super::Site;
 
 type Answer = Result<Response<GatewayBody>, Rejection>;
 

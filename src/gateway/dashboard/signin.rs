@@ -16,9 +16,9 @@ use super::http::{
     with_code, with_retry_after,
 };
 use super::views::{AccountPage, Frame, InvitePage, LoginPage};
+use super::Site;
 use super::{pages, render};
 use crate::gateway::app::GatewayBody;
-use super::Site;
 
 type Answer = Result<Response<GatewayBody>, Rejection>;
 
