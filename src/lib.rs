@@ -15,7 +15,7 @@
 //! | [`IdempotencyLayer`](idempotency::IdempotencyLayer) | `tollgate-idempotency` | `idempotency` |
 //!
 //! The layers meet only through the typed extensions of [`core`] (`tollgate-core`). Stack them
-//! outermost first as SPEC §9 does: logger → envelope → auth → window → meter → your service.
+//! outermost first as docs/contract.md §9 does: logger → envelope → auth → window → meter → your service.
 //!
 //! ```
 //! use std::convert::Infallible;
@@ -61,6 +61,7 @@
 //! );
 //! # }
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use tollgate_core as core;
 

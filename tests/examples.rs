@@ -1,5 +1,6 @@
 //! The examples run: `examples/axum.rs --self-test` serves the layers on an axum `Router`,
-//! calls itself (a priced call, a free one, refused ones) and checks the balance and logs.
+//! calls itself (a priced call, a free one, refused ones) and checks the balance and logs;
+//! `examples/gateway.rs` (the README's run command) is the `tollgate` binary.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -55,5 +56,27 @@ fn the_axum_example_serves_the_stack_and_passes_its_self_test() {
             panic!("the axum example did not finish its self-test within 30 s");
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_gateway_example_is_the_tollgate_binary() {
+    for args in [&["--version"][..], &["--help"]] {
+        let example = Command::new(example("gateway"))
+            .args(args)
+            .env_clear()
+            .output()
+            .expect("the gateway example runs");
+        let binary = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(args)
+            .env_clear()
+            .output()
+            .expect("the binary runs");
+        assert!(example.status.success(), "{example:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&example.stdout),
+            String::from_utf8_lossy(&binary.stdout),
+            "{args:?}"
+        );
     }
 }

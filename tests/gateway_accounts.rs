@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use common::{Answer, TestGateway};
 use tollgate::core::{ManualClock, OrgId};
-use tollgate::gateway::{self, memory_backends};
+use tollgate::gateway::{self, memory_backends, AdminBind};
 
 const PASSWORD: &str = "correct horse battery staple";
 
@@ -30,6 +30,8 @@ fn form(pairs: &[(&str, &str)]) -> String {
 /// A browser-like client of one gateway: keeps the session cookie, sends forms.
 struct Browser<'a> {
     gw: &'a TestGateway,
+    /// The listener it talks to (`http://host:port`).
+    base: String,
     cookie: Option<String>,
     /// Sends `Accept: text/html` (errors as pages) when set.
     html: bool,
@@ -37,15 +39,23 @@ struct Browser<'a> {
 
 impl<'a> Browser<'a> {
     fn new(gw: &'a TestGateway) -> Self {
+        Browser::at(gw, gw.gw.base_url())
+    }
+
+    /// A browser of the listener at `base`.
+    fn at(gw: &'a TestGateway, base: String) -> Self {
         Browser {
             gw,
+            base,
             cookie: None,
             html: false,
         }
     }
 
     fn request(&self, method: Method, path: &str, body: Option<String>) -> Request<Full<Bytes>> {
-        let mut req = Request::builder().method(method).uri(self.gw.url(path));
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
         if let Some(c) = &self.cookie {
             req = req.header("cookie", format!("tollgate_session={c}"));
         }
@@ -784,6 +794,99 @@ async fn the_operator_signs_in_with_the_admin_token_and_sees_every_org() {
         .await
         .text()
         .contains("name=\"token\""));
+}
+
+/// The dashboard is on both listeners, but the admin token signs the operator in only where
+/// `/admin` is served, and an operator's session counts only there (browsers send the
+/// cookies of one host to all its ports).
+#[tokio::test]
+async fn the_operator_signs_in_only_on_the_listener_that_serves_admin() {
+    let mut config = common::test_config();
+    config.admin_bind = AdminBind::Separate("127.0.0.1:0".parse().unwrap());
+    config.dashboard_insecure_cookies = true;
+    let gw = common::start(config).await;
+    let internal = gw.gw.admin_base_url();
+    assert_ne!(internal, gw.gw.base_url(), "two listeners");
+
+    // The public listener: no token field, a posted token is a failed sign-in, no /admin.
+    let public = Browser::new(&gw);
+    let page = public.get("/dashboard/login").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.text().contains("name=\"email\""));
+    assert!(!page.text().contains("name=\"token\""));
+    let refused = public
+        .post("/dashboard/login", &[("token", common::ADMIN_TOKEN)])
+        .await;
+    assert_error(&refused, StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
+    assert_eq!(session_of(&refused), None);
+    let admin_here = gw
+        .send(
+            Request::get(gw.url("/admin/orgs"))
+                .header("authorization", format!("Bearer {}", common::ADMIN_TOKEN))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    assert_error(&admin_here, StatusCode::NOT_FOUND, "NOT_FOUND");
+
+    // The internal listener: the operator signs in and sees every org.
+    let mut op = Browser::at(&gw, internal.clone());
+    assert!(op
+        .get("/dashboard/login")
+        .await
+        .text()
+        .contains("name=\"token\""));
+    let login = op
+        .post("/dashboard/login", &[("token", common::ADMIN_TOKEN)])
+        .await;
+    assert_eq!(login.status, StatusCode::SEE_OTHER, "{}", login.text());
+    assert_eq!(location(&login), "/dashboard/orgs");
+    op.cookie = session_of(&login);
+    assert!(op.cookie.is_some());
+    let orgs = op.get("/dashboard/orgs").await;
+    assert_eq!(orgs.status, StatusCode::OK);
+    assert!(orgs.text().contains("Demo Org"));
+
+    // The same cookie on the public listener opens nothing.
+    let mut carried = Browser::new(&gw);
+    carried.cookie = op.cookie.clone();
+    let away = carried.get("/dashboard/orgs").await;
+    assert_eq!(away.status, StatusCode::SEE_OTHER);
+    assert_eq!(location(&away), "/dashboard/login");
+    // …and stays good where it belongs.
+    assert_eq!(op.get("/dashboard/orgs").await.status, StatusCode::OK);
+
+    // Customers use the dashboard on the public listener (invited through the internal one).
+    let org = demo_org(&gw);
+    let invited = gw
+        .send(
+            Request::post(format!("{internal}/admin/orgs/{org}/users"))
+                .header("authorization", format!("Bearer {}", common::ADMIN_TOKEN))
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(
+                    json!({"email": "pub@example.com", "role": "owner"}).to_string(),
+                )))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(invited.status, StatusCode::CREATED, "{}", invited.text());
+    let url = invited.json()["invite_url"].as_str().unwrap().to_owned();
+    let path = &url[url.find("/dashboard/invite/").unwrap()..];
+    let set = public.post(path, &[("password", PASSWORD)]).await;
+    assert_eq!(set.status, StatusCode::SEE_OTHER, "{}", set.text());
+    let mut customer = Browser::new(&gw);
+    let signed = customer.sign_in("pub@example.com", PASSWORD).await;
+    assert_eq!(signed.status, StatusCode::SEE_OTHER, "{}", signed.text());
+    let home = customer.get(&format!("/dashboard/orgs/{org}")).await;
+    assert_eq!(home.status, StatusCode::OK);
+    assert!(home.text().contains("Demo Org"));
+    // A customer's session is good on both listeners.
+    let mut inside = Browser::at(&gw, internal);
+    inside.cookie = customer.cookie.clone();
+    assert_eq!(
+        inside.get(&format!("/dashboard/orgs/{org}")).await.status,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]

@@ -1,5 +1,5 @@
-//! The admin API (SPEC §5): organizations, subscriptions, credits, keys, models, dashboard
-//! users and usage (`admin_accounts`), behind
+//! The admin API (docs/contract.md §5): organizations, subscriptions, credits, keys, models,
+//! dashboard users and usage (`admin_accounts`), behind
 //! `Authorization: Bearer <TOLLGATE_ADMIN_TOKEN>`.
 
 use bytes::Bytes;

@@ -1,5 +1,5 @@
 //! The gateway's top-level service: health, metrics and admin endpoints, and the customer API
-//! behind the layers in the SPEC §9 order.
+//! behind the layers in the order of docs/contract.md §9.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -36,6 +36,31 @@ pub struct PeerAddr(pub SocketAddr);
 /// Requests whose headers add up to more than this get a 431 (hyper itself refuses far larger
 /// ones before we see them).
 pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// Requests whose URI (path and query) is longer than this get a 414.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+
+/// Which endpoints a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// The public listener: `/api`, `/dashboard` (customers' sign-in only) and `/healthz`.
+    Public,
+    /// The internal listener: `/admin`, `/dashboard` (the operator's admin-token sign-in
+    /// too), `/metrics`, `/readyz` and `/healthz`.
+    Internal,
+    /// Both on one listener (`TOLLGATE_ADMIN_BIND=public`).
+    Both,
+}
+
+impl Surface {
+    fn public(self) -> bool {
+        matches!(self, Surface::Public | Surface::Both)
+    }
+
+    fn internal(self) -> bool {
+        matches!(self, Surface::Internal | Surface::Both)
+    }
+}
 
 /// Boxes any body into [`GatewayBody`].
 pub fn boxed<B>(body: B) -> GatewayBody
@@ -79,6 +104,7 @@ pub struct App<A> {
     state: Arc<AppState>,
     api: A,
     table: CostTable,
+    surface: Surface,
     peer: Option<SocketAddr>,
 }
 
@@ -88,6 +114,7 @@ impl<A: Clone> Clone for App<A> {
             state: Arc::clone(&self.state),
             api: self.api.clone(),
             table: self.table.clone(),
+            surface: self.surface,
             peer: self.peer,
         }
     }
@@ -100,12 +127,14 @@ impl<A> std::fmt::Debug for App<A> {
 }
 
 impl<A> App<A> {
-    /// The top-level service over the state and the customer API stack.
+    /// The top-level service over the state and the customer API stack, serving every
+    /// endpoint.
     pub fn new(state: Arc<AppState>, api: A) -> Self {
         App {
             state,
             api,
             table: CostTable::onlyfans(),
+            surface: Surface::Both,
             peer: None,
         }
     }
@@ -120,6 +149,12 @@ impl<A> App<A> {
             peer: Some(peer),
             ..self.clone()
         }
+    }
+
+    /// Serves only the endpoints of `surface` (the others answer 404 `NOT_FOUND`).
+    pub fn with_surface(mut self, surface: Surface) -> Self {
+        self.surface = surface;
+        self
     }
 }
 
@@ -187,11 +222,22 @@ impl<A> App<A> {
             .iter()
             .map(|(k, v)| k.as_str().len() + v.len() + 4)
             .sum();
-        if header_bytes > MAX_HEADER_BYTES {
+        let uri_bytes = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+        let too_large = if uri_bytes > MAX_URI_BYTES {
+            Some((StatusCode::URI_TOO_LONG, "The request URI is too long."))
+        } else if header_bytes > MAX_HEADER_BYTES {
+            Some((
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "The request headers are too large.",
+            ))
+        } else {
+            None
+        };
+        if let Some((status, message)) = too_large {
             let mut res = rejection(
                 Rejection::new(ErrorCode::InvalidRequest)
-                    .with_status(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
-                    .with_message("The request headers are too large."),
+                    .with_status(status)
+                    .with_message(message),
             );
             let id = RequestId::from_headers_or_generate(req.headers());
             res.headers_mut()
@@ -199,7 +245,7 @@ impl<A> App<A> {
             return Box::pin(std::future::ready(Ok(res.map(ResponseBody::new))));
         }
         let path = req.uri().path();
-        if path == "/api" || path.starts_with("/api/") {
+        if self.surface.public() && (path == "/api" || path.starts_with("/api/")) {
             // The request logger gives customer API responses their X-Request-Id.
             let state = Arc::clone(&self.state);
             let started = Instant::now();
@@ -240,20 +286,30 @@ impl<A> App<A> {
         })
     }
 
-    /// Health, metrics, the admin API, and 404 for the rest.
+    /// Health, the dashboard, metrics and the admin API (these two where this listener
+    /// serves them), and 404 for the rest.
     fn local<B>(&self, req: Request<B>) -> BoxFuture<Result<Response<GatewayBody>, Infallible>>
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
         let state = Arc::clone(&self.state);
+        let internal = self.surface.internal();
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/healthz") => Box::pin(std::future::ready(Ok(full_response(
                 StatusCode::OK,
                 "application/json",
                 r#"{"status":"ok"}"#,
             )))),
-            (&Method::GET, "/readyz") => Box::pin(async move {
+            // Draining: load balancers take this replica out while it finishes its requests.
+            (&Method::GET, "/readyz") if internal && state.is_draining() => {
+                Box::pin(std::future::ready(Ok(full_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "application/json",
+                    r#"{"status":"draining"}"#,
+                ))))
+            }
+            (&Method::GET, "/readyz") if internal => Box::pin(async move {
                 let report = Readiness::report(&state).await;
                 let status = if report.ready() {
                     StatusCode::OK
@@ -266,7 +322,7 @@ impl<A> App<A> {
                     report.to_json().to_string(),
                 ))
             }),
-            (&Method::GET, "/metrics") => {
+            (&Method::GET, "/metrics") if internal => {
                 let text = state.metrics.render(state.gauges());
                 Box::pin(std::future::ready(Ok(full_response(
                     StatusCode::OK,
@@ -275,9 +331,9 @@ impl<A> App<A> {
                 ))))
             }
             (_, p) if p == "/dashboard" || p.starts_with("/dashboard/") => {
-                Box::pin(async move { Ok(super::dashboard::handle(&state, req).await) })
+                Box::pin(async move { Ok(super::dashboard::handle(&state, req, internal).await) })
             }
-            (_, p) if p == "/admin" || p.starts_with("/admin/") => {
+            (_, p) if internal && (p == "/admin" || p.starts_with("/admin/")) => {
                 Box::pin(async move { Ok(super::admin::handle(&state, req).await.map(boxed)) })
             }
             _ => Box::pin(std::future::ready(Ok(rejection(Rejection::new(

@@ -1,10 +1,12 @@
-//! Gateway configuration (SPEC §8): every setting is an environment variable with a matching
-//! `--flag`; a flag wins over the variable.
+//! The gateway's settings as a plain struct, for programs that start a gateway themselves
+//! (tests, benchmarks, embedders). The `tollgate` binary fills it from its command line and
+//! environment ([`super::cli`]); `Config::default()` is what the binary does with nothing
+//! configured: the demo, everything on one loopback listener.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
 use tollgate_core::Plan;
@@ -19,11 +21,63 @@ pub enum RateLimitFailure {
     Closed,
 }
 
+/// Where the internal endpoints (`/admin`, `/metrics`, `/readyz`) are served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminBind {
+    /// On the public listener, next to `/api` (the demo; one port to think about).
+    Public,
+    /// On a listener of their own at this address (the public one then answers 404 there).
+    Separate(SocketAddr),
+}
+
+impl AdminBind {
+    /// The binary's default outside demo mode: loopback port 8001.
+    pub const DEFAULT: AdminBind = AdminBind::Separate(SocketAddr::new(
+        std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        8001,
+    ));
+}
+
+impl FromStr for AdminBind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.eq_ignore_ascii_case("public") {
+            return Ok(AdminBind::Public);
+        }
+        s.parse()
+            .map(AdminBind::Separate)
+            .map_err(|_| "expected host:port or `public`".to_owned())
+    }
+}
+
+impl fmt::Display for AdminBind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AdminBind::Public => f.write_str("public"),
+            AdminBind::Separate(addr) => addr.fmt(f),
+        }
+    }
+}
+
+/// The format of log lines (written to stderr).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
 /// The gateway's settings.
 #[derive(Clone)]
 pub struct Config {
-    /// `TOLLGATE_BIND`: listen address.
+    /// `TOLLGATE_BIND`: the public listener (`/api`, `/healthz`).
     pub bind: SocketAddr,
+    /// `TOLLGATE_ADMIN_BIND`: the internal listener (`/admin`, `/metrics`, `/readyz`,
+    /// `/healthz`), or [`AdminBind::Public`].
+    pub admin_bind: AdminBind,
     /// `TOLLGATE_ADMIN_TOKEN`: bearer token of the admin API; `None` turns it off.
     pub admin_token: Option<String>,
     /// `DATABASE_URL`: PostgreSQL; `None` means memory backends.
@@ -34,8 +88,13 @@ pub struct Config {
     pub upstream: Option<String>,
     /// `TOLLGATE_SIGN_RULES`: rules JSON file; `None` uses the sandbox rules.
     pub sign_rules: Option<PathBuf>,
-    /// `TOLLGATE_SIGNER_URL`: remote signer; overrides the rules.
+    /// `TOLLGATE_SIGNER_URL`: remote signer (`http://` or `https://`); overrides the rules.
     pub signer_url: Option<String>,
+    /// `TOLLGATE_SIGNER_TOKEN`: sent to the remote signer as `Authorization: Bearer …`.
+    pub signer_token: Option<String>,
+    /// `TOLLGATE_CA_FILE`: PEM certificates trusted for outgoing `https://` (upstream and
+    /// signer) besides the built-in web PKI roots.
+    pub ca_file: Option<PathBuf>,
     /// `TOLLGATE_SIGNER_TIMEOUT_MS`.
     pub signer_timeout: Duration,
     /// `TOLLGATE_UPSTREAM_TIMEOUT_MS`.
@@ -52,10 +111,17 @@ pub struct Config {
     pub session_key: Option<[u8; 32]>,
     /// `TOLLGATE_DEMO`: seed the demo org, model and key.
     pub demo: bool,
-    /// `TOLLGATE_HOLD_TTL_MS` (an addition to SPEC §8): how long a credit hold may stay open
-    /// before the sweeper releases it (a crashed replica's holds). Longer than the upstream
-    /// timeout.
+    /// `TOLLGATE_HOLD_TTL_MS`: how long a credit hold may stay open before the sweeper
+    /// releases it (a crashed replica's holds). Longer than the upstream timeout.
     pub hold_ttl: Duration,
+    /// `TOLLGATE_DRAIN_TIMEOUT_MS`: how long graceful shutdown waits for requests in flight
+    /// before it drops them (their holds are released, nothing is charged).
+    pub drain_timeout: Duration,
+    /// `TOLLGATE_MAX_CONNECTIONS`: open connections on the public listener; further ones
+    /// wait (unaccepted, in the OS backlog) until one closes.
+    pub max_connections: usize,
+    /// `TOLLGATE_LOG_FORMAT`.
+    pub log_format: LogFormat,
     /// `TOLLGATE_DASHBOARD_INSECURE_COOKIES=1`: the dashboard's session cookie without
     /// `Secure`, for plain HTTP on loopback (and invite links with `http://`).
     pub dashboard_insecure_cookies: bool,
@@ -65,15 +131,19 @@ pub struct Config {
 
 impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Secrets (admin token, session key, credentials in URLs) stay out of logs.
+        // Secrets (admin token, session key, signer token, credentials in URLs) stay out of
+        // logs.
         f.debug_struct("Config")
             .field("bind", &self.bind)
+            .field("admin_bind", &self.admin_bind)
             .field("admin_api", &self.admin_token.is_some())
             .field("database", &self.database_url.as_ref().map(|_| "<set>"))
             .field("redis", &self.redis_url.as_ref().map(|_| "<set>"))
             .field("upstream", &self.upstream.as_deref().map(redact_url))
             .field("sign_rules", &self.sign_rules)
             .field("signer_url", &self.signer_url.as_deref().map(redact_url))
+            .field("signer_token", &self.signer_token.as_ref().map(|_| "<set>"))
+            .field("ca_file", &self.ca_file)
             .field("signer_timeout", &self.signer_timeout)
             .field("upstream_timeout", &self.upstream_timeout)
             .field("window", &self.window)
@@ -83,6 +153,9 @@ impl fmt::Debug for Config {
             .field("session_key", &self.session_key.map(|_| "<set>"))
             .field("demo", &self.demo)
             .field("hold_ttl", &self.hold_ttl)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("max_connections", &self.max_connections)
+            .field("log_format", &self.log_format)
             .field(
                 "dashboard_insecure_cookies",
                 &self.dashboard_insecure_cookies,
@@ -92,32 +165,66 @@ impl fmt::Debug for Config {
     }
 }
 
+/// The defaults, shared by [`Config::default`] and the command line's `--help`.
+pub mod defaults {
+    /// `TOLLGATE_BIND`.
+    pub const BIND: &str = "127.0.0.1:8080";
+    /// `TOLLGATE_ADMIN_BIND` outside demo mode.
+    pub const ADMIN_BIND: &str = "127.0.0.1:8001";
+    /// `TOLLGATE_SIGNER_TIMEOUT_MS`.
+    pub const SIGNER_TIMEOUT_MS: u64 = 2_000;
+    /// `TOLLGATE_UPSTREAM_TIMEOUT_MS`.
+    pub const UPSTREAM_TIMEOUT_MS: u64 = 30_000;
+    /// `TOLLGATE_WINDOW_MS`.
+    pub const WINDOW_MS: u64 = 60_000;
+    /// `TOLLGATE_BURST`.
+    pub const BURST: &str = "free=5,basic=10,pro=30,enterprise=200";
+    /// `TOLLGATE_BODY_LIMIT`.
+    pub const BODY_LIMIT: usize = 1_048_576;
+    /// `TOLLGATE_HOLD_TTL_MS`.
+    pub const HOLD_TTL_MS: u64 = 300_000;
+    /// `TOLLGATE_DRAIN_TIMEOUT_MS`.
+    pub const DRAIN_TIMEOUT_MS: u64 = 30_000;
+    /// `TOLLGATE_MAX_CONNECTIONS`.
+    pub const MAX_CONNECTIONS: usize = 10_000;
+    /// `RUST_LOG`.
+    pub const LOG_FILTER: &str = "info";
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
-            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            bind: defaults::BIND.parse().expect("a socket address"),
+            // Nothing configured means the demo, which serves everything on one port.
+            admin_bind: AdminBind::Public,
             admin_token: None,
             database_url: None,
             redis_url: None,
             upstream: None,
             sign_rules: None,
             signer_url: None,
-            signer_timeout: Duration::from_millis(2_000),
-            upstream_timeout: Duration::from_millis(30_000),
-            window: Duration::from_millis(60_000),
+            signer_token: None,
+            ca_file: None,
+            signer_timeout: Duration::from_millis(defaults::SIGNER_TIMEOUT_MS),
+            upstream_timeout: Duration::from_millis(defaults::UPSTREAM_TIMEOUT_MS),
+            window: Duration::from_millis(defaults::WINDOW_MS),
             burst: Plan::ALL.map(Plan::default_burst),
             rate_limit_failure: RateLimitFailure::Open,
-            body_limit: 1_048_576,
+            body_limit: defaults::BODY_LIMIT,
             session_key: None,
             demo: true,
-            hold_ttl: Duration::from_millis(300_000),
+            hold_ttl: Duration::from_millis(defaults::HOLD_TTL_MS),
+            drain_timeout: Duration::from_millis(defaults::DRAIN_TIMEOUT_MS),
+            max_connections: defaults::MAX_CONNECTIONS,
+            log_format: LogFormat::Text,
             dashboard_insecure_cookies: false,
-            log_filter: "info".to_owned(),
+            log_filter: defaults::LOG_FILTER.to_owned(),
         }
     }
 }
 
-/// A setting could not be read.
+/// The settings do not fit together, or one cannot be used. The message names the setting
+/// and never contains a secret's value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError(pub String);
 
@@ -129,180 +236,57 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Each setting: environment variable, flag, and whether the flag takes a value.
-const SETTINGS: &[(&str, &str)] = &[
-    ("TOLLGATE_BIND", "--bind"),
-    ("TOLLGATE_ADMIN_TOKEN", "--admin-token"),
-    ("DATABASE_URL", "--database-url"),
-    ("REDIS_URL", "--redis-url"),
-    ("TOLLGATE_UPSTREAM", "--upstream"),
-    ("TOLLGATE_SIGN_RULES", "--sign-rules"),
-    ("TOLLGATE_SIGNER_URL", "--signer-url"),
-    ("TOLLGATE_SIGNER_TIMEOUT_MS", "--signer-timeout-ms"),
-    ("TOLLGATE_UPSTREAM_TIMEOUT_MS", "--upstream-timeout-ms"),
-    ("TOLLGATE_WINDOW_MS", "--window-ms"),
-    ("TOLLGATE_BURST", "--burst"),
-    ("TOLLGATE_RATE_LIMIT_FAILURE", "--rate-limit-failure"),
-    ("TOLLGATE_BODY_LIMIT", "--body-limit"),
-    ("TOLLGATE_SESSION_KEY", "--session-key"),
-    ("TOLLGATE_DEMO", "--demo"),
-    ("TOLLGATE_HOLD_TTL_MS", "--hold-ttl-ms"),
-    (
-        "TOLLGATE_DASHBOARD_INSECURE_COOKIES",
-        "--dashboard-insecure-cookies",
-    ),
-    ("RUST_LOG", "--log"),
-];
-
-/// The `--help` text.
-pub fn usage() -> String {
-    let mut out = String::from(
-        "tollgate gateway\n\nEvery setting is an environment variable or the matching flag \
-         (`--flag value` or `--flag=value`; the flag wins):\n\n",
-    );
-    for (var, flag) in SETTINGS {
-        out.push_str(&format!("  {flag:<24} {var}\n"));
-    }
-    out
-}
-
 impl Config {
-    /// Reads the process environment and command line.
-    pub fn from_env_and_args() -> Result<Config, ConfigError> {
-        let env: HashMap<String, String> = std::env::vars().collect();
-        let args: Vec<String> = std::env::args().skip(1).collect();
-        Config::from_sources(&env, &args)
+    /// The burst limit of a plan.
+    pub fn burst_for(&self, plan: Plan) -> u32 {
+        self.burst[plan.index()]
     }
 
-    /// Reads the given environment and arguments (testable).
-    pub fn from_sources(
-        env: &HashMap<String, String>,
-        args: &[String],
-    ) -> Result<Config, ConfigError> {
-        let mut values: HashMap<&'static str, String> = HashMap::new();
-        for (var, _) in SETTINGS {
-            if let Some(v) = env.get(*var).filter(|v| !v.is_empty()) {
-                values.insert(var, v.clone());
+    /// Checks the settings that depend on each other.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(token) = &self.admin_token {
+            // An empty or trivially short token would let anyone in.
+            if token.trim().len() < 8 {
+                return Err(ConfigError(
+                    "TOLLGATE_ADMIN_TOKEN must be at least 8 characters (the value is not shown)"
+                        .to_owned(),
+                ));
             }
         }
-        let mut i = 0;
-        while i < args.len() {
-            let arg = &args[i];
-            let (flag, inline) = match arg.split_once('=') {
-                Some((f, v)) => (f, Some(v.to_owned())),
-                None => (arg.as_str(), None),
-            };
-            let Some((var, _)) = SETTINGS.iter().find(|(_, f)| *f == flag) else {
-                return Err(ConfigError(format!(
-                    "unknown argument {arg:?}\n\n{}",
-                    usage()
-                )));
-            };
-            let value = match inline {
-                Some(v) => v,
-                None => {
-                    i += 1;
-                    args.get(i)
-                        .cloned()
-                        .ok_or_else(|| ConfigError(format!("{flag} needs a value")))?
-                }
-            };
-            values.insert(var, value);
-            i += 1;
-        }
-
-        let mut c = Config::default();
-        let explicit_backend_or_upstream = ["DATABASE_URL", "REDIS_URL", "TOLLGATE_UPSTREAM"]
-            .iter()
-            .any(|v| values.contains_key(v));
-        for (var, value) in &values {
-            let bad = |why: &str| ConfigError(format!("{var}: {why} (got {value:?})"));
-            match *var {
-                "TOLLGATE_BIND" => c.bind = value.parse().map_err(|_| bad("expected host:port"))?,
-                "TOLLGATE_ADMIN_TOKEN" => {
-                    // An empty or trivially short token would let anyone in.
-                    if value.trim().len() < 8 {
-                        return Err(bad("the admin token must be at least 8 characters"));
-                    }
-                    c.admin_token = Some(value.clone())
-                }
-                "DATABASE_URL" => c.database_url = Some(value.clone()),
-                "REDIS_URL" => c.redis_url = Some(value.clone()),
-                "TOLLGATE_UPSTREAM" => {
-                    let v = value.trim_end_matches('/');
-                    if !(v.starts_with("http://") || v.starts_with("https://")) {
-                        return Err(bad("expected an http:// or https:// URL"));
-                    }
-                    c.upstream = Some(v.to_owned());
-                }
-                "TOLLGATE_SIGN_RULES" => c.sign_rules = Some(PathBuf::from(value)),
-                "TOLLGATE_SIGNER_URL" => c.signer_url = Some(value.clone()),
-                "TOLLGATE_SIGNER_TIMEOUT_MS" => c.signer_timeout = millis(value).map_err(bad)?,
-                "TOLLGATE_UPSTREAM_TIMEOUT_MS" => {
-                    c.upstream_timeout = millis(value).map_err(bad)?
-                }
-                "TOLLGATE_WINDOW_MS" => c.window = millis(value).map_err(bad)?,
-                "TOLLGATE_BURST" => c.burst = parse_burst(value).map_err(|e| bad(&e))?,
-                "TOLLGATE_RATE_LIMIT_FAILURE" => {
-                    c.rate_limit_failure = match value.as_str() {
-                        "open" => RateLimitFailure::Open,
-                        "closed" => RateLimitFailure::Closed,
-                        _ => return Err(bad("expected open or closed")),
-                    }
-                }
-                "TOLLGATE_BODY_LIMIT" => {
-                    c.body_limit = value
-                        .parse::<usize>()
-                        .ok()
-                        .filter(|n| *n > 0)
-                        .ok_or_else(|| bad("expected a positive number of bytes"))?
-                }
-                "TOLLGATE_SESSION_KEY" => {
-                    c.session_key =
-                        Some(parse_key(value).ok_or_else(|| bad("expected 64 hex digits"))?)
-                }
-                "TOLLGATE_DEMO" => {
-                    c.demo = match value.as_str() {
-                        "1" | "true" | "on" | "yes" => true,
-                        "0" | "false" | "off" | "no" => false,
-                        _ => return Err(bad("expected on or off")),
-                    }
-                }
-                "TOLLGATE_HOLD_TTL_MS" => c.hold_ttl = millis(value).map_err(bad)?,
-                "TOLLGATE_DASHBOARD_INSECURE_COOKIES" => {
-                    c.dashboard_insecure_cookies = match value.as_str() {
-                        "1" | "true" | "on" | "yes" => true,
-                        "0" | "false" | "off" | "no" => false,
-                        _ => return Err(bad("expected 1 or 0")),
-                    }
-                }
-                "RUST_LOG" => c.log_filter = value.clone(),
-                _ => {}
-            }
-        }
-        // Demo mode is on when nothing is configured, unless set explicitly.
-        if !values.contains_key("TOLLGATE_DEMO") {
-            c.demo = !explicit_backend_or_upstream;
-        }
-        if c.hold_ttl <= c.upstream_timeout {
+        if self.hold_ttl <= self.upstream_timeout {
             return Err(ConfigError(format!(
-                "TOLLGATE_HOLD_TTL_MS ({} ms) must be longer than TOLLGATE_UPSTREAM_TIMEOUT_MS ({} ms), \
-                 or holds of requests still in flight could be swept",
-                c.hold_ttl.as_millis(),
-                c.upstream_timeout.as_millis()
+                "TOLLGATE_HOLD_TTL_MS ({} ms) must be longer than TOLLGATE_UPSTREAM_TIMEOUT_MS \
+                 ({} ms), or holds of requests still in flight could be swept",
+                self.hold_ttl.as_millis(),
+                self.upstream_timeout.as_millis()
             )));
         }
-        if c.database_url.is_some() && c.session_key.is_none() {
+        if self.database_url.is_some() && self.session_key.is_none() {
             return Err(ConfigError(
                 "TOLLGATE_SESSION_KEY (64 hex digits) is required with DATABASE_URL".to_owned(),
             ));
         }
-        Ok(c)
-    }
-
-    /// The burst limit of a plan.
-    pub fn burst_for(&self, plan: Plan) -> u32 {
-        self.burst[plan.index()]
+        if let AdminBind::Separate(addr) = self.admin_bind {
+            if addr == self.bind && addr.port() != 0 {
+                return Err(ConfigError(format!(
+                    "TOLLGATE_ADMIN_BIND ({addr}) is the same address as TOLLGATE_BIND: use \
+                     `public` to serve the admin API on the public listener"
+                )));
+            }
+        }
+        if self.signer_token.is_some() && self.signer_url.is_none() {
+            return Err(ConfigError(
+                "TOLLGATE_SIGNER_TOKEN is set but TOLLGATE_SIGNER_URL is not".to_owned(),
+            ));
+        }
+        if self.demo && self.upstream.is_some() {
+            return Err(ConfigError(
+                "demo mode needs the in-process sandbox upstream: unset TOLLGATE_UPSTREAM or set \
+                 TOLLGATE_DEMO=off"
+                    .to_owned(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -316,15 +300,6 @@ pub fn redact_url(url: &str) -> String {
     } else {
         format!("{scheme}://{host}")
     }
-}
-
-fn millis(value: &str) -> Result<Duration, &'static str> {
-    value
-        .parse::<u64>()
-        .ok()
-        .filter(|n| *n > 0)
-        .map(Duration::from_millis)
-        .ok_or("expected a positive number of milliseconds")
 }
 
 /// Parses `free=5,basic=10,pro=30,enterprise=200` (plans left out keep their default).
@@ -349,7 +324,8 @@ pub fn parse_burst(value: &str) -> Result<[u32; 4], String> {
     Ok(burst)
 }
 
-fn parse_key(value: &str) -> Option<[u8; 32]> {
+/// Parses a 32-byte key written as 64 hex digits.
+pub fn parse_key(value: &str) -> Option<[u8; 32]> {
     let bytes = value.trim().as_bytes();
     if bytes.len() != 64 {
         return None;
@@ -366,99 +342,91 @@ fn parse_key(value: &str) -> Option<[u8; 32]> {
 mod tests {
     use super::*;
 
-    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    fn args(a: &[&str]) -> Vec<String> {
-        a.iter().map(|s| s.to_string()).collect()
-    }
-
     #[test]
-    fn defaults_are_the_contract() {
-        let c = Config::from_sources(&HashMap::new(), &[]).unwrap();
+    fn the_default_is_the_demo_on_one_listener() {
+        let c = Config::default();
         assert_eq!(c.bind.to_string(), "127.0.0.1:8080");
-        assert!(c.admin_token.is_none());
-        assert_eq!(c.signer_timeout, Duration::from_millis(2_000));
-        assert_eq!(c.upstream_timeout, Duration::from_millis(30_000));
-        assert_eq!(c.window, Duration::from_millis(60_000));
-        assert_eq!(c.burst, [5, 10, 30, 200]);
-        assert_eq!(c.rate_limit_failure, RateLimitFailure::Open);
-        assert_eq!(c.body_limit, 1_048_576);
-        assert!(c.demo, "demo is on when nothing is configured");
-    }
-
-    #[test]
-    fn flags_win_over_environment() {
-        let c = Config::from_sources(
-            &env(&[
-                ("TOLLGATE_BIND", "127.0.0.1:9000"),
-                ("TOLLGATE_WINDOW_MS", "500"),
-            ]),
-            &args(&[
-                "--bind",
-                "127.0.0.1:9100",
-                "--burst=basic=3",
-                "--rate-limit-failure",
-                "closed",
-            ]),
-        )
-        .unwrap();
-        assert_eq!(c.bind.to_string(), "127.0.0.1:9100");
-        assert_eq!(c.window, Duration::from_millis(500));
-        assert_eq!(c.burst, [5, 3, 30, 200]);
-        assert_eq!(c.rate_limit_failure, RateLimitFailure::Closed);
-    }
-
-    #[test]
-    fn demo_turns_off_with_an_explicit_upstream_unless_asked() {
-        let e = env(&[("TOLLGATE_UPSTREAM", "http://127.0.0.1:1/")]);
-        let c = Config::from_sources(&e, &[]).unwrap();
-        assert_eq!(c.upstream.as_deref(), Some("http://127.0.0.1:1"));
-        assert!(!c.demo);
-        let c = Config::from_sources(&e, &args(&["--demo", "on"])).unwrap();
+        assert_eq!(c.admin_bind, AdminBind::Public);
         assert!(c.demo);
+        assert_eq!(c.burst, [5, 10, 30, 200]);
+        assert_eq!(parse_burst(defaults::BURST).unwrap(), c.burst);
+        assert_eq!(AdminBind::DEFAULT.to_string(), defaults::ADMIN_BIND);
+        c.validate().unwrap();
     }
 
     #[test]
-    fn bad_values_say_which_setting() {
-        let cases = [
-            (("TOLLGATE_BIND", "nowhere"), "TOLLGATE_BIND"),
-            (("TOLLGATE_BURST", "gold=3"), "unknown plan"),
-            (("TOLLGATE_BURST", "free=0"), "positive"),
-            (("TOLLGATE_BODY_LIMIT", "-1"), "TOLLGATE_BODY_LIMIT"),
-            (("TOLLGATE_RATE_LIMIT_FAILURE", "maybe"), "open or closed"),
-            (("TOLLGATE_SESSION_KEY", "abcd"), "64 hex"),
-            (("TOLLGATE_UPSTREAM", "ftp://x"), "http"),
-        ];
-        for ((k, v), needle) in cases {
-            let err = Config::from_sources(&env(&[(k, v)]), &[]).unwrap_err();
-            assert!(err.0.contains(needle), "{k}={v}: {err}");
-        }
-        let err = Config::from_sources(&HashMap::new(), &args(&["--admin-token="])).unwrap_err();
-        assert!(err.0.contains("at least 8"), "{err}");
-        let err = Config::from_sources(&HashMap::new(), &args(&["--nope"])).unwrap_err();
-        assert!(err.0.contains("unknown argument"));
-        let err = Config::from_sources(&env(&[("DATABASE_URL", "postgres://x")]), &[]).unwrap_err();
-        assert!(err.0.contains("TOLLGATE_SESSION_KEY"));
+    fn admin_bind_parses_public_or_an_address() {
+        assert_eq!("public".parse::<AdminBind>(), Ok(AdminBind::Public));
+        assert_eq!("PUBLIC".parse::<AdminBind>(), Ok(AdminBind::Public));
+        assert_eq!(
+            "127.0.0.1:9001".parse::<AdminBind>(),
+            Ok(AdminBind::Separate("127.0.0.1:9001".parse().unwrap()))
+        );
+        assert!("nowhere".parse::<AdminBind>().is_err());
+    }
+
+    #[test]
+    fn settings_that_do_not_fit_together_are_refused() {
+        let bad = |f: fn(&mut Config), needle: &str| {
+            let mut c = Config {
+                demo: false,
+                ..Config::default()
+            };
+            f(&mut c);
+            let err = c.validate().unwrap_err();
+            assert!(err.0.contains(needle), "{err}");
+        };
+        bad(|c| c.admin_token = Some("short".into()), "at least 8");
+        bad(|c| c.hold_ttl = c.upstream_timeout, "TOLLGATE_HOLD_TTL_MS");
+        bad(
+            |c| c.database_url = Some("postgres://x".into()),
+            "TOLLGATE_SESSION_KEY",
+        );
+        bad(
+            |c| c.admin_bind = AdminBind::Separate(c.bind),
+            "same address",
+        );
+        bad(|c| c.signer_token = Some("t".into()), "TOLLGATE_SIGNER_URL");
+        bad(
+            |c| {
+                c.demo = true;
+                c.upstream = Some("http://127.0.0.1:1".into())
+            },
+            "demo mode",
+        );
+    }
+
+    #[test]
+    fn bursts_and_keys_parse() {
+        assert_eq!(parse_burst("basic=3").unwrap(), [5, 3, 30, 200]);
+        assert!(parse_burst("gold=3").unwrap_err().contains("unknown plan"));
+        assert!(parse_burst("free=0").unwrap_err().contains("positive"));
+        assert_eq!(parse_key(&"ab".repeat(32)), Some([0xab; 32]));
+        assert_eq!(parse_key("abcd"), None);
+        assert_eq!(parse_key(&"zz".repeat(32)), None);
     }
 
     #[test]
     fn debug_hides_secrets() {
-        let c = Config::from_sources(
-            &env(&[
-                ("TOLLGATE_ADMIN_TOKEN", "s3cret-admin"),
-                ("DATABASE_URL", "postgres://u:pw@h/db"),
-                ("TOLLGATE_SESSION_KEY", &"ab".repeat(32)),
-            ]),
-            &[],
-        )
-        .unwrap();
+        let c = Config {
+            admin_token: Some("s3cret-admin".into()),
+            database_url: Some("postgres://u:pw@h/db".into()),
+            session_key: Some([0xab; 32]),
+            signer_url: Some("https://user:tok@signer.example:8443/sign?key=abc".into()),
+            signer_token: Some("signer-s3cret".into()),
+            ..Config::default()
+        };
         let text = format!("{c:?}");
-        assert!(!text.contains("s3cret-admin") && !text.contains("pw@") && !text.contains("abab"));
+        for secret in [
+            "s3cret-admin",
+            "pw@",
+            "abab",
+            "tok@",
+            "key=abc",
+            "signer-s3cret",
+        ] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
         assert_eq!(
             redact_url("https://user:tok@signer.example:8443/sign?key=abc"),
             "https://signer.example:8443"

@@ -1,4 +1,4 @@
-//! Prometheus text exposition of the gateway's counters (SPEC §8 `/metrics`).
+//! Prometheus text exposition of the gateway's counters (docs/contract.md §8 `/metrics`).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;

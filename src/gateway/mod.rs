@@ -1,17 +1,37 @@
 //! The turnkey gateway: the six layers in front of the OnlyFans web API (or the sandbox), the
 //! admin API, `/api/credits`, `/api/logs`, `/healthz`, `/readyz` and `/metrics`.
 //!
-//! [`start`] builds everything from a [`Config`], binds the listener and serves until
-//! [`RunningGateway::shutdown`]; `examples/gateway.rs` is a thin `main` over it.
+//! [`start`] builds everything from a [`Config`], binds the listeners (the public one, and
+//! the internal one of the admin API, metrics and probes unless it is
+//! [`AdminBind::Public`]) and serves until [`RunningGateway::shutdown`]. The `tollgate`
+//! binary is [`cli::run`].
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), tollgate::core::BoxError> {
+//! use tollgate::gateway::{self, Config};
+//!
+//! let config = Config {
+//!     bind: "127.0.0.1:0".parse()?,
+//!     admin_token: Some("a-long-admin-token".into()),
+//!     ..Config::default() // the demo: memory backends, the sandbox, one listener
+//! };
+//! let running = gateway::start(config).await?;
+//! println!("{}", running.demo_curl().unwrap());
+//! running.shutdown().await; // drains requests in flight, flushes the logs
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod accounts;
 pub mod admin;
 mod admin_accounts;
 pub mod app;
 pub mod backends;
+pub mod cli;
 mod completion;
 pub mod config;
 pub mod dashboard;
+mod demo;
 pub mod local;
 pub mod metrics;
 pub mod orgs;
@@ -20,8 +40,11 @@ pub mod postgres_orgs;
 pub mod proxy;
 pub mod query;
 pub mod readiness;
+pub mod server;
 pub mod state;
+pub mod tls;
 pub mod usage;
+pub mod wire;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -34,71 +57,42 @@ use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tower::{Layer, ServiceBuilder, ServiceExt};
 use tower_service::Service;
 
-use tollgate_api_key_auth::{ApiKeyAuthLayer, KeyStore, MemoryKeyStore};
+use tollgate_api_key_auth::{ApiKeyAuthLayer, MemoryKeyStore};
 use tollgate_core::Clock as _;
-use tollgate_core::{
-    BoxError, CostTable, ErrorCode, KeyId, ModelId, OrgId, Plan, Rejection, SharedClock,
-    SystemClock,
-};
+use tollgate_core::{BoxError, CostTable, ErrorCode, Plan, Rejection, SharedClock, SystemClock};
 use tollgate_credit_meter::{CreditMeterLayer, Ledger, MemoryLedger};
 use tollgate_idempotency::{IdempotencyLayer, IdempotencyStore, MemoryIdempotencyStore};
 use tollgate_request_logger::{LogSink, MemoryLogSink, RequestLoggerLayer};
 use tollgate_response_envelope::ResponseEnvelopeLayer;
 use tollgate_sliding_window::{MemoryWindowStore, PerModelSlidingWindowLayer};
 use tollgate_upstream_sign::{
-    sandbox_rules, MemorySessionStore, RemoteSigner, RulesSigner, Session, SessionStore, Signer,
-    UpstreamSignLayer,
+    sandbox_rules, MemorySessionStore, RemoteSigner, RulesSigner, Signer, UpstreamSignLayer,
 };
 
 use crate::sandbox::{Sandbox, SandboxServer};
 
-pub use app::{App, GatewayBody, PeerAddr};
+pub use app::{App, GatewayBody, PeerAddr, Surface};
 pub use completion::ResponseBody;
-pub use config::{Config, ConfigError, RateLimitFailure};
+pub use config::{AdminBind, Config, ConfigError, LogFormat, RateLimitFailure};
+pub use demo::Demo;
 pub use orgs::{MemoryOrgStore, OrgStore};
 pub use state::{AppState, Backends};
 
-/// How long graceful shutdown waits for requests in flight.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+use server::{ServeOptions, Served};
 
-/// The demo tenant seeded in demo mode.
-#[derive(Clone)]
-pub struct Demo {
-    /// The demo organization (basic plan).
-    pub org: OrgId,
-    /// The demo model, connected to a sandbox account.
-    pub model: ModelId,
-    /// The demo key's id.
-    pub key_id: KeyId,
-    /// The demo key's secret.
-    pub key: String,
-}
-
-impl std::fmt::Debug for Demo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Demo")
-            .field("org", &self.org)
-            .field("model", &self.model)
-            .field("key_id", &self.key_id)
-            .finish_non_exhaustive()
-    }
-}
-
-/// A gateway serving on a socket.
+/// A gateway serving on its listeners.
 pub struct RunningGateway {
-    addr: SocketAddr,
+    public: Served,
+    internal: Option<Served>,
     state: Arc<AppState>,
     demo: Option<Demo>,
     sandbox: Option<(Sandbox, SandboxServer)>,
-    shutdown: watch::Sender<bool>,
-    server: JoinHandle<()>,
     jobs: Vec<JoinHandle<()>>,
     upkeep: Vec<state::Upkeep>,
     /// Re-reads `TOLLGATE_SIGN_RULES`; stops when dropped.
@@ -108,20 +102,32 @@ pub struct RunningGateway {
 impl std::fmt::Debug for RunningGateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RunningGateway")
-            .field("addr", &self.addr)
+            .field("addr", &self.public.local_addr())
+            .field("admin_addr", &self.admin_addr())
             .finish_non_exhaustive()
     }
 }
 
 impl RunningGateway {
-    /// The address it listens on.
+    /// The address of the public listener.
     pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        self.public.local_addr()
     }
 
-    /// `http://<addr>`.
+    /// `http://<public address>`.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("http://{}", self.local_addr())
+    }
+
+    /// The address of the internal listener (`/admin`, `/metrics`, `/readyz`), or `None`
+    /// when they are served on the public one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.internal.as_ref().map(Served::local_addr)
+    }
+
+    /// `http://<address>` of wherever `/admin`, `/metrics` and `/readyz` are served.
+    pub fn admin_base_url(&self) -> String {
+        format!("http://{}", self.admin_addr().unwrap_or(self.local_addr()))
     }
 
     /// The demo tenant, in demo mode.
@@ -151,11 +157,18 @@ impl RunningGateway {
         })
     }
 
-    /// Stops accepting, lets requests in flight finish (credit holds settle with them),
-    /// flushes the log queue and stops the background jobs.
+    /// Drains and stops: `/readyz` answers 503 from now on; the public listener stops
+    /// accepting and its requests in flight finish (credit holds settle with them) within the
+    /// drain timeout, past which they are dropped (holds released, nothing charged); then the
+    /// internal listener stops, the log queue is flushed and the background jobs stop.
     pub async fn shutdown(self) {
-        let _ = self.shutdown.send(true);
-        let _ = self.server.await;
+        self.state
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.public.drain().await;
+        if let Some(internal) = self.internal {
+            internal.drain().await;
+        }
         self.state.logger.flush().await;
         for job in &self.upkeep {
             job().await;
@@ -231,9 +244,17 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
         }
     };
 
+    // Outgoing TLS for the upstream and a remote signer.
+    let tls = tls::client_config(config.ca_file.as_deref())?;
+
     // The signer: remote, a rules file (watched), or the sandbox rules.
     let signer: Arc<dyn Signer> = if let Some(url) = &config.signer_url {
-        Arc::new(RemoteSigner::new(url, config.signer_timeout)?)
+        let connector = tls::connector(tls.clone(), config.signer_timeout);
+        let mut remote = RemoteSigner::with_connector(url, config.signer_timeout, connector)?;
+        if let Some(token) = &config.signer_token {
+            remote = remote.with_bearer_token(token)?;
+        }
+        Arc::new(remote)
     } else if let Some(path) = &config.sign_rules {
         let (signer, watcher) = RulesSigner::watch(path.clone(), Duration::from_secs(1))?;
         rules_watcher = Some(watcher);
@@ -242,16 +263,7 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
         Arc::new(RulesSigner::new(sandbox_rules()))
     };
 
-    // Small request/response exchanges on kept-alive connections: no Nagle delay.
-    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-    http.set_nodelay(true);
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(config.upstream_timeout));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
+    let https = tls::connector(tls, config.upstream_timeout);
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(256)
@@ -283,6 +295,7 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
         accounts: backends.accounts.clone(),
         metrics: Arc::clone(&metrics),
         logger,
+        draining: std::sync::atomic::AtomicBool::new(false),
         readiness: Default::default(),
         admin_lockout: Default::default(),
     });
@@ -334,7 +347,7 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
 
     let demo = if config.demo {
         let sandbox = sandbox.as_ref().map(|(s, _)| s);
-        Some(seed_demo(&state, sandbox).await?)
+        Some(demo::seed(&state, sandbox).await?)
     } else {
         None
     };
@@ -346,19 +359,21 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
     ));
     let upkeep = backends.upkeep.clone();
 
-    let listener = TcpListener::bind(config.bind).await?;
-    let addr = listener.local_addr()?;
-    let (shutdown, shutdown_rx) = watch::channel(false);
-    let server = tokio::spawn(serve(listener, app, shutdown_rx));
-    tracing::info!(%addr, upstream = %config::redact_url(&upstream), demo = config.demo, "tollgate gateway listening");
+    let (public, internal) = serve_listeners(&config, app).await?;
+    tracing::info!(
+        addr = %public.local_addr(),
+        admin_addr = %internal.as_ref().map_or("public".to_owned(), |s| s.local_addr().to_string()),
+        upstream = %config::redact_url(&upstream),
+        demo = config.demo,
+        "tollgate gateway listening"
+    );
 
     Ok(RunningGateway {
-        addr,
+        public,
+        internal,
         state,
         demo,
         sandbox,
-        shutdown,
-        server,
         jobs,
         upkeep,
         _rules_watcher: rules_watcher,
@@ -412,49 +427,63 @@ where
     }
 }
 
-async fn serve<A>(listener: TcpListener, app: App<A>, mut shutdown: watch::Receiver<bool>)
+/// Binds and serves the public listener and, unless it is [`AdminBind::Public`], the
+/// internal one.
+async fn serve_listeners<A>(
+    config: &Config,
+    app: App<A>,
+) -> Result<(Served, Option<Served>), BoxError>
 where
     A: Service<Request<Incoming>, Response = Response<GatewayBody>, Error = Infallible>
         + Clone
         + Send
         + Sync
+        + Unpin
         + 'static,
     A::Future: Send,
 {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off, keep serving.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(30))
-                    .max_buf_size(256 * 1024)
-                    .serve_connection(TokioIo::new(stream), app.for_peer(peer));
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                });
-            }
-            _ = shutdown.changed() => break,
-        }
-    }
-    drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections drained"),
-        _ = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!("gave up waiting for connections to drain"),
-    }
+    let bind = |addr: SocketAddr, var: &'static str| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|e| BoxError::from(format!("{var} {addr}: {e}")))
+    };
+    let public_listener = bind(config.bind, "TOLLGATE_BIND").await?;
+    let internal_listener = match config.admin_bind {
+        AdminBind::Public => None,
+        AdminBind::Separate(addr) => Some(bind(addr, "TOLLGATE_ADMIN_BIND").await?),
+    };
+    let surface = if internal_listener.is_some() {
+        Surface::Public
+    } else {
+        Surface::Both
+    };
+    // Each connection's service knows its client's address (the admin lockout is per client).
+    let per_peer = |app: App<A>| move |peer: SocketAddr| app.for_peer(peer);
+    let public = Served::spawn(
+        public_listener,
+        per_peer(app.clone().with_surface(surface)),
+        ServeOptions {
+            name: "public",
+            max_connections: Some(config.max_connections),
+            drain_timeout: config.drain_timeout,
+        },
+    )?;
+    let internal = internal_listener
+        .map(|listener| {
+            // Not limited: probes and the operator must get through a public listener that
+            // is full.
+            Served::spawn(
+                listener,
+                per_peer(app.with_surface(Surface::Internal)),
+                ServeOptions {
+                    name: "internal",
+                    max_connections: None,
+                    drain_timeout: config.drain_timeout,
+                },
+            )
+        })
+        .transpose()?;
+    Ok((public, internal))
 }
 
 fn spawn_jobs(state: &Arc<AppState>, upkeep: Vec<state::Upkeep>) -> Vec<JoinHandle<()>> {
@@ -503,34 +532,4 @@ fn spawn_jobs(state: &Arc<AppState>, upkeep: Vec<state::Upkeep>) -> Vec<JoinHand
         }
     });
     vec![renew, purge, upkeep]
-}
-
-async fn seed_demo(state: &AppState, sandbox: Option<&Sandbox>) -> Result<Demo, BoxError> {
-    let org = state.orgs.create("Demo Org".to_owned()).await?;
-    state.ledger.subscribe(org, Plan::Basic).await?;
-    state.keys.set_subscription(org, Some(Plan::Basic)).await?;
-    let session = match sandbox {
-        Some(sandbox) => {
-            let account = sandbox.add_account();
-            Session {
-                cookie: account.cookie,
-                user_id: account.user_id,
-                x_bc: account.x_bc,
-                user_agent: account.user_agent,
-            }
-        }
-        None => return Err("demo mode needs the in-process sandbox upstream (unset TOLLGATE_UPSTREAM or TOLLGATE_DEMO)".into()),
-    };
-    let model = state
-        .sessions
-        .connect(org, "Demo Model".to_owned(), session)
-        .await?;
-    state.keys.add_model(org, model.id).await?;
-    let key = state.keys.create_key(org, "demo".to_owned()).await?;
-    Ok(Demo {
-        org,
-        model: model.id,
-        key_id: key.id,
-        key: key.secret,
-    })
 }

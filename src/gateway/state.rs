@@ -1,5 +1,6 @@
 //! What every part of the gateway shares: configuration, backends, counters.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tollgate_api_key_auth::KeyStore;
@@ -71,6 +72,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The request logger's queue (dropped rows, flush).
     pub logger: LoggerHandle,
+    /// Set when graceful shutdown begins (`/readyz` then answers 503).
+    pub draining: AtomicBool,
     /// The last `/readyz` probe, shared by its callers.
     pub readiness: Readiness,
     /// Wrong admin tokens per client address.
@@ -86,6 +89,11 @@ impl std::fmt::Debug for AppState {
 }
 
 impl AppState {
+    /// Whether graceful shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
     /// The layers' gauges, for `/metrics`.
     pub fn gauges(&self) -> Gauges {
         Gauges {

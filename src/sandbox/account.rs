@@ -5,7 +5,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// The session material of one sandbox account: what a model's `session` holds in the
-/// gateway (SPEC §5 `{cookie, user_id, x_bc, user_agent}`), plus the username.
+/// gateway (docs/contract.md §5 `{cookie, user_id, x_bc, user_agent}`), plus the username.
 ///
 /// `Debug` leaves the cookie and the device token out: they are secrets.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]

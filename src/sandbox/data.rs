@@ -1,4 +1,4 @@
-//! Realistic JSON for each endpoint, in the shapes public clients describe (UPSTREAM.md).
+//! Realistic JSON for each endpoint, in the shapes public clients describe (docs/upstream.md).
 //!
 //! Everything is derived from the account id (and the chat id, the page, …) with a small
 //! deterministic generator, anchored at a fixed date, so the same request for the same

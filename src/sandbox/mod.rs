@@ -1,4 +1,4 @@
-//! The sandbox upstream: a local fake of the OnlyFans web API (SPEC §7, `UPSTREAM.md`).
+//! The sandbox upstream: a local fake of the OnlyFans web API (docs/contract.md §7, `docs/upstream.md`).
 //!
 //! It serves the endpoints the gateway proxies (`/api2/v2/users/me`, `chats`, messages,
 //! `subscriptions/subscribers`, the `payouts/…` family) with realistic JSON that is the same

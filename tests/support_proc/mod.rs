@@ -1,5 +1,5 @@
-//! Support of the multi-process tests (`tests/replicas.rs`): gateway processes (the `gateway`
-//! example binary) on loopback ports, a private `redis-server`, a private three-node Redis
+//! Support of the multi-process tests (`tests/replicas.rs`): gateway processes (the `tollgate`
+//! binary) on loopback ports, a private `redis-server`, a private three-node Redis
 //! Cluster, a TCP proxy that can "stop" PostgreSQL, and an HTTP client.
 //!
 //! Every child process is killed when its guard is dropped (also when a test panics), and its
@@ -57,23 +57,9 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-/// The `gateway` example binary next to this test binary:
-/// `…/target/debug/deps/replicas-xxxx` → `…/target/debug/examples/gateway`.
+/// The `tollgate` binary cargo built for these tests.
 pub fn gateway_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test binary lives in <target>/<profile>/deps");
-    let path = profile_dir
-        .join("examples")
-        .join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        path.is_file(),
-        "the gateway binary {} is missing: run `cargo build --example gateway` first",
-        path.display()
-    );
-    path
+    PathBuf::from(env!("CARGO_BIN_EXE_tollgate"))
 }
 
 /// The URL of the shared Redis (`REDIS_URL`, default `redis://127.0.0.1:6379`), when it
@@ -196,10 +182,11 @@ pub struct GatewayEnv {
 }
 
 impl GatewayEnv {
-    /// The admin API on, the demo off, `upstream` as upstream.
+    /// The admin API on (on the public listener), the demo off, `upstream` as upstream.
     pub fn new(upstream: &str) -> GatewayEnv {
         GatewayEnv::default()
             .set("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+            .set("TOLLGATE_ADMIN_BIND", "public")
             .set("TOLLGATE_UPSTREAM", upstream)
             .set("TOLLGATE_DEMO", "off")
             .set("RUST_LOG", "info")

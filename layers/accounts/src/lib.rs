@@ -47,6 +47,7 @@
 //! assert!(passwords.verify("correct horse battery", creds.password_hash.as_deref()).await?);
 //! # Ok(()) }
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod memory;
 pub mod password;

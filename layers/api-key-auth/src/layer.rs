@@ -30,7 +30,7 @@ pub(crate) struct Config {
     pub(crate) unmatched: UnmatchedRoutes,
 }
 
-/// Authenticates requests by their `X-API-Key` header against a [`KeyStore`] (SPEC §2).
+/// Authenticates requests by their `X-API-Key` header against a [`KeyStore`] (docs/contract.md §2).
 ///
 /// In order: a missing, malformed, unknown or revoked key is refused with 401
 /// `INVALID_API_KEY`; a key whose org has no active subscription with 402

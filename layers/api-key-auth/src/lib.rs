@@ -1,6 +1,6 @@
 //! API key authentication for tollgate: [`ApiKeyAuthLayer`] and the [`KeyStore`] behind it.
 //!
-//! Clients send `X-API-Key: sk_live_…`. For each request, in the contract's order (SPEC §2):
+//! Clients send `X-API-Key: sk_live_…`. For each request, in the contract's order (docs/contract.md §2):
 //!
 //! 1. **Key** — missing, malformed, unknown or revoked → 401 `INVALID_API_KEY`. A key sent as
 //!    `Authorization` instead gets the same code with a message naming the right header.
@@ -79,6 +79,7 @@
 //! # Ok(())
 //! # }
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod key;
 mod store;

@@ -82,7 +82,7 @@ impl fmt::Display for KeyStatus {
 
 /// What the admin API shows of a key: never the secret, only its display prefix.
 ///
-/// Serializes to the admin API's list item (SPEC §5):
+/// Serializes to the admin API's list item (docs/contract.md §5):
 /// `{"id", "name", "prefix", "status", "created_at", "last_used_at"}` with RFC 3339 times
 /// (`last_used_at` is `null` for a key never used).
 #[derive(Debug, Clone, PartialEq, Eq)]

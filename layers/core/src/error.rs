@@ -1,4 +1,4 @@
-//! The `{error, code}` body every tollgate rejection is rendered as (SPEC §2).
+//! The `{error, code}` body every tollgate rejection is rendered as (docs/contract.md §2).
 
 use std::borrow::Cow;
 use std::fmt;

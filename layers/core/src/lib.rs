@@ -4,7 +4,7 @@
 //! through the typed request and response extensions defined here. The crate does no I/O.
 //!
 //! - [`ids`]: [`OrgId`], [`ModelId`], [`KeyId`].
-//! - [`plan`]: the subscription [`Plan`]s with their credits and rate limits (SPEC §3).
+//! - [`plan`]: the subscription [`Plan`]s with their credits and rate limits (docs/contract.md §3).
 //! - [`route`]: the [`CostTable`], a lookup from `(method, path)` to a priced route.
 //! - [`ext`]: the extensions the layers exchange ([`Principal`], [`RateLimitInfo`],
 //!   [`CreditReceipt`], [`RequestId`], …).
@@ -25,6 +25,7 @@
 //! assert_eq!(Plan::Basic.requests_per_minute(), 60);
 //! assert_eq!(ErrorCode::RateLimitExceeded.status(), http::StatusCode::TOO_MANY_REQUESTS);
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod body;
 pub mod clock;

@@ -1,4 +1,4 @@
-//! Subscription plans (SPEC §3): monthly credits, the per-minute window limit and the default
+//! Subscription plans (docs/contract.md §3): monthly credits, the per-minute window limit and the default
 //! per-second burst of each plan.
 
 use std::fmt;

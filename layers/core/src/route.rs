@@ -1,4 +1,4 @@
-//! The cost table (SPEC §2): which routes exist, what each costs, and where it goes upstream.
+//! The cost table (docs/contract.md §2): which routes exist, what each costs, and where it goes upstream.
 //!
 //! Templates are paths whose segments are literals or parameters: `:id` is the model id (a
 //! UUID in canonical form) and any other `:name` is a decimal integer. A request matches a
@@ -188,8 +188,8 @@ impl CostTable {
         }
     }
 
-    /// The customer API of SPEC §2: the OnlyFans endpoints and `/api/logs`, `/api/credits`,
-    /// `/api/usage`.
+    /// The customer API of docs/contract.md §2: the OnlyFans endpoints and `/api/logs`,
+    /// `/api/credits`, `/api/usage`.
     pub fn onlyfans() -> Self {
         use Method as M;
         let m = "/api/models/:id";

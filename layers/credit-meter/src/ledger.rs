@@ -122,7 +122,7 @@ impl Account {
         self.balance().map(|b| b.saturating_sub(self.held))
     }
 
-    /// The body of `GET /api/credits` (SPEC §8).
+    /// The body of `GET /api/credits` (docs/contract.md §8).
     pub fn credits_view(&self) -> CreditsView {
         CreditsView {
             plan: self.plan,

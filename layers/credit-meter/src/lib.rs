@@ -1,8 +1,8 @@
 //! Credit metering for tower HTTP services: [`CreditMeterLayer`] and the [`Ledger`] behind
-//! it (SPEC §4).
+//! it (docs/contract.md §4).
 //!
 //! For each request the layer looks up the route in a [`CostTable`](tollgate_core::CostTable)
-//! (SPEC §2 by default) and then:
+//! (docs/contract.md §2 by default) and then:
 //!
 //! - **No route** → 404 `NOT_FOUND`; nothing reaches the inner service. The meter only
 //!   forwards requests it knows the price of.
@@ -85,6 +85,7 @@
 //! # Ok(())
 //! # }
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
 mod future;

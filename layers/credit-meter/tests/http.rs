@@ -320,8 +320,7 @@ async fn json_required_2xx_over_the_buffer_cap_is_not_charged() {
         .into_body()
         .collect()
         .await
-        .err()
-        .expect("an error, not the body");
+        .expect_err("an error, not the body");
     assert!(err.to_string().contains("larger than"), "{err}");
     assert_eq!(r.settlement(), Some(CreditSettlement::Released));
     assert_eq!(ledger.open_holds(), 0);

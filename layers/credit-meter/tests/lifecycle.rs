@@ -501,8 +501,7 @@ async fn a_failed_commit_withholds_the_body_and_releases_the_hold_at_once() {
         .into_body()
         .collect()
         .await
-        .err()
-        .expect("the body is withheld");
+        .expect_err("the body is withheld");
     assert!(err.to_string().contains("could not be recorded"), "{err}");
     assert_eq!(r.settlement(), Some(CreditSettlement::Unrecorded));
     assert_eq!(r.charged(), 0);
@@ -536,8 +535,7 @@ async fn a_commit_that_does_not_answer_in_time_withholds_the_body() {
         .into_body()
         .collect()
         .await
-        .err()
-        .expect("the body is withheld");
+        .expect_err("the body is withheld");
     assert!(err.to_string().contains("could not be recorded"), "{err}");
     // Bounded: the commit gets 2 s, then the release that would settle it gets 2 s (this
     // ledger needs 3 s for each), and the release is left to the background.

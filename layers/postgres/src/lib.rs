@@ -48,6 +48,7 @@
 //! [`BackendError`]: tollgate_core::BackendError
 //! [`BackendErrorKind::Unavailable`]: tollgate_core::BackendErrorKind::Unavailable
 //! [`BackendErrorKind::Other`]: tollgate_core::BackendErrorKind::Other
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod cache;
 mod error;

@@ -137,7 +137,7 @@ impl Listener {
         })
     }
 
-    /// [`spawn`](Self::spawn), then waits up to [`START_WAIT`] for the first heartbeat. A
+    /// [`spawn`](Self::spawn), then waits up to `START_WAIT` (2 s) for the first heartbeat. A
     /// listener not live yet is still returned (caches it feeds stay unused until it is),
     /// with a warning naming `what` it serves.
     pub async fn start(

@@ -109,7 +109,7 @@ impl TestDb {
     }
 
     /// The options the pool was built with (e.g. for a dedicated connection via
-    /// [`pg_config`](crate::pg_config)).
+    /// [`pg_config`]).
     pub fn pool_options(&self) -> PoolOptions {
         Self::options_for(&self.schema)
     }

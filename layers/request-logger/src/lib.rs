@@ -1,4 +1,4 @@
-//! `RequestLoggerLayer`: one log row per request, off the request path (SPEC §6).
+//! `RequestLoggerLayer`: one log row per request, off the request path (docs/contract.md §6).
 //!
 //! The outermost layer of a tollgate stack. Each request gets an id (the client's
 //! `X-Request-Id` when usable), echoed in the `X-Request-Id` response header, and a `tracing`
@@ -58,6 +58,7 @@
 //! # Ok(())
 //! # }
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod body;
 pub mod future;

@@ -1,4 +1,4 @@
-//! [`LogRecord`], one row per request (SPEC §6), and its export formats.
+//! [`LogRecord`], one row per request (docs/contract.md §6), and its export formats.
 
 use std::fmt;
 use std::str::FromStr;
@@ -137,7 +137,7 @@ impl Serialize for LogRecord {
     }
 }
 
-/// The formats of `GET /api/logs?format=` (SPEC §6).
+/// The formats of `GET /api/logs?format=` (docs/contract.md §6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum ExportFormat {
     /// Newline-delimited JSON, one record per line (the default).

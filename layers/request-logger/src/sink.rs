@@ -8,7 +8,7 @@ use tollgate_core::{BackendError, BoxFuture, ModelId, OrgId};
 
 use crate::record::LogRecord;
 
-/// How long request logs are kept: 14 days from each request's own timestamp (SPEC §6).
+/// How long request logs are kept: 14 days from each request's own timestamp (docs/contract.md §6).
 pub const RETENTION: Duration = Duration::from_secs(14 * 24 * 60 * 60);
 
 /// Where request logs go. Object-safe: a gateway may hold an `Arc<dyn LogSink>`.

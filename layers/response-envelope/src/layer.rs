@@ -7,7 +7,7 @@ use crate::service::ResponseEnvelope;
 /// The largest 2xx body the envelope buffers by default (16 MiB).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 
-/// Wraps each 2xx JSON response body as `{"data": <body>, "_meta": {...}}` (SPEC §2).
+/// Wraps each 2xx JSON response body as `{"data": <body>, "_meta": {...}}` (docs/contract.md §2).
 ///
 /// - The body is spliced in byte for byte (validated, never re-serialized).
 /// - `_meta._credits` comes from the [`CreditReceipt`](tollgate_core::CreditReceipt) response

@@ -1,5 +1,5 @@
 //! `ResponseEnvelopeLayer`: the `{data, _meta}` shape of every successful gateway response
-//! (SPEC §2).
+//! (docs/contract.md §2).
 //!
 //! A 2xx JSON response body is spliced, byte for byte, into
 //! `{"data": <body>, "_meta": {"_credits": {"used", "balance"}, "_rate_limits":
@@ -42,6 +42,7 @@
 //! # Ok(())
 //! # }
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod future;
 pub mod layer;

@@ -18,7 +18,7 @@ pub type BucketFn =
     Arc<dyn Fn(&Parts, Option<&RouteMatch>) -> Option<(BucketKey, Plan)> + Send + Sync + 'static>;
 
 /// Limits requests per (organization, model) with an exact sliding window and a per-second
-/// burst (SPEC §3), answering 429 `RATE_LIMIT_EXCEEDED` when either is full.
+/// burst (docs/contract.md §3), answering 429 `RATE_LIMIT_EXCEEDED` when either is full.
 ///
 /// The organization and its plan come from the [`Principal`] request extension, so
 /// `ApiKeyAuthLayer` must sit outside this layer; the model comes from the matched route

@@ -1,4 +1,4 @@
-//! Per-(organization, model) rate limiting with an exact sliding window (SPEC §3).
+//! Per-(organization, model) rate limiting with an exact sliding window (docs/contract.md §3).
 //!
 //! [`PerModelSlidingWindowLayer`] gives every (organization, model) pair one bucket, shared by
 //! all the organization's API keys. A request is admitted when fewer than the plan's limit
@@ -72,6 +72,7 @@
 //! # Ok(())
 //! # }
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(feature = "memory")]
 mod failover;

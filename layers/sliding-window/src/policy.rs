@@ -1,4 +1,4 @@
-//! [`WindowPolicy`]: the window length and the per-plan limits and bursts (SPEC §3, §8).
+//! [`WindowPolicy`]: the window length and the per-plan limits and bursts (docs/contract.md §3, §8).
 
 use std::fmt;
 use std::time::Duration;
@@ -44,7 +44,7 @@ impl WindowPolicy {
     /// The window length the product is sold with.
     pub const DEFAULT_WINDOW: Duration = Duration::from_secs(60);
 
-    /// The defaults of SPEC §3.
+    /// The defaults of docs/contract.md §3.
     pub fn new() -> Self {
         WindowPolicy {
             window_ms: 60_000,

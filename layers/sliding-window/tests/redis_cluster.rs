@@ -7,6 +7,7 @@
 mod redis_common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::Barrier;
 use tollgate_core::{ModelId, OrgId};
@@ -30,11 +31,20 @@ async fn two_replicas_on_a_cluster_admit_exactly_the_limit_per_bucket() {
     let first = RedisWindowStore::connect(&cluster.url(&[0]))
         .await
         .unwrap()
-        .with_key_prefix(&prefix);
+        .with_key_prefix(&prefix)
+        // This test is about exactness, not latency: 900 checks land at once on a small
+        // machine that may be busy, so the 250 ms default must not turn them into errors.
+        .with_timeout(Duration::from_secs(5));
     let second = RedisWindowStore::connect(&cluster.url(&[2, 1]))
         .await
         .unwrap()
-        .with_key_prefix(&prefix);
+        .with_key_prefix(&prefix)
+        // This test is about exactness, not latency: 900 checks land at once on a small
+        // machine that may be busy, so the 250 ms default must not turn them into errors.
+        .with_timeout(Duration::from_secs(5));
+
+    first.warm_up().await.unwrap();
+    second.warm_up().await.unwrap();
 
     // Two buckets on each node, chosen by asking the cluster which node owns their slot.
     let mut buckets: Vec<(BucketKey, usize)> = Vec::new();

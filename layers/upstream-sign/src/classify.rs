@@ -1,4 +1,4 @@
-//! How the upstream says no (UPSTREAM.md): from its status, headers and error body to the
+//! How the upstream says no (docs/upstream.md): from its status, headers and error body to the
 //! tollgate answer.
 
 use http::header::{CONTENT_TYPE, RETRY_AFTER};

@@ -97,6 +97,7 @@
 //! assert_eq!(res.status(), StatusCode::OK);
 //! # }
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod classify;
 mod future;
@@ -118,7 +119,7 @@ pub use layer::{UpstreamSignLayer, DEFAULT_ERROR_BODY_LIMIT};
 pub use memory::MemorySessionStore;
 #[cfg(feature = "postgres")]
 pub use postgres::{PostgresSessionStore, PostgresSessionStoreBuilder};
-pub use remote::{InvalidSignerUrl, RemoteSigner, DEFAULT_SIGNER_TIMEOUT};
+pub use remote::{InvalidSignerToken, InvalidSignerUrl, RemoteSigner, DEFAULT_SIGNER_TIMEOUT};
 pub use rules::{sandbox_rules, DynamicRules, RulesError, Signature, SANDBOX_RULES_JSON};
 pub use rules_signer::{RulesFileError, RulesSigner, RulesWatcher, DEFAULT_RULES_POLL_INTERVAL};
 pub use service::UpstreamSign;

@@ -1,4 +1,4 @@
-//! [`RemoteSigner`]: asks a signing service over HTTP (SPEC §8 `TOLLGATE_SIGNER_URL`).
+//! [`RemoteSigner`]: asks a signing service over HTTP (docs/contract.md §8 `TOLLGATE_SIGNER_URL`).
 //!
 //! `POST <url>` with `{"path": "<path?query>", "user_id": "<id>"}` answers
 //! `{"sign": "…", "time": "<ms>", "app_token": "…"}`.
@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ACCEPT, CONTENT_TYPE};
+use http::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use http::{Method, Request, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::{Connect, HttpConnector};
@@ -20,7 +20,7 @@ use tollgate_core::BoxFuture;
 use crate::rules::Signature;
 use crate::signer::{SignError, Signer};
 
-/// The remote signer's default timeout (SPEC §8 `TOLLGATE_SIGNER_TIMEOUT_MS`).
+/// The remote signer's default timeout (docs/contract.md §8 `TOLLGATE_SIGNER_TIMEOUT_MS`).
 pub const DEFAULT_SIGNER_TIMEOUT: Duration = Duration::from_millis(2000);
 
 /// The largest answer read from the signing service.
@@ -34,19 +34,28 @@ pub struct InvalidSignerUrl {
     reason: &'static str,
 }
 
+/// The bearer token is not valid header text (its value is not shown).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid signer token: it must be visible ASCII without spaces at its ends")]
+pub struct InvalidSignerToken;
+
 /// Signs by asking a signing service over HTTP, with a timeout, over a pooled client.
 ///
 /// `RemoteSigner::new` speaks plain HTTP; for HTTPS pass a TLS connector (e.g.
-/// `hyper_rustls::HttpsConnector`) to [`RemoteSigner::with_connector`]. Clones share the
+/// `hyper_rustls::HttpsConnector`) to [`RemoteSigner::with_connector`]. A service that wants
+/// a credential gets one with [`RemoteSigner::with_bearer_token`]. Clones share the
 /// connection pool.
 pub struct RemoteSigner<C = HttpConnector> {
     inner: Arc<Inner<C>>,
 }
 
+#[derive(Clone)]
 struct Inner<C> {
     client: Client<C, Full<Bytes>>,
     uri: Uri,
     timeout: Duration,
+    /// `Bearer <token>`, marked sensitive.
+    authorization: Option<HeaderValue>,
 }
 
 impl<C> Clone for RemoteSigner<C> {
@@ -62,6 +71,7 @@ impl<C> fmt::Debug for RemoteSigner<C> {
         f.debug_struct("RemoteSigner")
             .field("uri", &self.inner.uri)
             .field("timeout", &self.inner.timeout)
+            .field("bearer_token", &self.inner.authorization.is_some())
             .finish()
     }
 }
@@ -122,8 +132,21 @@ where
                 client,
                 uri,
                 timeout,
+                authorization: None,
             }),
         }
+    }
+
+    /// Sends `Authorization: Bearer <token>` with every signing request.
+    pub fn with_bearer_token(mut self, token: &str) -> Result<Self, InvalidSignerToken> {
+        let mut value =
+            HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| InvalidSignerToken)?;
+        if token.is_empty() || token.trim() != token {
+            return Err(InvalidSignerToken);
+        }
+        value.set_sensitive(true);
+        Arc::make_mut(&mut self.inner).authorization = Some(value);
+        Ok(self)
     }
 
     /// The signing service URL.
@@ -137,13 +160,16 @@ where
     }
 
     async fn ask(inner: Arc<Inner<C>>, body: Bytes) -> Result<Signature, SignError> {
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(Method::POST)
             .uri(inner.uri.clone())
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .header(ACCEPT, HeaderValue::from_static("application/json"))
             .body(Full::new(body))
             .map_err(|e| SignError::Other(e.to_string()))?;
+        if let Some(auth) = &inner.authorization {
+            req.headers_mut().insert(AUTHORIZATION, auth.clone());
+        }
         let res = inner
             .client
             .request(req)
@@ -235,6 +261,24 @@ mod tests {
         assert!(parse_url("ftp://x/", true).is_err());
         assert!(parse_url("/sign", true).is_err());
         assert!(parse_url("not a url", true).is_err());
+    }
+
+    #[test]
+    fn bearer_tokens_are_header_text_and_never_shown() {
+        let signer = RemoteSigner::new("http://127.0.0.1:9/sign", DEFAULT_SIGNER_TIMEOUT).unwrap();
+        let with = signer.clone().with_bearer_token("s3cret-token").unwrap();
+        let auth = with.inner.authorization.as_ref().unwrap();
+        assert_eq!(auth, "Bearer s3cret-token");
+        assert!(auth.is_sensitive());
+        assert!(!format!("{with:?}").contains("s3cret"));
+        for bad in ["", " padded", "line\nbreak"] {
+            assert_eq!(
+                signer.clone().with_bearer_token(bad).unwrap_err(),
+                InvalidSignerToken
+            );
+        }
+        // The original is untouched: the token belongs to the new signer only.
+        assert!(signer.inner.authorization.is_none());
     }
 
     #[test]

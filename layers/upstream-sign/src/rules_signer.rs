@@ -15,7 +15,7 @@ use tollgate_core::{BoxFuture, SharedClock, SystemClock};
 use crate::rules::{DynamicRules, RulesError, Signature};
 use crate::signer::{SignError, Signer};
 
-/// How often [`RulesSigner::watch`] looks at the rules file by default (SPEC §8 asks for a
+/// How often [`RulesSigner::watch`] looks at the rules file by default (docs/contract.md §8 asks for a
 /// change to be picked up within 5 s).
 pub const DEFAULT_RULES_POLL_INTERVAL: Duration = Duration::from_secs(1);
 

@@ -7,7 +7,7 @@ use http::HeaderValue;
 use serde::{Deserialize, Serialize};
 use tollgate_core::{BackendError, BoxFuture, ModelId, OrgId};
 
-/// The OnlyFans session material of one connected account (SPEC §5): sent as the `cookie`,
+/// The OnlyFans session material of one connected account (docs/contract.md §5): sent as the `cookie`,
 /// `user-id`, `x-bc` and `user-agent` headers of every upstream request.
 ///
 /// `Debug` redacts the cookie and the device token; nothing in this crate logs a session.

@@ -47,8 +47,8 @@ pub fn credits_field(body: &Value, field: &str) -> Result<u64, Rejection> {
     Ok(n)
 }
 
-/// The `session` object of SPEC's model bodies: four non-empty strings, each sendable as an
-/// HTTP header value.
+/// The `session` object of the contract's model bodies (docs/contract.md §5): four non-empty
+/// strings, each sendable as an HTTP header value.
 pub fn session_field(body: &Value) -> Result<Session, Rejection> {
     let session = body
         .get("session")

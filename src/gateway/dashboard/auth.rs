@@ -8,7 +8,7 @@ use tollgate_accounts::{constant_time_eq, Role, SecretToken, SessionSubject, Use
 use tollgate_core::{ErrorCode, OrgId, Rejection};
 
 use super::http::{cookie, Form, SESSION_COOKIE};
-use crate::gateway::state::AppState;
+use super::Site;
 
 /// The CSRF field of every dashboard form.
 pub const CSRF_FIELD: &str = "csrf_token";
@@ -85,7 +85,7 @@ pub fn forbidden(message: &'static str) -> Rejection {
 }
 
 /// The live session behind the request's cookie, if any (marking it as used).
-pub async fn viewer(state: &AppState, headers: &HeaderMap) -> Result<Option<Viewer>, Rejection> {
+pub async fn viewer(state: &Site<'_>, headers: &HeaderMap) -> Result<Option<Viewer>, Rejection> {
     let Some(token) = cookie(headers, SESSION_COOKIE).and_then(SecretToken::parse) else {
         return Ok(None);
     };
@@ -99,8 +99,8 @@ pub async fn viewer(state: &AppState, headers: &HeaderMap) -> Result<Option<View
         return Ok(None);
     };
     let who = match session.subject {
-        // The admin token may have been turned off since.
-        SessionSubject::Operator if state.config.admin_token.is_some() => Who::Operator,
+        // Turned off since, or asked for on a listener without `/admin`.
+        SessionSubject::Operator if state.operator_allowed() => Who::Operator,
         SessionSubject::Operator => return Ok(None),
         SessionSubject::User(id) => {
             match accounts.users.user(id).await.map_err(|e| e.rejection())? {

@@ -2,7 +2,8 @@
 //! `templates/`, one stylesheet embedded in the binary), signed in with a session cookie.
 //!
 //! - Sessions: `POST /dashboard/login` with `email` + `password` (or `token`, the admin
-//!   token, for the operator, where the admin API is on) sets the `tollgate_session` cookie
+//!   token, for the operator: only on a listener that serves `/admin`, and an operator's
+//!   session is honoured only there too) sets the `tollgate_session` cookie
 //!   (an opaque 256-bit token; only its SHA-256 is stored) and redirects (303) into the
 //!   dashboard. Wrong password and unknown email get the same answer (401), after the same
 //!   Argon2id work; after 5 failures for one email within 15 minutes the rest of that window
@@ -43,14 +44,40 @@ use super::state::AppState;
 pub use self::auth::CSRF_FIELD;
 pub use self::http::SESSION_COOKIE;
 
-/// Answers one `/dashboard` request.
-pub async fn handle<B>(state: &AppState, req: Request<B>) -> Response<GatewayBody>
+/// The gateway as one listener's dashboard sees it: the state, and whether this listener
+/// serves `/admin` (only there may the operator sign in with the admin token, and only there
+/// is an operator's session honoured).
+#[derive(Debug, Clone, Copy)]
+pub struct Site<'a> {
+    state: &'a AppState,
+    admin_here: bool,
+}
+
+impl Site<'_> {
+    /// Whether the operator may sign in (and stay signed in) here: the admin API is on, and
+    /// served on this listener.
+    pub fn operator_allowed(&self) -> bool {
+        self.admin_here && self.state.config.admin_token.is_some()
+    }
+}
+
+impl std::ops::Deref for Site<'_> {
+    type Target = AppState;
+
+    fn deref(&self) -> &AppState {
+        self.state
+    }
+}
+
+/// Answers one `/dashboard` request; `admin_here`: whether this listener serves `/admin`.
+pub async fn handle<B>(state: &AppState, req: Request<B>, admin_here: bool) -> Response<GatewayBody>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
     let html = wants_html(req.headers());
-    let mut res = match route(state, req).await {
+    let site = Site { state, admin_here };
+    let mut res = match route(&site, req).await {
         Ok(res) => res,
         Err(rejection) => failure(html, rejection),
     };
@@ -58,7 +85,7 @@ where
     res
 }
 
-async fn route<B>(state: &AppState, req: Request<B>) -> Result<Response<GatewayBody>, Rejection>
+async fn route<B>(state: &Site<'_>, req: Request<B>) -> Result<Response<GatewayBody>, Rejection>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,

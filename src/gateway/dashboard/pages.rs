@@ -15,9 +15,9 @@ use super::views::{
     date_time, thousands, Frame, InviteLink, Nav, OrgNav, OrgRow, OrgsPage, OverviewPage, Tab,
     TeamPage, TeamRow, UsageSummary,
 };
+use super::Site;
 use crate::gateway::admin_accounts::{create_invite, host_of, invite_url, remove_user};
 use crate::gateway::app::GatewayBody;
-use crate::gateway::state::AppState;
 
 type Answer = Result<Response<GatewayBody>, Rejection>;
 
@@ -50,7 +50,7 @@ fn no_page() -> Rejection {
 /// The org of a URL segment that `viewer` may see: its id, name, and whether they may change
 /// it. Unknown orgs and other orgs look the same (404).
 async fn org_for(
-    state: &AppState,
+    state: &Site<'_>,
     viewer: &Viewer,
     segment: &str,
 ) -> Result<(OrgId, String, bool), Rejection> {
@@ -65,7 +65,7 @@ async fn org_for(
     Ok((org, name, can_change))
 }
 
-pub async fn home(state: &AppState, headers: &HeaderMap) -> Answer {
+pub async fn home(state: &Site<'_>, headers: &HeaderMap) -> Answer {
     let viewer = signed_in!(state, headers);
     Ok(match &viewer.who {
         Who::User(u) => redirect(&format!("/dashboard/orgs/{}", u.org)),
@@ -73,7 +73,7 @@ pub async fn home(state: &AppState, headers: &HeaderMap) -> Answer {
     })
 }
 
-pub async fn orgs(state: &AppState, headers: &HeaderMap) -> Answer {
+pub async fn orgs(state: &Site<'_>, headers: &HeaderMap) -> Answer {
     let viewer = signed_in!(state, headers);
     if let Who::User(u) = &viewer.who {
         return Ok(redirect(&format!("/dashboard/orgs/{}", u.org)));
@@ -123,7 +123,7 @@ fn percent(part: u64, whole: u64) -> String {
     }
 }
 
-pub async fn overview(state: &AppState, headers: &HeaderMap, segment: &str) -> Answer {
+pub async fn overview(state: &Site<'_>, headers: &HeaderMap, segment: &str) -> Answer {
     let viewer = signed_in!(state, headers);
     let (org, name, _) = org_for(state, &viewer, segment).await?;
     let account = state.ledger.account(org).await.map_err(|e| e.rejection())?;
@@ -216,7 +216,7 @@ pub async fn overview(state: &AppState, headers: &HeaderMap, segment: &str) -> A
 }
 
 async fn team_page(
-    state: &AppState,
+    state: &Site<'_>,
     viewer: &Viewer,
     org: OrgId,
     name: String,
@@ -254,7 +254,7 @@ async fn team_page(
     })
 }
 
-pub async fn team(state: &AppState, headers: &HeaderMap, segment: &str) -> Answer {
+pub async fn team(state: &Site<'_>, headers: &HeaderMap, segment: &str) -> Answer {
     let viewer = signed_in!(state, headers);
     let (org, name, can_change) = org_for(state, &viewer, segment).await?;
     let page = team_page(state, &viewer, org, name, can_change, None, None).await?;
@@ -263,7 +263,7 @@ pub async fn team(state: &AppState, headers: &HeaderMap, segment: &str) -> Answe
 
 /// `POST /dashboard/orgs/:org/team/invite` (`email`, `role`): the Team page with the new
 /// invite link, shown once.
-pub async fn team_invite<B>(state: &AppState, segment: &str, req: Request<B>) -> Answer
+pub async fn team_invite<B>(state: &Site<'_>, segment: &str, req: Request<B>) -> Answer
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -315,7 +315,7 @@ where
 }
 
 /// `POST /dashboard/orgs/:org/team/:user/remove`: deletes the user (their sessions end).
-pub async fn team_remove<B>(state: &AppState, segment: &str, user: &str, req: Request<B>) -> Answer
+pub async fn team_remove<B>(state: &Site<'_>, segment: &str, user: &str, req: Request<B>) -> Answer
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,

@@ -16,9 +16,9 @@ use super::http::{
     with_code, with_retry_after,
 };
 use super::views::{AccountPage, Frame, InvitePage, LoginPage};
+use super::Site;
 use super::{pages, render};
 use crate::gateway::app::GatewayBody;
-use crate::gateway::state::AppState;
 
 type Answer = Result<Response<GatewayBody>, Rejection>;
 
@@ -44,7 +44,7 @@ fn notice_for(query: &str) -> Option<String> {
     }
 }
 
-pub async fn login_form(state: &AppState, headers: &HeaderMap, query: &str) -> Answer {
+pub async fn login_form(state: &Site<'_>, headers: &HeaderMap, query: &str) -> Answer {
     if auth::viewer(state, headers).await?.is_some() {
         return Ok(redirect("/dashboard"));
     }
@@ -54,13 +54,13 @@ pub async fn login_form(state: &AppState, headers: &HeaderMap, query: &str) -> A
             frame: Frame::bare("Sign in"),
             error: None,
             notice: notice_for(query),
-            operator_enabled: state.config.admin_token.is_some(),
+            operator_enabled: state.operator_allowed(),
         },
     ))
 }
 
 /// The login page again with an error (browsers), or `{error, code}`, with `status`.
-fn login_failure(state: &AppState, html: bool, rejection: Rejection) -> Response<GatewayBody> {
+fn login_failure(state: &Site<'_>, html: bool, rejection: Rejection) -> Response<GatewayBody> {
     let status = rejection.status();
     let retry = rejection.retry_after_secs();
     let res = if html {
@@ -71,7 +71,7 @@ fn login_failure(state: &AppState, html: bool, rejection: Rejection) -> Response
                     frame: Frame::bare("Sign in"),
                     error: Some(rejection.message().to_owned()),
                     notice: None,
-                    operator_enabled: state.config.admin_token.is_some(),
+                    operator_enabled: state.operator_allowed(),
                 },
             ),
             rejection.code(),
@@ -104,7 +104,7 @@ fn bad_credentials() -> Rejection {
 }
 
 /// Starts a session for `subject` and sends the browser to `to` with its cookie.
-async fn start_session(state: &AppState, subject: SessionSubject, to: &str) -> Answer {
+async fn start_session(state: &Site<'_>, subject: SessionSubject, to: &str) -> Answer {
     let token = SecretToken::generate().map_err(|e| e.rejection())?;
     state
         .accounts
@@ -126,7 +126,7 @@ fn landing(user: &User) -> String {
     format!("/dashboard/orgs/{}", user.org)
 }
 
-pub async fn login<B>(state: &AppState, req: Request<B>) -> Answer
+pub async fn login<B>(state: &Site<'_>, req: Request<B>) -> Answer
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -141,7 +141,12 @@ where
 
     if !form.get("token").is_empty() {
         // The operator: only where the admin API is served.
-        let Some(expected) = state.config.admin_token.as_deref() else {
+        let Some(expected) = state
+            .config
+            .admin_token
+            .as_deref()
+            .filter(|_| state.operator_allowed())
+        else {
             return Ok(login_failure(state, html, bad_credentials()));
         };
         let gate = users
@@ -205,7 +210,7 @@ where
     }
 }
 
-pub async fn logout<B>(state: &AppState, req: Request<B>) -> Answer
+pub async fn logout<B>(state: &Site<'_>, req: Request<B>) -> Answer
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -234,7 +239,7 @@ fn invalid_invite() -> Rejection {
     )
 }
 
-async fn pending_invite(state: &AppState, token: &str) -> Result<(SecretToken, User), Rejection> {
+async fn pending_invite(state: &Site<'_>, token: &str) -> Result<(SecretToken, User), Rejection> {
     let token = SecretToken::parse(token).ok_or_else(invalid_invite)?;
     let user = state
         .accounts
@@ -257,12 +262,12 @@ fn invite_page(token: &SecretToken, user: &User, error: Option<String>) -> Invit
     }
 }
 
-pub async fn invite_form(state: &AppState, token: &str) -> Answer {
+pub async fn invite_form(state: &Site<'_>, token: &str) -> Answer {
     let (token, user) = pending_invite(state, token).await?;
     Ok(render(StatusCode::OK, &invite_page(&token, &user, None)))
 }
 
-pub async fn accept_invite<B>(state: &AppState, token: &str, req: Request<B>) -> Answer
+pub async fn accept_invite<B>(state: &Site<'_>, token: &str, req: Request<B>) -> Answer
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -322,7 +327,7 @@ fn account_page(viewer: &Viewer, notice: Option<String>, error: Option<String>) 
     }
 }
 
-pub async fn account(state: &AppState, headers: &HeaderMap, query: &str) -> Answer {
+pub async fn account(state: &Site<'_>, headers: &HeaderMap, query: &str) -> Answer {
     let Some(viewer) = auth::viewer(state, headers).await? else {
         return Ok(redirect("/dashboard/login"));
     };
@@ -334,7 +339,7 @@ pub async fn account(state: &AppState, headers: &HeaderMap, query: &str) -> Answ
 
 /// `POST /dashboard/account/password` (`current_password`, `new_password`): sets the new
 /// password, ends every session of the user, and signs this browser in again.
-pub async fn change_password<B>(state: &AppState, req: Request<B>) -> Answer
+pub async fn change_password<B>(state: &Site<'_>, req: Request<B>) -> Answer
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,

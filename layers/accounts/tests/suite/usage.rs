@@ -323,7 +323,11 @@ pub async fn concurrent_adds_are_exact<S: UsageStore>(store: Arc<S>, clock: Manu
                 let mut batch = UsageBatch::default();
                 // Each task touches every model's row, in its own order.
                 for (j, m) in models.iter().enumerate() {
-                    let status = if (i + j as u64) % 2 == 0 { 200 } else { 429 };
+                    let status = if (i + j as u64).is_multiple_of(2) {
+                        200
+                    } else {
+                        429
+                    };
                     batch.record(
                         org,
                         h + i,
