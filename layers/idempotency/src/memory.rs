@@ -109,7 +109,7 @@ impl MemoryIdempotencyStore {
         let now = self.now();
         let mut records = self.lock();
         records.begins += 1;
-        if records.begins % PURGE_EVERY == 0 {
+        if records.begins.is_multiple_of(PURGE_EVERY) {
             records.map.retain(|_, r| r.expires_ms > now);
         }
         let id = (scope.to_owned(), key.to_owned());
