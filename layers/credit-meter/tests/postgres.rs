@@ -416,7 +416,7 @@ async fn replicas_starting_at_once_migrate_once() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(applied, 2, "V1 and V2, once each");
+    assert_eq!(applied, 3, "V1, V2 and V3, once each");
     drop(client);
     pg.cleanup().await;
 }

@@ -20,10 +20,7 @@ pub(super) const SWEEP_BATCH: i64 = 10_000;
 /// The second key is the schema's hash.
 pub(super) const SWEEP_LOCK_KEY: i32 = 0x7467_7377;
 
-pub(super) const HOLD: &str = "SELECT outcome, hold_id, available \
-                    FROM tollgate_credit_hold($1, $2, $3, $4, $5)";
-pub(super) const COMMIT: &str = "SELECT outcome, balance, note, charged \
-                                 FROM tollgate_credit_commit_charged($1, $2, $3, $4)";
+// Holds, commits and releases of the request path are batched: `ops.rs`.
 // Releases (or, with $3, voids: refunds a committed hold) one hold; says what it was.
 pub(super) const RELEASE: &str =
     "SELECT outcome, charged FROM tollgate_credit_release($1, $2, $3, $4)";
