@@ -497,7 +497,10 @@ async fn a_locked_org_in_a_shared_batch_does_not_stall_the_others() {
     for i in 0..30 {
         let ledger = Arc::clone(&ledger);
         let org = if i % 2 == 0 { locked } else { free };
-        tasks.push((org, tokio::spawn(async move { ledger.hold(org, 1, None).await })));
+        tasks.push((
+            org,
+            tokio::spawn(async move { ledger.hold(org, 1, None).await }),
+        ));
     }
     let mut locked_tasks = Vec::new();
     let mut free_held = 0;

@@ -25,8 +25,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
-use tokio::sync::oneshot;
 use futures_util::future::BoxFuture;
+use tokio::sync::oneshot;
 use tollgate_core::{BackendError, BackendErrorKind, OrgId};
 
 /// How batches are formed.

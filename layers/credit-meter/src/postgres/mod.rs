@@ -71,8 +71,7 @@ use tollgate_core::{BackendError, BoxFuture, Clock, OrgId, Plan, RequestId, Shar
 use tollgate_postgres::to_backend_error;
 
 use crate::ledger::{
-    Account, CommitOutcome, Hold, HoldOutcome, Ledger, LedgerEntry, ReleaseOutcome,
-    MAX_CREDITS,
+    Account, CommitOutcome, Hold, HoldOutcome, Ledger, LedgerEntry, ReleaseOutcome, MAX_CREDITS,
 };
 
 mod batch;
@@ -99,17 +98,17 @@ pub const DEFAULT_RELEASE_QUEUE: usize = 1_024;
 
 /// Batches of each kind (holds, commits, releases) of one org whose account row was found
 /// locked that may run at once (see [`PostgresLedger::with_org_concurrency`]).
-pub const DEFAULT_ORG_CONCURRENCY: usize = 4;
+pub const DEFAULT_ORG_CONCURRENCY: usize = 1;
 
 /// How long a shared batch waits for one org's account row before leaving that org's
 /// operations to batches of their own (see [`PostgresLedger::with_batch_lock_timeout`]).
-pub const DEFAULT_BATCH_LOCK_TIMEOUT: Duration = Duration::from_millis(250);
+pub const DEFAULT_BATCH_LOCK_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Most operations in one batch (see [`PostgresLedger::with_batching`]).
 pub const DEFAULT_BATCH_SIZE: usize = 512;
 
 /// Shared batches of each kind in flight at once (see [`PostgresLedger::with_batching`]).
-pub const DEFAULT_BATCHES_IN_FLIGHT: usize = 2;
+pub const DEFAULT_BATCHES_IN_FLIGHT: usize = 1;
 
 /// The batchers of the hot path, made on first use (after the builder methods).
 struct Batchers {

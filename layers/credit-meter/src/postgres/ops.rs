@@ -29,7 +29,10 @@ async fn rows(
 ) -> Result<Vec<Row>, BackendError> {
     let client = pool.get().await.map_err(to_backend_error)?;
     let stmt = client.prepare_cached(sql).await.map_err(to_backend_error)?;
-    let mut rows = client.query(&stmt, params).await.map_err(to_backend_error)?;
+    let mut rows = client
+        .query(&stmt, params)
+        .await
+        .map_err(to_backend_error)?;
     // The functions return their rows in item order; sorting costs nothing if so.
     rows.sort_by_key(|r| r.try_get::<_, i32>(0).unwrap_or(i32::MAX));
     Ok(rows)
