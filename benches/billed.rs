@@ -176,6 +176,23 @@ impl Settings {
 
 fn run(settings: &Settings) -> Result<(), String> {
     let (server_rt, client_rt) = runtimes(settings.server_threads, settings.client_threads)?;
+    // The static upstream: nginx when installed, else the gateways' in-process sandboxes.
+    let nginx = match find_program("nginx") {
+        Some(binary) => {
+            let nginx = Nginx::start(&binary)?;
+            println!(
+                "upstream: nginx at {} (a {} B JSON answer to every request)",
+                nginx.url,
+                static_body().len()
+            );
+            let _ = UPSTREAM.set(nginx.url.clone());
+            Some(nginx)
+        }
+        None => {
+            println!("upstream: in-process sandboxes (nginx not found: `apt-get install -y nginx-light`)");
+            None
+        }
+    };
 
     let result = run_on(settings, &server_rt, &client_rt);
     // Connections and pools wind down on the server runtime; give them a moment before it
@@ -183,7 +200,75 @@ fn run(settings: &Settings) -> Result<(), String> {
     server_rt.block_on(async { tokio::time::sleep(Duration::from_millis(100)).await });
     drop(client_rt);
     drop(server_rt);
+    drop(nginx);
     result
+}
+
+/// The timed passes with wrk, the table and ratios, and the exactness checks.
+fn measure_with_wrk(
+    settings: &Settings,
+    server_rt: &Runtime,
+    wrk: &std::path::Path,
+    targets: &[Arc<Target>],
+    light_targets: &[Arc<Target>],
+    balances_before: Vec<Vec<u64>>,
+    gateways: &[BilledGateway],
+) -> Result<Vec<String>, String> {
+    let dir = std::env::temp_dir().join(format!("tollgate-billed-wrk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("wrk scripts: {e}"))?;
+    println!("client: wrk ({}), up to 2 threads", wrk.display());
+    let loaded = wrk_pass(wrk, targets, settings.heavy, settings.rounds, &dir)?;
+    let unloaded = match settings.light {
+        Some(l) => Some(wrk_pass(wrk, light_targets, l, settings.rounds, &dir)?),
+        None => None,
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    println!();
+    println!("under load ({} connections):", settings.heavy.conns);
+    wrk_report(&loaded);
+    if let Some(unloaded) = &unloaded {
+        println!();
+        println!("light load (1 connection, latency without queueing):");
+        wrk_report(unloaded);
+    }
+    println!();
+    let mut failures = Vec::new();
+    for (target, before) in targets.iter().zip(balances_before) {
+        let passes = std::iter::once(&loaded).chain(unloaded.as_ref());
+        let (mut ok, mut slack) = (0, 0);
+        for p in passes {
+            if let Some(s) = p.iter().find(|s| s.name == target.name) {
+                ok += s.ok;
+                let conns = if s.rounds.is_empty() {
+                    0
+                } else {
+                    settings.heavy.conns as u64
+                };
+                slack += s.runs * conns;
+                if s.errors > 0 {
+                    failures.push(format!("{}: {} non-2xx or socket errors", s.name, s.errors));
+                }
+            }
+        }
+        match server_rt.block_on(target.check_charged(&before, ok, slack)) {
+            Ok(line) => println!("{line}"),
+            Err(e) => failures.push(e),
+        }
+    }
+    for gw in gateways {
+        let logger = &gw.gateway.state().logger;
+        server_rt.block_on(logger.flush());
+        let log = logger.stats();
+        println!(
+            "{}: request log: {} rows written, {} dropped (queue full), {} failed",
+            gw.name, log.written_rows, log.dropped_rows, log.failed_rows
+        );
+    }
+    println!(
+        "load average after: {}",
+        load_average().unwrap_or_else(|| "n/a".into())
+    );
+    Ok(failures)
 }
 
 fn run_on(settings: &Settings, server_rt: &Runtime, client_rt: &Runtime) -> Result<(), String> {
@@ -317,6 +402,18 @@ fn measure(
         balances_before.push(server_rt.block_on(target.balances())?);
     }
 
+    if let Some(wrk) = find_program("wrk").filter(|_| static_upstream().is_some()) {
+        return measure_with_wrk(
+            settings,
+            server_rt,
+            &wrk,
+            &targets,
+            &light_targets,
+            balances_before,
+            gateways,
+        );
+    }
+    println!("(wrk or nginx not found: the in-process client and sandbox run instead; `apt-get install -y wrk nginx-light`)");
     let loaded = run_pass(client_rt, &targets, heavy, settings.rounds, STYLE);
     let unloaded = settings
         .light
@@ -395,6 +492,7 @@ impl BilledGateway {
         let schema = database_url.as_deref().and_then(schema_of);
         let config = Config {
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            upstream: static_upstream(),
             admin_token: None,
             session_key: database_url.as_ref().map(|_| random_key()),
             database_url,
@@ -464,10 +562,25 @@ impl BilledGateway {
 /// org on `pro` with [`BALANCE`] credits, one model on the gateway's sandbox, one key.
 /// Returns the org, the model and the key's secret.
 async fn seed(gateway: &RunningGateway) -> Result<(OrgId, String, String), String> {
-    let sandbox = gateway
-        .sandbox()
-        .ok_or("the gateway runs no in-process sandbox")?;
-    let account = sandbox.add_account();
+    // The static upstream takes any session; the sandbox wants one of its accounts.
+    let session = match gateway.sandbox() {
+        Some(sandbox) => {
+            let account = sandbox.add_account();
+            Session {
+                cookie: account.cookie,
+                user_id: account.user_id,
+                x_bc: account.x_bc,
+                user_agent: account.user_agent,
+            }
+        }
+        None if static_upstream().is_some() => Session {
+            cookie: "sess=billed-bench".to_owned(),
+            user_id: "1".to_owned(),
+            x_bc: "billed-bench-x-bc".to_owned(),
+            user_agent: "billed-bench".to_owned(),
+        },
+        None => return Err("the gateway has no upstream".to_owned()),
+    };
     let state = gateway.state();
     let e = |what: &'static str| move |err: tollgate_core::BackendError| format!("{what}: {err}");
     let org = state
@@ -493,16 +606,7 @@ async fn seed(gateway: &RunningGateway) -> Result<(OrgId, String, String), Strin
         .ok_or("setting the balance: unknown org")?;
     let model = state
         .sessions
-        .connect(
-            org,
-            "Billed Model".to_owned(),
-            Session {
-                cookie: account.cookie,
-                user_id: account.user_id,
-                x_bc: account.x_bc,
-                user_agent: account.user_agent,
-            },
-        )
+        .connect(org, "Billed Model".to_owned(), session)
         .await
         .map_err(e("connecting the model"))?;
     state
@@ -681,6 +785,68 @@ impl Target {
             ok_sum + self.tenants.len() as u64
         );
         if wrong.is_empty() && open == 0 {
+            Ok(format!("{line}: exact"))
+        } else {
+            Err(format!("NOT EXACT: {line}; {}", wrong.join("; ")))
+        }
+    }
+}
+
+impl Target {
+    /// As [`check_exact`](Target::check_exact), for wrk, which counts the 2xx of all tenants
+    /// together (`ok`) and not the requests still in flight when it stops (at most `slack`):
+    /// per org, one charge row of 1 credit with its own request id per credit the balance
+    /// fell (plus the sanity check's); over all orgs, the balances fell by the 2xx wrk
+    /// counted and at most `slack` more. No hold is left open.
+    async fn check_charged(&self, before: &[u64], ok: u64, slack: u64) -> Result<String, String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.ledger.open_holds() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let open = self.ledger.open_holds();
+        let mut wrong = Vec::new();
+        let mut charged_sum = 0u64;
+        for (tenant, &before) in self.tenants.iter().zip(before) {
+            let after = self.balance(tenant.org).await?;
+            let entries = self
+                .ledger
+                .entries(tenant.org)
+                .await
+                .map_err(|e| format!("{}: reading the ledger: {e}", self.name))?;
+            let charges: Vec<_> = entries
+                .iter()
+                .filter(|e| e.kind == EntryKind::Charge)
+                .collect();
+            let credits: i64 = charges
+                .iter()
+                .map(|e| -(e.delta_plan + e.delta_topup))
+                .sum();
+            let ids: HashSet<&str> = charges
+                .iter()
+                .filter_map(|e| e.request_id.as_deref())
+                .collect();
+            let charged = before.saturating_sub(after);
+            charged_sum += charged;
+            let rows = charged + 1;
+            if after > before
+                || charges.len() as u64 != rows
+                || credits != rows as i64
+                || ids.len() as u64 != rows
+            {
+                wrong.push(format!(
+                    "org {}: balance {before} → {after}, {} charge rows ({credits} credits, {} request ids)",
+                    tenant.org,
+                    charges.len(),
+                    ids.len()
+                ));
+            }
+        }
+        let line = format!(
+            "{}: wrk counted {ok} 2xx over {} org(s); balances fell by {charged_sum} (≤ {slack} in flight when wrk stopped); one charge row of 1 credit with its own request id per credit; {open} holds open",
+            self.name,
+            self.tenants.len()
+        );
+        if wrong.is_empty() && open == 0 && charged_sum >= ok && charged_sum - ok <= slack {
             Ok(format!("{line}: exact"))
         } else {
             Err(format!("NOT EXACT: {line}; {}", wrong.join("; ")))
@@ -1297,5 +1463,330 @@ fn count_with(
         Ok(())
     } else {
         Err(failures.join("\n"))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The static upstream (nginx) and the load generator (wrk).
+
+/// The static upstream's base URL, once [`Nginx`] runs; `None`: the in-process sandbox.
+static UPSTREAM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn static_upstream() -> Option<String> {
+    UPSTREAM.get().cloned()
+}
+
+/// Where a program is: `$PATH`, then `/usr/sbin` and `/usr/bin`.
+fn find_program(name: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/usr/bin".into()])
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// The upstream's answer to every request: a ~1 KB JSON profile (`isAuth: true`, as the
+/// sanity check wants), the same bytes each time.
+fn static_body() -> String {
+    let mut about = String::new();
+    while about.len() < 800 {
+        about.push_str("a static upstream answer for the billed benchmark; ");
+    }
+    serde_json::json!({
+        "id": 1,
+        "isAuth": true,
+        "name": "Billed Bench",
+        "username": "billed",
+        "about": about.trim_end(),
+    })
+    .to_string()
+}
+
+/// nginx serving [`static_body`] on a loopback port, from a temporary prefix; stopped on drop.
+struct Nginx {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+    url: String,
+}
+
+impl Nginx {
+    fn start(binary: &std::path::Path) -> Result<Nginx, String> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("nginx: a free port: {e}"))?
+            .port();
+        let dir =
+            std::env::temp_dir().join(format!("tollgate-billed-nginx-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("logs")).map_err(|e| format!("nginx: {e}"))?;
+        let body = static_body();
+        assert!(!body.contains('\'') && !body.contains('$'));
+        let d = dir.display();
+        let conf = format!(
+            "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/logs/error.log warn;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  keepalive_requests 100000000;\n  keepalive_timeout 120s;\n\
+               client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
+               uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+               server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      default_type application/json;\n\
+                   return 200 '{body}';\n    }}\n  }}\n}}\n"
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf).map_err(|e| format!("nginx: {e}"))?;
+        let child = std::process::Command::new(binary)
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&conf_path)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("nginx: {e}"))?;
+        let mut nginx = Nginx {
+            child,
+            dir,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline || nginx.child.try_wait().ok().flatten().is_some() {
+                let log =
+                    std::fs::read_to_string(nginx.dir.join("logs/error.log")).unwrap_or_default();
+                return Err(format!("nginx did not start: {log}"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(nginx)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What one wrk run reported.
+#[derive(Debug, Clone, Copy, Default)]
+struct WrkRun {
+    requests: u64,
+    non_2xx: u64,
+    socket_errors: u64,
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// `1.23ms`, `456.78us`, `1.50s` as ms.
+fn wrk_ms(text: &str) -> Option<f64> {
+    let t = text.trim();
+    let (num, scale) = if let Some(n) = t.strip_suffix("us") {
+        (n, 1e-3)
+    } else if let Some(n) = t.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60_000.0)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1_000.0)
+    } else {
+        return None;
+    };
+    num.parse::<f64>().ok().map(|v| v * scale)
+}
+
+fn parse_wrk(out: &str) -> Result<WrkRun, String> {
+    let mut run = WrkRun::default();
+    let mut seen_rps = false;
+    for line in out.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["50%", v] => run.p50_ms = wrk_ms(v).unwrap_or(f64::NAN),
+            ["99%", v] => run.p99_ms = wrk_ms(v).unwrap_or(f64::NAN),
+            [n, "requests", "in", ..] => run.requests = n.parse().unwrap_or(0),
+            ["Requests/sec:", v] => {
+                run.rps = v.parse().unwrap_or(0.0);
+                seen_rps = true;
+            }
+            ["Non-2xx", "or", "3xx", "responses:", n] => run.non_2xx = n.parse().unwrap_or(0),
+            ["Socket", "errors:", rest @ ..] => {
+                run.socket_errors = rest
+                    .iter()
+                    .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
+                    .sum();
+            }
+            _ => {}
+        }
+    }
+    if seen_rps {
+        Ok(run)
+    } else {
+        Err(format!("wrk printed no Requests/sec:\n{out}"))
+    }
+}
+
+/// A Lua script sending each tenant's request in turn (per wrk thread).
+fn wrk_script(target: &Target, dir: &std::path::Path) -> Result<std::path::PathBuf, String> {
+    let mut lua = String::from("local reqs = {}\n");
+    for t in &target.tenants {
+        let key = t
+            .headers
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        lua.push_str(&format!(
+            "reqs[#reqs + 1] = wrk.format(\"GET\", \"{}\", {{ [\"x-api-key\"] = \"{}\" }})\n",
+            t.uri, key
+        ));
+    }
+    lua.push_str("local i = 0\nrequest = function()\n  i = i % #reqs + 1\n  return reqs[i]\nend\n");
+    let path = dir.join(format!(
+        "{}.lua",
+        target
+            .name
+            .replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+    ));
+    std::fs::write(&path, lua).map_err(|e| format!("wrk script: {e}"))?;
+    Ok(path)
+}
+
+fn run_wrk(
+    wrk: &std::path::Path,
+    target: &Target,
+    script: &std::path::Path,
+    conns: usize,
+    duration: Duration,
+) -> Result<WrkRun, String> {
+    let threads = conns.min(2);
+    let out = std::process::Command::new(wrk)
+        .arg(format!("-t{threads}"))
+        .arg(format!("-c{conns}"))
+        .arg(format!("-d{}ms", duration.as_millis().max(1)))
+        .arg("--latency")
+        .arg("--timeout")
+        .arg("10s")
+        .arg("-s")
+        .arg(script)
+        .arg(format!("http://{}", target.addr))
+        .output()
+        .map_err(|e| format!("wrk: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "wrk failed ({}): {text}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    parse_wrk(&text)
+}
+
+/// One target's wrk rounds.
+struct WrkSummary {
+    name: String,
+    rounds: Vec<WrkRun>,
+    /// 2xx counted by wrk over every run (warm-ups included), and the runs.
+    ok: u64,
+    runs: u64,
+    errors: u64,
+}
+
+/// `rounds` paired rounds (every other one backwards) of each target: a warm-up run, then a
+/// recorded one.
+fn wrk_pass(
+    wrk: &std::path::Path,
+    targets: &[Arc<Target>],
+    load: Load,
+    rounds: usize,
+    dir: &std::path::Path,
+) -> Result<Vec<WrkSummary>, String> {
+    let scripts = targets
+        .iter()
+        .map(|t| wrk_script(t, dir))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut out: Vec<WrkSummary> = targets
+        .iter()
+        .map(|t| WrkSummary {
+            name: t.name.clone(),
+            rounds: Vec::new(),
+            ok: 0,
+            runs: 0,
+            errors: 0,
+        })
+        .collect();
+    for round in 1..=rounds {
+        let order: Vec<usize> = if round % 2 == 1 {
+            (0..targets.len()).collect()
+        } else {
+            (0..targets.len()).rev().collect()
+        };
+        for i in order {
+            let (t, s) = (&targets[i], &mut out[i]);
+            let mut runs = Vec::new();
+            if !load.warmup.is_zero() {
+                runs.push(run_wrk(wrk, t, &scripts[i], load.conns, load.warmup)?);
+            }
+            let run = run_wrk(wrk, t, &scripts[i], load.conns, load.duration)?;
+            runs.push(run);
+            for r in &runs {
+                s.ok += r.requests - r.non_2xx.min(r.requests);
+                s.errors += r.non_2xx + r.socket_errors;
+                s.runs += 1;
+            }
+            println!(
+                "  {:>2} conn(s), round {round:>2}  {:<17} {:>8.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  non-2xx {}  socket errors {}",
+                load.conns, t.name, run.rps, run.p50_ms, run.p99_ms, run.non_2xx, run.socket_errors
+            );
+            s.rounds.push(run);
+        }
+    }
+    Ok(out)
+}
+
+/// The table of a wrk pass, then each PostgreSQL target against memory: the median of each
+/// round's own ratio (they ran back to back).
+fn wrk_report(summaries: &[WrkSummary]) {
+    println!(
+        "{:<17} {:>10} {:>10} {:>9} {:>9} {:>8}",
+        "target", "req/s", "", "p50 ms", "p99 ms", "errors"
+    );
+    for s in summaries {
+        let rps: Vec<f64> = s.rounds.iter().map(|r| r.rps).collect();
+        let p50: Vec<f64> = s.rounds.iter().map(|r| r.p50_ms).collect();
+        let p99: Vec<f64> = s.rounds.iter().map(|r| r.p99_ms).collect();
+        println!(
+            "{:<17} {:>10.0} {:>10} {:>9.3} {:>9.3} {:>8}",
+            s.name,
+            median(&rps),
+            "(median)",
+            median(&p50),
+            median(&p99),
+            s.errors
+        );
+    }
+    let Some(mem) = summaries.iter().find(|s| s.name == "memory") else {
+        return;
+    };
+    for pg in summaries.iter().filter(|s| s.name.starts_with("postgres")) {
+        let ratios: Vec<f64> = pg
+            .rounds
+            .iter()
+            .zip(&mem.rounds)
+            .map(|(p, m)| p.rps / m.rps)
+            .collect();
+        let p99: Vec<f64> = pg.rounds.iter().map(|r| r.p99_ms).collect();
+        println!(
+            "{} / memory: throughput ratio {:.3} [rounds: {}]; p99 {:.3} ms (median of rounds; max {:.3})",
+            pg.name,
+            median(&ratios),
+            ratios
+                .iter()
+                .map(|r| format!("{r:.3}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            median(&p99),
+            p99.iter().copied().fold(f64::NAN, f64::max),
+        );
     }
 }

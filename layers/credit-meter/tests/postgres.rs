@@ -416,7 +416,7 @@ async fn replicas_starting_at_once_migrate_once() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(applied, 2, "V1 and V2, once each");
+    assert_eq!(applied, 3, "V1, V2 and V3, once each");
     drop(client);
     pg.cleanup().await;
 }
@@ -462,5 +462,84 @@ async fn periods_end_where_the_rust_calendar_says() {
         assert_eq!(sql as u64, add_one_month_ms(*ms), "one month after {ms}");
     }
     drop(client);
+    pg.cleanup().await;
+}
+
+/// Group commit: concurrent holds of several orgs share batches, and one org whose account
+/// row is locked elsewhere does not hold up the others — their holds are answered while the
+/// row is still locked; the locked org's holds wait for it and are decided exactly once it
+/// is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_org_in_a_shared_batch_does_not_stall_the_others() {
+    let Some(pg) = Pg::new().await else { return };
+    pg.migrated().await;
+    let clock = ManualClock::new(T0);
+    let ledger = Arc::new(
+        PostgresLedger::new(pg.db.new_pool(), clock.clone())
+            .with_batch_lock_timeout(Duration::from_millis(100)),
+    );
+    let (locked, free) = (OrgId::new(), OrgId::new());
+    for org in [locked, free] {
+        ledger.subscribe(org, Plan::Basic).await.unwrap();
+        ledger.set_balance(org, 10).await.unwrap();
+    }
+    let mut locker = pg.db.pool().get().await.unwrap();
+    let tx = locker.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM tollgate_credit_accounts WHERE org = $1 FOR UPDATE",
+        &[locked.as_uuid()],
+    )
+    .await
+    .unwrap();
+
+    // 15 holds of each org at once (interleaved, so they share batches): 10 fit.
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let ledger = Arc::clone(&ledger);
+        let org = if i % 2 == 0 { locked } else { free };
+        tasks.push((
+            org,
+            tokio::spawn(async move { ledger.hold(org, 1, None).await }),
+        ));
+    }
+    let mut locked_tasks = Vec::new();
+    let mut free_held = 0;
+    for (org, task) in tasks {
+        if org == locked {
+            locked_tasks.push(task);
+            continue;
+        }
+        let outcome = tokio::time::timeout(Duration::from_secs(3), task)
+            .await
+            .expect("the free org's holds are answered while the other row is locked")
+            .unwrap()
+            .unwrap();
+        match outcome {
+            HoldOutcome::Held(_) => free_held += 1,
+            HoldOutcome::Insufficient { available: 0 } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(free_held, 10);
+    assert!(locked_tasks.iter().all(|t| !t.is_finished()));
+
+    tx.rollback().await.unwrap();
+    drop(locker);
+    let mut locked_held = 0;
+    for task in locked_tasks {
+        match tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            HoldOutcome::Held(_) => locked_held += 1,
+            HoldOutcome::Insufficient { available: 0 } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(locked_held, 10);
+    assert_eq!(pots(&*ledger, locked).await.2, 10);
+    assert_eq!(pots(&*ledger, free).await.2, 10);
     pg.cleanup().await;
 }

@@ -6,10 +6,17 @@
 //! pots, `held`, the period), `tollgate_credit_holds` (open holds with their expiry) and the
 //! append-only `tollgate_credit_ledger`.
 //!
-//! **One statement per operation.** Every operation sends exactly one statement — one round
-//! trip on a pooled connection, prepared once per connection — and that statement is atomic:
-//! either plain SQL (release, sweep) or a call of a function the migrations create. A billed
-//! request therefore costs two round trips: the hold and the commit.
+//! **One statement per operation — or per batch of them.** Every operation sends exactly one
+//! statement — one round trip on a pooled connection, prepared once per connection — and that
+//! statement is atomic: either plain SQL (sweep, extensions) or a call of a function the
+//! migrations create. The hot path — holds, commits and releases — is *group-committed*:
+//! concurrent calls of one kind (of any number of orgs) are sent together in one statement
+//! per batch, which decides each of them in arrival order and gives each its own answer (its
+//! hold, its receipt and balance after its charge); a batch runs while the next one gathers,
+//! so a lone request is sent at once and a busy ledger sends one statement, and shares one WAL
+//! flush, for everything that arrived meanwhile (see `batch.rs` and
+//! `migrations/V3__group_commit.sql`). A billed request therefore costs at most two round
+//! trips, and under load a small fraction of one.
 //!
 //! - `hold` renews the period if it is over, then takes the credits with one conditional
 //!   `UPDATE … SET held = held + amount WHERE balance − held >= amount`: two holds racing for
@@ -21,14 +28,17 @@
 //!   statement for any number of holds).
 //!
 //! Operations of one org are ordered by the lock on its account row, exactly like the
-//! per-org mutex of [`MemoryLedger`](crate::MemoryLedger); different orgs never contend.
+//! per-org mutex of [`MemoryLedger`](crate::MemoryLedger); a batch locks its orgs' rows in one
+//! global order, so batches of different replicas never deadlock.
 //!
 //! **One slow tenant cannot starve the others.** While an org's account row is locked (a
-//! long transaction, a struggling server), its statements wait on that lock. At most
-//! [`with_org_concurrency`](PostgresLedger::with_org_concurrency) holds and as many
-//! settlements of one org (default [`DEFAULT_ORG_CONCURRENCY`] each) take pooled connections
-//! at a time; the rest wait without a connection and give up as unavailable after a while. Give the
-//! request path a pool of its own with a short `statement_timeout`
+//! long transaction, a struggling server), a shared batch waits for it at most
+//! [`with_batch_lock_timeout`](PostgresLedger::with_batch_lock_timeout) (default
+//! [`DEFAULT_BATCH_LOCK_TIMEOUT`]) and goes ahead with the other orgs; that org's operations
+//! then run in batches of their own, at most
+//! [`with_org_concurrency`](PostgresLedger::with_org_concurrency) (default
+//! [`DEFAULT_ORG_CONCURRENCY`]) of each kind at a time, until one of them gets its row. Give
+//! the request path a pool of its own with a short `statement_timeout`
 //! ([`PoolOptions::with_statement_timeout`](tollgate_postgres::PoolOptions)) so a blocked
 //! statement fails (and is rolled back) instead of waiting, and put the administrative
 //! operations and the periodic jobs on another ([`with_admin_pool`](PostgresLedger::with_admin_pool)).
@@ -61,15 +71,16 @@ use tollgate_core::{BackendError, BoxFuture, Clock, OrgId, Plan, RequestId, Shar
 use tollgate_postgres::to_backend_error;
 
 use crate::ledger::{
-    Account, CommitOutcome, Hold, HoldId, HoldOutcome, Ledger, LedgerEntry, ReleaseOutcome,
-    MAX_CREDITS,
+    Account, CommitOutcome, Hold, HoldOutcome, Ledger, LedgerEntry, ReleaseOutcome, MAX_CREDITS,
 };
 
-mod gate;
+mod batch;
+mod ops;
 mod releaser;
 mod sql;
 
-use gate::{Lane, OrgGate};
+use batch::{BatchConfig, Batcher, Isolated};
+use ops::{CommitItem, CommitOp, HoldItem, HoldOp, ReleaseItem, ReleaseOp};
 use sql::*;
 
 mod embedded {
@@ -85,13 +96,26 @@ const DEFAULT_TTL: Duration = Duration::from_secs(5 * 60);
 /// sweeper.
 pub const DEFAULT_RELEASE_QUEUE: usize = 1_024;
 
-/// Holds, and separately settlements (commits and releases), of one org that may hold pooled
-/// connections at once (see [`PostgresLedger::with_org_concurrency`]).
-pub const DEFAULT_ORG_CONCURRENCY: usize = 4;
+/// Batches of each kind (holds, commits, releases) of one org whose account row was found
+/// locked that may run at once (see [`PostgresLedger::with_org_concurrency`]).
+pub const DEFAULT_ORG_CONCURRENCY: usize = 1;
 
-/// How long a statement waits for one of its org's permits before giving up as unavailable:
-/// long enough for a legitimate burst of one org to drain through its permits.
-const DEFAULT_ORG_WAIT: Duration = Duration::from_secs(10);
+/// How long a shared batch waits for one org's account row before leaving that org's
+/// operations to batches of their own (see [`PostgresLedger::with_batch_lock_timeout`]).
+pub const DEFAULT_BATCH_LOCK_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Most operations in one batch (see [`PostgresLedger::with_batching`]).
+pub const DEFAULT_BATCH_SIZE: usize = 512;
+
+/// Shared batches of each kind in flight at once (see [`PostgresLedger::with_batching`]).
+pub const DEFAULT_BATCHES_IN_FLIGHT: usize = 1;
+
+/// The batchers of the hot path, made on first use (after the builder methods).
+struct Batchers {
+    holds: Arc<Batcher<HoldOp>>,
+    commits: Arc<Batcher<CommitOp>>,
+    releases: Arc<Batcher<ReleaseOp>>,
+}
 
 /// The [`Ledger`] in PostgreSQL. Cheap to share with `Arc`; several instances (replicas,
 /// each with its own pool) may use the same database at once.
@@ -119,7 +143,8 @@ pub struct PostgresLedger {
     pool: Pool,
     /// Administration and the periodic jobs (the request pool unless given another).
     admin_pool: Pool,
-    gate: Arc<OrgGate>,
+    batch: BatchConfig,
+    batchers: OnceLock<Batchers>,
     clock: SharedClock,
     hold_ttl_ms: u64,
     release_queue: usize,
@@ -142,7 +167,13 @@ impl PostgresLedger {
         PostgresLedger {
             admin_pool: pool.clone(),
             pool,
-            gate: Arc::new(OrgGate::new(DEFAULT_ORG_CONCURRENCY, DEFAULT_ORG_WAIT)),
+            batch: BatchConfig {
+                max: DEFAULT_BATCH_SIZE,
+                shared_in_flight: DEFAULT_BATCHES_IN_FLIGHT,
+                org_in_flight: DEFAULT_ORG_CONCURRENCY,
+                lock_timeout: DEFAULT_BATCH_LOCK_TIMEOUT,
+            },
+            batchers: OnceLock::new(),
             clock: Arc::new(clock),
             hold_ttl_ms: u64::try_from(DEFAULT_TTL.as_millis()).unwrap_or(u64::MAX),
             release_queue: DEFAULT_RELEASE_QUEUE,
@@ -187,14 +218,30 @@ impl PostgresLedger {
         self
     }
 
-    /// At most `permits` holds, and separately `permits` settlements (commits and releases),
-    /// of one org use pooled connections at once (default [`DEFAULT_ORG_CONCURRENCY`], at
-    /// least 1; the default wait is 10 s); more wait without a connection, for up to `wait`,
-    /// then fail as unavailable. An org whose account row is slow then keeps at most
-    /// `2 × permits` connections busy, however many requests it sends; settlements never
-    /// queue behind new holds.
-    pub fn with_org_concurrency(mut self, permits: usize, wait: Duration) -> Self {
-        self.gate = Arc::new(OrgGate::new(permits, wait));
+    /// At most `permits` batches of holds, and as many of commits and of releases, of an org
+    /// whose account row was found locked run at once (default [`DEFAULT_ORG_CONCURRENCY`], at
+    /// least 1): such an org keeps at most `3 × permits` connections busy, however many
+    /// requests it sends, and its settlements never queue behind its new holds.
+    pub fn with_org_concurrency(mut self, permits: usize) -> Self {
+        self.batch.org_in_flight = permits.max(1);
+        self
+    }
+
+    /// How long a batch shared by several orgs waits for one org's account row before it
+    /// answers that org's operations in batches of their own (default
+    /// [`DEFAULT_BATCH_LOCK_TIMEOUT`], at least 1 ms): the most one org's locked row delays the
+    /// others.
+    pub fn with_batch_lock_timeout(mut self, timeout: Duration) -> Self {
+        self.batch.lock_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// At most `max` operations per batch (default [`DEFAULT_BATCH_SIZE`]) and `in_flight`
+    /// shared batches of each kind at once (default [`DEFAULT_BATCHES_IN_FLIGHT`]); both at
+    /// least 1. `with_batching(1, n)` sends every operation on its own, `n` at a time.
+    pub fn with_batching(mut self, max: usize, in_flight: usize) -> Self {
+        self.batch.max = max.max(1);
+        self.batch.shared_in_flight = in_flight.max(1);
         self
     }
 
@@ -242,6 +289,37 @@ impl PostgresLedger {
         to_sql(self.clock.now_ms())
     }
 
+    fn batchers(&self) -> &Batchers {
+        self.batchers.get_or_init(|| {
+            let shared = ops::Shared {
+                clock: Arc::clone(&self.clock),
+                hold_ttl_ms: self.hold_ttl_ms,
+                open_holds: Arc::clone(&self.open_holds),
+            };
+            let isolated = Arc::new(Isolated::default());
+            Batchers {
+                holds: Arc::new(Batcher::new(
+                    HoldOp(shared.clone()),
+                    self.pool.clone(),
+                    self.batch,
+                    Arc::clone(&isolated),
+                )),
+                commits: Arc::new(Batcher::new(
+                    CommitOp(shared.clone()),
+                    self.pool.clone(),
+                    self.batch,
+                    Arc::clone(&isolated),
+                )),
+                releases: Arc::new(Batcher::new(
+                    ReleaseOp(shared),
+                    self.pool.clone(),
+                    self.batch,
+                    Arc::clone(&isolated),
+                )),
+            }
+        })
+    }
+
     /// The queue of the background releaser, started on first use inside a tokio runtime.
     fn release_sender(&self) -> Option<&mpsc::Sender<Hold>> {
         if let Some(tx) = self.releases.get() {
@@ -283,129 +361,51 @@ impl Ledger for PostgresLedger {
         amount: u64,
         request_id: Option<RequestId>,
     ) -> BoxFuture<Result<HoldOutcome, BackendError>> {
-        let pool = self.pool.clone();
-        let gate = Arc::clone(&self.gate);
-        let now = self.now();
-        let expires_at = to_sql(self.clock.now_ms().saturating_add(self.hold_ttl_ms));
-        let open_holds = Arc::clone(&self.open_holds);
-        Box::pin(async move {
-            let _permit = gate.enter(org, Lane::Hold).await?;
-            if amount > MAX_CREDITS {
-                // More than any balance can hold: only the reason for refusing is needed.
+        if amount > MAX_CREDITS {
+            // More than any balance can hold: only the reason for refusing is needed.
+            let pool = self.pool.clone();
+            let now = self.now();
+            return Box::pin(async move {
                 let Some(row) = query_opt(&pool, ACCOUNT, &[org.as_uuid(), &now]).await? else {
                     return Ok(HoldOutcome::NoSubscription);
                 };
                 let account = account_from_row(&row)?;
-                return Ok(match (account.plan, account.available()) {
+                Ok(match (account.plan, account.available()) {
                     (None, _) => HoldOutcome::NoSubscription,
                     (Some(_), None) => HoldOutcome::Unlimited,
                     (Some(_), Some(available)) => HoldOutcome::Insufficient { available },
-                });
-            }
-            let amount_sql = to_sql(amount);
-            let request_id = request_id.as_ref().map(RequestId::as_str);
-            let row = query_one(
-                &pool,
-                HOLD,
-                &[org.as_uuid(), &amount_sql, &request_id, &now, &expires_at],
-            )
-            .await?;
-            let outcome: &str = col(&row, 0)?;
-            match outcome {
-                "held" => {
-                    let id: i64 = col(&row, 1)?;
-                    open_holds.fetch_add(1, Ordering::Relaxed);
-                    Ok(HoldOutcome::Held(Hold {
-                        id: HoldId(from_sql(id)),
-                        org,
-                        amount,
-                    }))
-                }
-                "unlimited" => Ok(HoldOutcome::Unlimited),
-                "no_subscription" => Ok(HoldOutcome::NoSubscription),
-                "insufficient" => {
-                    let available: i64 = col(&row, 2)?;
-                    Ok(HoldOutcome::Insufficient {
-                        available: from_sql(available),
-                    })
-                }
-                other => Err(BackendError::other(format!(
-                    "unexpected hold outcome {other:?}"
-                ))),
-            }
-        })
+                })
+            });
+        }
+        let holds = Arc::clone(&self.batchers().holds);
+        let item = HoldItem {
+            org,
+            amount,
+            request_id: request_id.map(|id| id.as_str().to_owned()),
+        };
+        Box::pin(async move { holds.submit(item).await })
     }
 
     fn commit(&self, hold: Hold) -> BoxFuture<Result<CommitOutcome, BackendError>> {
-        let pool = self.pool.clone();
-        let gate = Arc::clone(&self.gate);
-        let now = self.now();
-        // A committed hold is remembered for one TTL, so a lost answer can be resolved.
-        let forget_at = to_sql(self.clock.now_ms().saturating_add(self.hold_ttl_ms));
-        let open_holds = Arc::clone(&self.open_holds);
-        Box::pin(async move {
-            let Ok(id) = i64::try_from(hold.id.0) else {
-                return Ok(CommitOutcome::Unknown); // never issued by this ledger
-            };
-            let _permit = gate.enter(hold.org, Lane::Settle).await?;
-            let row =
-                query_one(&pool, COMMIT, &[hold.org.as_uuid(), &id, &now, &forget_at]).await?;
-            let outcome: &str = col(&row, 0)?;
-            let note: Option<&str> = col(&row, 2)?;
-            let charged: i64 = col(&row, 3)?;
-            // An open hold was settled here (a swept one left the gauge when it was swept).
-            if matches!(outcome, "charged" | "unlimited") && note != Some("swept") {
-                open_holds.fetch_sub(1, Ordering::Relaxed);
-            }
-            match outcome {
-                "charged" => {
-                    let balance: i64 = col(&row, 1)?;
-                    match note {
-                        Some("lowered") => tracing::warn!(
-                            org = %hold.org,
-                            hold = %hold.id,
-                            amount = hold.amount,
-                            charged,
-                            balance,
-                            "the balance was lowered while the hold was open; charged what was left"
-                        ),
-                        Some("swept") => tracing::warn!(
-                            org = %hold.org,
-                            hold = %hold.id,
-                            "committing a hold that had expired and was released; charged after re-checking the balance"
-                        ),
-                        _ => {}
-                    }
-                    Ok(CommitOutcome::Charged {
-                        charged: from_sql(charged),
-                        balance: Some(from_sql(balance)),
-                    })
-                }
-                "unlimited" => Ok(CommitOutcome::Charged {
-                    charged: 0,
-                    balance: None,
-                }),
-                "expired" => Ok(CommitOutcome::Expired),
-                "unknown" => Ok(CommitOutcome::Unknown),
-                other => Err(BackendError::other(format!(
-                    "unexpected commit outcome {other:?}"
-                ))),
-            }
-        })
+        if i64::try_from(hold.id.0).is_err() {
+            return Box::pin(async { Ok(CommitOutcome::Unknown) }); // never issued here
+        }
+        let commits = Arc::clone(&self.batchers().commits);
+        Box::pin(async move { commits.submit(CommitItem { hold }).await })
     }
 
     fn release(&self, hold: Hold) -> BoxFuture<Result<ReleaseOutcome, BackendError>> {
-        let pool = self.pool.clone();
-        let gate = Arc::clone(&self.gate);
-        let open_holds = Arc::clone(&self.open_holds);
-        let now = self.now();
+        if i64::try_from(hold.id.0).is_err() {
+            return Box::pin(async { Ok(ReleaseOutcome::Gone) }); // never issued here
+        }
+        let releases = Arc::clone(&self.batchers().releases);
         Box::pin(async move {
-            let _permit = gate.enter(hold.org, Lane::Settle).await?;
-            let outcome = releaser::release(&pool, &hold, false, now).await?;
-            if outcome == ReleaseOutcome::Released {
-                open_holds.fetch_sub(1, Ordering::Relaxed);
-            }
-            Ok(outcome)
+            releases
+                .submit(ReleaseItem {
+                    hold,
+                    refund: false,
+                })
+                .await
         })
     }
 

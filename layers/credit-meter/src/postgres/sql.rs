@@ -20,17 +20,17 @@ pub(super) const SWEEP_BATCH: i64 = 10_000;
 /// The second key is the schema's hash.
 pub(super) const SWEEP_LOCK_KEY: i32 = 0x7467_7377;
 
-pub(super) const HOLD: &str = "SELECT outcome, hold_id, available \
-                    FROM tollgate_credit_hold($1, $2, $3, $4, $5)";
-pub(super) const COMMIT: &str = "SELECT outcome, balance, note, charged \
-                                 FROM tollgate_credit_commit_charged($1, $2, $3, $4)";
+// Holds, commits and releases of the request path are batched: `ops.rs`.
 // Releases (or, with $3, voids: refunds a committed hold) one hold; says what it was.
 pub(super) const RELEASE: &str =
     "SELECT outcome, charged FROM tollgate_credit_release($1, $2, $3, $4)";
-// Keeps open holds of requests still in flight from expiring.
+// Keeps open holds of requests still in flight from expiring. Locks them in id order, as
+// the batches of commits and releases do, so neither can deadlock the other.
 pub(super) const EXTEND: &str = "\
-    UPDATE tollgate_credit_holds SET expires_at_ms = greatest(expires_at_ms, $1) \
-     WHERE id = ANY($2) AND forget_at_ms IS NULL";
+    UPDATE tollgate_credit_holds h SET expires_at_ms = greatest(h.expires_at_ms, $1) \
+      FROM (SELECT id FROM tollgate_credit_holds \
+             WHERE id = ANY($2) AND forget_at_ms IS NULL ORDER BY id FOR UPDATE) l \
+     WHERE h.id = l.id";
 pub(super) const SUBSCRIBE: &str = "SELECT * FROM tollgate_credit_subscribe($1, $2, $3, $4)";
 pub(super) const CANCEL: &str = "SELECT tollgate_credit_cancel($1, $2)";
 pub(super) const TOP_UP: &str = "SELECT * FROM tollgate_credit_top_up($1, $2, $3)";
