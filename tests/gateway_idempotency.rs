@@ -238,3 +238,77 @@ async fn a_gateway_5xx_is_not_stored_and_the_retry_runs() {
     assert_eq!(charges(&a, t.org).await, vec![2]);
     db.cleanup().await;
 }
+
+/// Without PostgreSQL the keys live in Redis (with `REDIS_URL`) or in the process.
+#[tokio::test]
+async fn without_postgres_keys_live_in_redis_or_in_memory() {
+    let redis_url =
+        std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let redis_up = tollgate::idempotency::RedisIdempotencyStore::open(&redis_url)
+        .unwrap()
+        .ping()
+        .await
+        .is_ok();
+    if !redis_up && tollgate_postgres::testing::require_services() {
+        panic!("TOLLGATE_REQUIRE_SERVICES=1 but Redis at {redis_url} is unreachable");
+    }
+    let mut configs = vec![("memory", test_config())];
+    if redis_up {
+        configs.push((
+            "redis",
+            Config {
+                redis_url: Some(redis_url.clone()),
+                ..test_config()
+            },
+        ));
+    } else {
+        eprintln!("skipping the Redis half: Redis at {redis_url} is unreachable");
+    }
+    for (backend, config) in configs {
+        let gw = common::start(config).await;
+        let send = |body: &str| {
+            let mut req = gw.request(
+                Method::POST,
+                &gw.model_path("/chats/7/messages"),
+                Some(&gw.key()),
+                Some(body),
+            );
+            req.headers_mut()
+                .insert("idempotency-key", "demo-1".parse().unwrap());
+            req
+        };
+        let first = gw.send(send(r#"{"text":"a"}"#)).await;
+        assert_eq!(first.status, StatusCode::OK, "{backend}: {}", first.text());
+        let again = gw.send(send(r#"{"text":"a"}"#)).await;
+        assert!(replayed(&again), "{backend}");
+        assert_eq!(again.body, first.body, "{backend}");
+        assert_eq!(gw.balance().await, Some(998), "{backend}: billed once");
+        let reused = gw.send(send(r#"{"text":"b"}"#)).await;
+        assert_eq!(reused.code(), "IDEMPOTENCY_KEY_REUSED", "{backend}");
+        let sandbox = gw.gw.sandbox().unwrap();
+        assert_eq!(
+            sandbox.requests_to("/api2/v2/chats/7/messages"),
+            1,
+            "{backend}"
+        );
+        if backend == "redis" {
+            // Another replica on the same Redis sees the stored answer.
+            use tollgate::idempotency::{Begin, Fingerprint, IdempotencyStore};
+            let other = tollgate::idempotency::RedisIdempotencyStore::open(&redis_url).unwrap();
+            let org = gw.gw.demo().unwrap().org.to_string();
+            let fp = Fingerprint::new(
+                &Method::POST,
+                &gw.model_path("/chats/7/messages"),
+                br#"{"text":"a"}"#,
+            );
+            let found = other
+                .begin(&org, "demo-1", fp, std::time::Duration::from_secs(30))
+                .await
+                .unwrap();
+            assert!(
+                matches!(found, Begin::Replay(ref r) if r.body == first.body),
+                "{found:?}"
+            );
+        }
+    }
+}

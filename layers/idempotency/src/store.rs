@@ -303,6 +303,7 @@ impl<T: IdempotencyStore + ?Sized> IdempotencyStore for Arc<T> {
 }
 
 /// Milliseconds of a duration, saturating.
+#[cfg(any(feature = "memory", feature = "postgres", feature = "redis"))]
 pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
