@@ -272,18 +272,22 @@ fn measure_with_wrk(
 }
 
 fn run_on(settings: &Settings, server_rt: &Runtime, client_rt: &Runtime) -> Result<(), String> {
-    let memory = server_rt.block_on(BilledGateway::start("memory", None))?;
+    let memory = server_rt.block_on(BilledGateway::start("memory", None, true))?;
     let db = server_rt.block_on(TestDb::new());
     let mut gateways = vec![memory];
     let mut failures = Vec::new();
     match &db {
         Some(db) => {
-            let started = url_in_schema(db.url(), db.schema()).and_then(|url| {
-                server_rt.block_on(BilledGateway::start("postgres", Some(url)))
-            });
-            match started {
-                Ok(gw) => gateways.push(gw),
-                Err(e) => failures.push(e),
+            // The same PostgreSQL gateway twice: with the usage rollups (the product) and
+            // without them, so their cost on the request path shows in the same run.
+            for (name, rollups) in [("postgres", true), (NO_ROLLUPS, false)] {
+                let started = url_in_schema(db.url(), db.schema()).and_then(|url| {
+                    server_rt.block_on(BilledGateway::start(name, Some(url), rollups))
+                });
+                match started {
+                    Ok(gw) => gateways.push(gw),
+                    Err(e) => failures.push(e),
+                }
             }
         }
         None => println!(
@@ -333,6 +337,14 @@ fn measure(
     // other's commits while different orgs' do not.
     let mut targets = Vec::new();
     for gw in gateways {
+        if gw.name == NO_ROLLUPS {
+            // Only beside the 16-org target: the rollups' cost is a question of many tenants.
+            if settings.orgs > 1 {
+                let name = format!("{NO_ROLLUPS}/{}orgs", settings.orgs);
+                targets.push(server_rt.block_on(gw.target(name, settings.orgs))?);
+            }
+            continue;
+        }
         targets.push(server_rt.block_on(gw.target(gw.name.to_owned(), 1))?);
         if gw.name == "postgres" && settings.orgs > 1 {
             let name = format!("postgres/{}orgs", settings.orgs);
@@ -488,7 +500,11 @@ struct BilledGateway {
 impl BilledGateway {
     /// Starts a gateway (memory backends, or PostgreSQL at `database_url`) whose limits do
     /// not bind.
-    async fn start(name: &'static str, database_url: Option<String>) -> Result<Self, String> {
+    async fn start(
+        name: &'static str,
+        database_url: Option<String>,
+        usage_rollups: bool,
+    ) -> Result<Self, String> {
         let schema = database_url.as_deref().and_then(schema_of);
         let config = Config {
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -499,6 +515,7 @@ impl BilledGateway {
             demo: false,
             window: Duration::from_millis(1),
             burst: [u32::MAX; 4],
+            usage_rollups,
             ..Config::default()
         };
         let gateway = gateway::start(config)
@@ -909,6 +926,9 @@ async fn sanity_check_one(target: &Target, tenant: &Tenant) -> Result<(), String
     Ok(())
 }
 
+/// The PostgreSQL gateway without usage rollups (`Config::usage_rollups = false`).
+const NO_ROLLUPS: &str = "postgres-no-rollups";
+
 /// Each PostgreSQL target against memory: the median of each round's own comparison (they
 /// ran back to back), the pooled figure beside it.
 fn compare(summaries: &[Summary]) {
@@ -943,6 +963,30 @@ fn compare(summaries: &[Summary]) {
             pg.stats.rps() / mem.stats.rps(),
             pg.stats.percentile_ms(0.50) - mem.stats.percentile_ms(0.50),
             pg.stats.percentile_ms(0.99) - mem.stats.percentile_ms(0.99),
+        );
+    }
+    let on = summaries
+        .iter()
+        .find(|s| s.name.starts_with("postgres/") && s.name.ends_with("orgs"));
+    let off = summaries.iter().find(|s| s.name.starts_with(NO_ROLLUPS));
+    if let (Some(on), Some(off)) = (on, off) {
+        let per_round: Vec<f64> = on
+            .rounds
+            .iter()
+            .zip(&off.rounds)
+            .map(|(a, b)| a.rps / b.rps)
+            .collect();
+        let rounds = per_round
+            .iter()
+            .map(|r| format!("{r:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        println!(
+            "usage rollups on / off ({} vs {}): throughput ratio {:.3} [rounds: {rounds}; pooled {:.3}]",
+            on.name,
+            off.name,
+            median(&per_round),
+            on.stats.rps() / off.stats.rps(),
         );
     }
 }
@@ -1300,7 +1344,7 @@ fn count_in(
         .map_err(|e| format!("counting proxy: {e}"))?;
     let (_, proxied_url) =
         reroute(&url, proxy.addr).ok_or("counting proxy: rerouting the URL failed")?;
-    let gw = server_rt.block_on(BilledGateway::start("postgres", Some(proxied_url)))?;
+    let gw = server_rt.block_on(BilledGateway::start("postgres", Some(proxied_url), true))?;
     let result = server_rt
         .block_on(gw.target("postgres (counted)".to_owned(), 1))
         .and_then(|target| {
@@ -1662,7 +1706,11 @@ fn run_wrk(
     let out = std::process::Command::new(wrk)
         .arg(format!("-t{threads}"))
         .arg(format!("-c{conns}"))
-        .arg(format!("-d{}ms", duration.as_millis().max(1)))
+        // Debian's wrk 4.1 takes whole seconds, minutes or hours only (no `ms`).
+        .arg(format!(
+            "-d{}s",
+            duration.as_secs_f64().ceil().max(1.0) as u64
+        ))
         .arg("--latency")
         .arg("--timeout")
         .arg("10s")

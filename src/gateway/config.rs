@@ -125,6 +125,10 @@ pub struct Config {
     /// `TOLLGATE_DASHBOARD_INSECURE_COOKIES=1`: the dashboard's session cookie without
     /// `Secure`, for plain HTTP on loopback (and invite links with `http://`).
     pub dashboard_insecure_cookies: bool,
+    /// Whether the request logger's worker feeds the usage rollups of `/api/usage` (default
+    /// `true`; a library setting with no variable: the billed benchmark turns it off to show
+    /// what the rollups cost).
+    pub usage_rollups: bool,
     /// `RUST_LOG`: tracing filter.
     pub log_filter: String,
 }
@@ -160,6 +164,7 @@ impl fmt::Debug for Config {
                 "dashboard_insecure_cookies",
                 &self.dashboard_insecure_cookies,
             )
+            .field("usage_rollups", &self.usage_rollups)
             .field("log_filter", &self.log_filter)
             .finish()
     }
@@ -218,6 +223,7 @@ impl Default for Config {
             max_connections: defaults::MAX_CONNECTIONS,
             log_format: LogFormat::Text,
             dashboard_insecure_cookies: false,
+            usage_rollups: true,
             log_filter: defaults::LOG_FILTER.to_owned(),
         }
     }

@@ -279,10 +279,12 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
     .with_metrics(Arc::clone(&metrics));
 
     // The logger's worker also feeds the usage rollups, off the request path.
-    let logger_layer = RequestLoggerLayer::new(usage::UsageTee::new(
-        backends.logs.clone(),
-        backends.accounts.usage.clone(),
-    ));
+    let tee = if config.usage_rollups {
+        usage::UsageTee::new(backends.logs.clone(), backends.accounts.usage.clone())
+    } else {
+        usage::UsageTee::logs_only(backends.logs.clone())
+    };
+    let logger_layer = RequestLoggerLayer::new(tee);
     let logger = logger_layer.handle();
     let state = Arc::new(AppState {
         config: config.clone(),

@@ -44,13 +44,21 @@ pub const MAX_DAILY_RANGE_MS: u64 = 400 * DAY_MS;
 /// A failure of either is logged and does not affect the other.
 pub struct UsageTee<S> {
     logs: S,
-    usage: Arc<dyn UsageStore>,
+    usage: Option<Arc<dyn UsageStore>>,
 }
 
 impl<S> UsageTee<S> {
     /// Writes logs to `logs` and rollups to `usage`.
     pub fn new(logs: S, usage: Arc<dyn UsageStore>) -> Self {
-        UsageTee { logs, usage }
+        UsageTee {
+            logs,
+            usage: Some(usage),
+        }
+    }
+
+    /// Writes logs to `logs` and no rollups (`Config::usage_rollups = false`).
+    pub fn logs_only(logs: S) -> Self {
+        UsageTee { logs, usage: None }
     }
 }
 
@@ -62,6 +70,9 @@ impl<S> std::fmt::Debug for UsageTee<S> {
 
 impl<S: LogSink> LogSink for UsageTee<S> {
     fn write_batch(&self, records: Vec<LogRecord>) -> BoxFuture<Result<(), BackendError>> {
+        let Some(usage) = self.usage.clone() else {
+            return self.logs.write_batch(records);
+        };
         let mut batch = UsageBatch::default();
         for r in &records {
             // Requests refused before authentication belong to no org.
@@ -77,7 +88,6 @@ impl<S: LogSink> LogSink for UsageTee<S> {
             }
         }
         let logs = self.logs.write_batch(records);
-        let usage = Arc::clone(&self.usage);
         Box::pin(async move {
             let rows = batch.into_rows();
             let count = rows.len();

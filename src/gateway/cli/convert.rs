@@ -143,6 +143,7 @@ impl Cli {
             hold_ttl: Duration::from_millis(limits.hold_ttl_ms),
             drain_timeout: Duration::from_millis(operation.drain_timeout_ms),
             dashboard_insecure_cookies: dashboard.dashboard_insecure_cookies.0,
+            usage_rollups: true,
             max_connections: limits.max_connections,
             log_format: match operation.log_format {
                 Format::Text => LogFormat::Text,
