@@ -175,13 +175,28 @@ async fn four_replicas_bill_20000_concurrent_requests_exactly() {
                 charged += cost;
                 delivered.insert(id.clone());
             }
-            StatusCode::BAD_GATEWAY | StatusCode::PAYMENT_REQUIRED => {
+            // A 503 is an answer the product may give when the database is slower than the
+            // request path's bounds (other processes share this machine's two cores); it is
+            // never charged, which the ledger check below proves. Bounded so that a batch
+            // design that fails under load still fails here.
+            StatusCode::BAD_GATEWAY
+            | StatusCode::PAYMENT_REQUIRED
+            | StatusCode::SERVICE_UNAVAILABLE => {
                 a.assert_error(a.status, &a.code());
             }
             other => panic!("{id}: unexpected {other}: {}", a.text()),
         }
     }
     eprintln!("answers: {statuses:?}");
+    let unavailable: usize = statuses
+        .iter()
+        .filter(|(s, _)| s.starts_with("503"))
+        .map(|(_, n)| n)
+        .sum();
+    assert!(
+        unavailable * 100 <= REQUESTS,
+        "more than 1 % of the requests were 503: {statuses:?}"
+    );
     assert!(
         !delivered.is_empty() && statuses.keys().any(|s| s.starts_with("502")),
         "a mix of 2xx and upstream failures: {statuses:?}"
