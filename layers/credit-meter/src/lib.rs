@@ -111,5 +111,8 @@ pub use ledger::{
 #[cfg(feature = "memory")]
 pub use memory::{MemoryLedger, DEFAULT_HOLD_TTL, MAX_ENTRIES_PER_ORG};
 #[cfg(feature = "postgres")]
-pub use postgres::{PostgresLedger, DEFAULT_ORG_CONCURRENCY, DEFAULT_RELEASE_QUEUE};
+pub use postgres::{
+    PostgresLedger, DEFAULT_BATCHES_IN_FLIGHT, DEFAULT_BATCH_LOCK_TIMEOUT, DEFAULT_BATCH_SIZE,
+    DEFAULT_ORG_CONCURRENCY, DEFAULT_RELEASE_QUEUE,
+};
 pub use service::CreditMeter;

@@ -126,7 +126,7 @@ pub use memory::MemoryIdempotencyStore;
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresIdempotencyStore;
 #[cfg(feature = "redis")]
-pub use redis::RedisIdempotencyStore;
+pub use redis::{RedisIdempotencyStore, DEFAULT_KEY_PREFIX, DEFAULT_REDIS_TIMEOUT};
 pub use service::{idempotency_key, Idempotency, MAX_KEY_LEN};
 pub use store::{
     Begin, Fingerprint, IdempotencyStore, Lease, LeaseToken, StoredResponse, IDEMPOTENCY_KEY,
