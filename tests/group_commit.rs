@@ -57,6 +57,9 @@ async fn four_replicas_bill_20000_concurrent_requests_exactly() {
         // No rate limit in the way: a 1 ms window, an unreachable burst.
         .set("TOLLGATE_WINDOW_MS", "1")
         .set("TOLLGATE_BURST", "pro=100000000")
+        // Four replicas × (10 + 10) connections at most: PostgreSQL's default
+        // max_connections (100) refused connections at four × (32 + 10) under this load.
+        .set("TOLLGATE_DATABASE_POOL_SIZE", "10")
         .set("TOLLGATE_HOLD_TTL_MS", &HOLD_TTL_MS.to_string())
         .set("TOLLGATE_UPSTREAM_TIMEOUT_MS", "4000")
         .set("RUST_LOG", "warn");

@@ -26,7 +26,7 @@ pub async fn from_config(config: &Config, clock: SharedClock) -> Result<Backends
             let key = config
                 .session_key
                 .ok_or("TOLLGATE_SESSION_KEY is required with DATABASE_URL")?;
-            postgres(url, key, config.hold_ttl, clock.clone()).await?
+            postgres(url, key, config, clock.clone()).await?
         }
     };
     if let Some(url) = &config.redis_url {
@@ -46,9 +46,10 @@ pub async fn from_config(config: &Config, clock: SharedClock) -> Result<Backends
 async fn postgres(
     url: &str,
     session_key: [u8; 32],
-    hold_ttl: std::time::Duration,
+    config: &Config,
     clock: SharedClock,
 ) -> Result<Backends, BoxError> {
+    let hold_ttl = config.hold_ttl;
     use tollgate_api_key_auth::PostgresKeyStore;
     use tollgate_credit_meter::PostgresLedger;
     use tollgate_postgres::{pg_config, PoolOptions};
@@ -64,7 +65,7 @@ async fn postgres(
     // neither can starve the other. Each store runs its own migrations (under an advisory
     // lock, so replicas starting together are safe).
     let request = PoolOptions::default()
-        .with_max_size(REQUEST_POOL_SIZE)
+        .with_max_size(config.database_pool_size)
         .with_statement_timeout(REQUEST_STATEMENT_TIMEOUT);
     let pool = tollgate_postgres::connect_with(url, &request)?;
     let admin = PoolOptions::default().with_max_size(ADMIN_POOL_SIZE);
@@ -123,12 +124,7 @@ async fn postgres(
 }
 
 #[cfg(not(feature = "postgres"))]
-async fn postgres(
-    _: &str,
-    _: [u8; 32],
-    _: std::time::Duration,
-    _: SharedClock,
-) -> Result<Backends, BoxError> {
+async fn postgres(_: &str, _: [u8; 32], _: &Config, _: SharedClock) -> Result<Backends, BoxError> {
     Err("DATABASE_URL is set, but this build has no PostgreSQL support (feature `postgres`)".into())
 }
 

@@ -82,6 +82,9 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// `DATABASE_URL`: PostgreSQL; `None` means memory backends.
     pub database_url: Option<String>,
+    /// `TOLLGATE_DATABASE_POOL_SIZE`: connections of the request-path pool of this replica
+    /// (default [`REQUEST_POOL_SIZE`](super::backends::REQUEST_POOL_SIZE)).
+    pub database_pool_size: usize,
     /// `REDIS_URL`: Redis for rate limits; `None` means the in-process limiter.
     pub redis_url: Option<String>,
     /// `TOLLGATE_UPSTREAM`: upstream base URL; `None` runs the sandbox in-process.
@@ -204,6 +207,7 @@ impl Default for Config {
             admin_bind: AdminBind::Public,
             admin_token: None,
             database_url: None,
+            database_pool_size: super::backends::REQUEST_POOL_SIZE,
             redis_url: None,
             upstream: None,
             sign_rules: None,

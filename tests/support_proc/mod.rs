@@ -133,7 +133,8 @@ pub fn url_via(url: &str, addr: SocketAddr) -> String {
     format!("{}{addr}{}", &url[..range.start], &url[range.end..])
 }
 
-/// A directory of process logs; removed at the end unless the test failed.
+/// A directory of process logs; removed at the end unless the test failed or
+/// `TOLLGATE_KEEP_LOGS` is set.
 pub struct LogDir {
     path: PathBuf,
 }
@@ -155,7 +156,7 @@ impl LogDir {
 
 impl Drop for LogDir {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("TOLLGATE_KEEP_LOGS").is_some() {
             eprintln!("process logs kept in {}", self.path.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.path);
@@ -192,10 +193,13 @@ impl GatewayEnv {
             .set("RUST_LOG", "info")
     }
 
-    /// PostgreSQL at `url` (with a session key).
+    /// PostgreSQL at `url` (with a session key). Each process opens at most 16 + 10
+    /// connections, so the tests' replicas stay under the server's `max_connections` (100)
+    /// even when a load opens every pool to its size.
     pub fn database(self, url: &str, session_key: &str) -> GatewayEnv {
         self.set("DATABASE_URL", url)
             .set("TOLLGATE_SESSION_KEY", session_key)
+            .set("TOLLGATE_DATABASE_POOL_SIZE", "16")
     }
 
     /// Sets (or replaces) one variable.

@@ -38,11 +38,40 @@ pub trait IntoBackendError {
 
 impl IntoBackendError for tokio_postgres::Error {
     fn into_backend_error(self) -> BackendError {
-        if is_unavailable(&self) {
-            BackendError::unavailable(self)
+        let unavailable = is_unavailable(&self);
+        let err = PgError(self);
+        if unavailable {
+            BackendError::unavailable(err)
         } else {
-            BackendError::other(self)
+            BackendError::other(err)
         }
+    }
+}
+
+/// A tokio-postgres error whose message says what the server answered.
+///
+/// tokio-postgres displays a server error as just "db error"; an operator reading the log
+/// needs the SQLSTATE and the server's message ("53300 sorry, too many clients already").
+/// The server's DETAIL (which can quote row values) is left out. The original error stays
+/// reachable through [`source`](StdError::source).
+#[derive(Debug)]
+struct PgError(tokio_postgres::Error);
+
+impl std::fmt::Display for PgError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.as_db_error() {
+            Some(db) => write!(f, "db error {}: {}", db.code().code(), db.message()),
+            None => match self.0.source() {
+                Some(cause) => write!(f, "{}: {cause}", self.0),
+                None => write!(f, "{}", self.0),
+            },
+        }
+    }
+}
+
+impl StdError for PgError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&self.0)
     }
 }
 

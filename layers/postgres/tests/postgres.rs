@@ -235,6 +235,11 @@ async fn statement_timeout_is_unavailable_and_constraint_violations_are_other() 
         .map_err(to_backend_error)
         .unwrap_err();
     assert_eq!(err.kind(), BackendErrorKind::Unavailable, "{err}");
+    // The log line says what the server answered, not just "db error".
+    assert_eq!(
+        err.to_string(),
+        "backend unavailable: db error 57014: canceling statement due to statement timeout"
+    );
 
     client
         .batch_execute("CREATE TABLE u (id int PRIMARY KEY); INSERT INTO u VALUES (1)")
@@ -246,6 +251,13 @@ async fn statement_timeout_is_unavailable_and_constraint_violations_are_other() 
         .map_err(to_backend_error)
         .unwrap_err();
     assert_eq!(err.kind(), BackendErrorKind::Other, "{err}");
+    // The server's DETAIL (which quotes the row's values) stays out of the message.
+    let message = err.to_string();
+    assert!(
+        message.starts_with("backend error: db error 23505: duplicate key"),
+        "{message}"
+    );
+    assert!(!message.contains("(id)=(1)"), "{message}");
     let err = client
         .execute("SELECT * FROM no_such_table", &[])
         .await

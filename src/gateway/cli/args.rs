@@ -99,6 +99,18 @@ pub(super) struct BackendArgs {
     )]
     pub(super) database_url_file: Option<PathBuf>,
 
+    /// Connections of each replica's request-path pool (key lookups, sessions, holds and
+    /// charges); each replica also opens 8 for the admin API, logs and jobs, and 2 listeners.
+    /// Keep replicas × (this + 10) under PostgreSQL's max_connections.
+    #[arg(
+        long,
+        env = "TOLLGATE_DATABASE_POOL_SIZE",
+        value_name = "N",
+        default_value_t = 32,
+        value_parser = clap::value_parser!(u16).range(1..=1024)
+    )]
+    pub(super) database_pool_size: u16,
+
     /// 32-byte key (64 hex digits) encrypting model sessions at rest; required with
     /// DATABASE_URL. Unset: generated (memory backends only).
     #[arg(

@@ -123,6 +123,7 @@ impl Cli {
             admin_bind,
             admin_token,
             database_url,
+            database_pool_size: usize::from(backends.database_pool_size),
             redis_url,
             upstream: upstream_url,
             sign_rules: upstream.sign_rules,
@@ -199,9 +200,24 @@ mod tests {
         assert_eq!(c.hold_ttl, Duration::from_millis(300_000));
         assert_eq!(c.drain_timeout, Duration::from_millis(30_000));
         assert_eq!(c.max_connections, 10_000);
+        assert_eq!(c.database_pool_size, 32);
         assert_eq!(c.log_format, LogFormat::Text);
         assert!(!c.dashboard_insecure_cookies, "session cookies are Secure");
         assert_eq!(c.log_filter, "info");
+    }
+
+    #[test]
+    fn the_pool_size_is_bounded() {
+        assert_eq!(
+            parse(&["--database-pool-size", "12"])
+                .unwrap()
+                .database_pool_size,
+            12
+        );
+        for bad in ["0", "1025", "many"] {
+            let err = parse(&["--database-pool-size", bad]).unwrap_err();
+            assert!(err.contains("--database-pool-size"), "{bad}: {err}");
+        }
     }
 
     #[test]
