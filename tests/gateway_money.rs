@@ -453,7 +453,7 @@ struct FlakyKeys {
 
 mod flaky_keys {
     use super::FlakyKeys;
-    use tollgate::api_key_auth::{KeyGrant, KeyHash, KeyInfo, KeyStore, NewKey};
+    use tollgate::api_key_auth::{KeyGrant, KeyHash, KeyInfo, KeySpec, KeyStore, NewKey};
     use tollgate_core::{BackendError, BoxFuture, KeyId, ModelId, OrgId, Plan};
 
     impl KeyStore for FlakyKeys {
@@ -486,14 +486,23 @@ mod flaky_keys {
         fn add_model(&self, org: OrgId, model: ModelId) -> BoxFuture<Result<bool, BackendError>> {
             self.inner.add_model(org, model)
         }
-        fn create_key(&self, org: OrgId, name: String) -> BoxFuture<Result<NewKey, BackendError>> {
-            self.inner.create_key(org, name)
+        fn create_key_with(
+            &self,
+            org: OrgId,
+            name: String,
+            spec: KeySpec,
+        ) -> BoxFuture<Result<NewKey, BackendError>> {
+            self.inner.create_key_with(org, name, spec)
         }
         fn revoke_key(&self, key: KeyId) -> BoxFuture<Result<bool, BackendError>> {
             self.inner.revoke_key(key)
         }
-        fn rotate_key(&self, key: KeyId) -> BoxFuture<Result<Option<NewKey>, BackendError>> {
-            self.inner.rotate_key(key)
+        fn rotate_key_with_grace(
+            &self,
+            key: KeyId,
+            grace_ms: u64,
+        ) -> BoxFuture<Result<Option<NewKey>, BackendError>> {
+            self.inner.rotate_key_with_grace(key, grace_ms)
         }
         fn list_keys(&self, org: OrgId) -> BoxFuture<Result<Vec<KeyInfo>, BackendError>> {
             self.inner.list_keys(org)

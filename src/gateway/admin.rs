@@ -12,7 +12,10 @@ use serde_json::{json, Value};
 
 use tollgate_api_key_auth::{KeyInfo, KeyStatus};
 use tollgate_core::time::rfc3339_from_ms;
-use tollgate_core::{BackendError, BoxError, ErrorCode, KeyId, ModelId, OrgId, Plan, Rejection};
+use tollgate_core::{
+    BackendError, BoxError, Clock as _, ErrorCode, KeyId, ModelId, OrgId, Plan, Rejection,
+    SystemClock,
+};
 use tollgate_upstream_sign::ModelRecord;
 
 use super::app::PeerAddr;
@@ -21,7 +24,7 @@ use super::state::AppState;
 pub mod body;
 pub mod lockout;
 
-use body::{credits_field, invalid, session_field, string_field};
+use body::{credits_field, grace_seconds, invalid, key_spec, session_field, string_field};
 pub use lockout::AdminLockout;
 
 /// The most an admin request body may hold.
@@ -152,7 +155,7 @@ where
         (&Method::POST, ["orgs", org, "keys"]) => create_key(state, org_id(org)?, body?).await,
         (&Method::GET, ["orgs", org, "keys"]) => list_keys(state, org_id(org)?).await,
         (&Method::POST, ["keys", key, "revoke"]) => revoke_key(state, key_id(key)?).await,
-        (&Method::POST, ["keys", key, "rotate"]) => rotate_key(state, key_id(key)?).await,
+        (&Method::POST, ["keys", key, "rotate"]) => rotate_key(state, key_id(key)?, body?).await,
         (&Method::POST, ["orgs", org, "models"]) => add_model(state, org_id(org)?, body?).await,
         (&Method::GET, ["orgs", org, "models"]) => list_models(state, org_id(org)?).await,
         (&Method::POST, ["models", model, "reconnect"]) => {
@@ -323,29 +326,54 @@ async fn set_balance(state: &AppState, org: OrgId, body: Value) -> AdminResult {
 async fn create_key(state: &AppState, org: OrgId, body: Value) -> AdminResult {
     require_org(state, org).await?;
     let name = string_field(&body, "name")?;
+    let spec = key_spec(&body, SystemClock.now_ms())?;
+    for model in spec.models.iter().flatten() {
+        if !state
+            .keys
+            .owns_model(org, *model)
+            .await
+            .map_err(counted(state))?
+        {
+            return Err(invalid(format!(
+                "`models` lists {model}, which is not a model of this organization."
+            )));
+        }
+    }
     let key = state
         .keys
-        .create_key(org, name)
+        .create_key_with(org, name, spec)
         .await
         .map_err(counted(state))?;
     created(&json!({"id": key.id, "key": key.secret}))
 }
 
-fn key_view(k: &KeyInfo) -> Value {
-    json!({
-        "id": k.id,
-        "name": k.name,
-        "prefix": k.prefix,
-        "status": match k.status { KeyStatus::Active => "active", KeyStatus::Revoked => "revoked" },
-        "created_at": rfc3339_from_ms(k.created_at_ms),
-        "last_used_at": k.last_used_at_ms.map(rfc3339_from_ms),
-    })
+/// A key as the admin API lists it: the store's fields plus what it spent this period.
+fn key_view(k: &KeyInfo, spent: u64) -> Value {
+    let mut view = serde_json::to_value(k).unwrap_or_else(|_| json!({"id": k.id}));
+    view["credits_used_this_period"] = json!(spent);
+    view
+}
+
+async fn key_spend(
+    state: &AppState,
+    org: OrgId,
+    keys: &[KeyInfo],
+) -> Result<std::collections::HashMap<KeyId, u64>, Rejection> {
+    state
+        .ledger
+        .key_spend(org, keys.iter().map(|k| k.id).collect())
+        .await
+        .map_err(counted(state))
 }
 
 async fn list_keys(state: &AppState, org: OrgId) -> AdminResult {
     require_org(state, org).await?;
     let keys = state.keys.list_keys(org).await.map_err(counted(state))?;
-    ok(&keys.iter().map(key_view).collect::<Vec<_>>())
+    let spend = key_spend(state, org, &keys).await?;
+    ok(&keys
+        .iter()
+        .map(|k| key_view(k, spend.get(&k.id).copied().unwrap_or(0)))
+        .collect::<Vec<_>>())
 }
 
 async fn revoke_key(state: &AppState, key: KeyId) -> AdminResult {
@@ -353,13 +381,17 @@ async fn revoke_key(state: &AppState, key: KeyId) -> AdminResult {
         return Err(not_found("key"));
     }
     let info = state.keys.key_info(key).await.map_err(counted(state))?;
-    ok(&info
-        .as_ref()
-        .map(key_view)
-        .unwrap_or(json!({"id": key, "status": "revoked"})))
+    match info {
+        Some(info) => {
+            let spend = key_spend(state, info.org, std::slice::from_ref(&info)).await?;
+            ok(&key_view(&info, spend.get(&key).copied().unwrap_or(0)))
+        }
+        None => ok(&json!({"id": key, "status": "revoked"})),
+    }
 }
 
-async fn rotate_key(state: &AppState, key: KeyId) -> AdminResult {
+async fn rotate_key(state: &AppState, key: KeyId, body: Value) -> AdminResult {
+    let grace = grace_seconds(&body)?;
     // Rotating replaces a working key; a revoked key stays revoked (no way around a revoke).
     let info = state
         .keys
@@ -374,7 +406,7 @@ async fn rotate_key(state: &AppState, key: KeyId) -> AdminResult {
     }
     let new = state
         .keys
-        .rotate_key(key)
+        .rotate_key_with_grace(key, grace.saturating_mul(1_000))
         .await
         .map_err(counted(state))?
         .ok_or_else(|| not_found("key"))?;

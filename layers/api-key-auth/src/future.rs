@@ -9,8 +9,8 @@ use std::task::{ready, Context, Poll};
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tollgate_core::{
-    BackendError, BoxFuture, ErrorCode, GateBody, Identity, IdentitySlot, ModelId, Principal,
-    RateLimitInfo, Rejection,
+    BackendError, BoxFuture, ErrorCode, GateBody, Identity, IdentitySlot, KeyCreditLimit, ModelId,
+    Principal, RateLimitInfo, Rejection,
 };
 use tower_service::Service;
 
@@ -30,9 +30,50 @@ impl<S, ReqBody> PendingCall<S, ReqBody>
 where
     S: Service<Request<ReqBody>>,
 {
-    fn call(mut self, principal: Principal) -> S::Future {
+    fn call(mut self, principal: Principal, credit_limit: Option<u64>) -> S::Future {
         self.request.extensions_mut().insert(principal);
+        if let Some(limit) = credit_limit {
+            self.request.extensions_mut().insert(KeyCreditLimit(limit));
+        }
         self.service.call(self.request)
+    }
+}
+
+/// Whether the key's scopes and models cover the request (decided when the key is known,
+/// answered after the model ownership check: a model of another org is 401, not 403).
+#[derive(Debug, Clone, Copy)]
+struct Permission {
+    allowed: bool,
+    credit_limit: Option<u64>,
+}
+
+fn forbidden<B>(principal: Principal) -> Response<GateBody<B>> {
+    tracing::debug!(
+        org = %principal.org,
+        key = %principal.key,
+        "the key's scopes or models do not cover this request"
+    );
+    reject(Rejection::new(ErrorCode::KeyForbidden), Some(principal))
+}
+
+/// The inner call, or the 403 when the key may not make it.
+fn admit<S, ReqBody, ResBody>(
+    call: PendingCall<S, ReqBody>,
+    principal: Principal,
+    permission: Permission,
+) -> State<S, ReqBody, ResBody>
+where
+    S: Service<Request<ReqBody>>,
+{
+    if permission.allowed {
+        State::Inner {
+            future: call.call(principal, permission.credit_limit),
+            principal: Some(principal),
+        }
+    } else {
+        State::Respond {
+            response: Some(forbidden(principal)),
+        }
     }
 }
 
@@ -62,6 +103,7 @@ pin_project! {
         Ownership {
             check: BoxFuture<Result<bool, BackendError>>,
             principal: Principal,
+            permission: Permission,
             call: Option<PendingCall<S, ReqBody>>,
         },
         // The inner service is answering.
@@ -109,12 +151,60 @@ where
             },
         }
     }
+
+    /// A live key: subscription (402), then model ownership (401), then the key's scopes
+    /// and models (403).
+    fn granted(
+        grant: KeyGrant,
+        call: PendingCall<S, ReqBody>,
+        now: u64,
+    ) -> State<S, ReqBody, ResBody> {
+        if let Some(slot) = call.request.extensions().get::<IdentitySlot>() {
+            slot.set(Identity {
+                org: grant.org,
+                key: grant.key,
+            });
+        }
+        call.config.store.record_use(grant.key, now);
+        let permission = Permission {
+            allowed: grant.limits.scopes.allows(call.request.method())
+                && call.model.is_none_or(|m| grant.limits.allows_model(m)),
+            credit_limit: grant.limits.credit_limit,
+        };
+        match (grant.principal(), call.model) {
+            (None, _) => {
+                tracing::debug!(
+                    org = %grant.org,
+                    key = %grant.key,
+                    "organization has no active subscription"
+                );
+                let identity = Identity {
+                    org: grant.org,
+                    key: grant.key,
+                };
+                // No plan, so no `Principal`: the grant tells outer layers whose key it was.
+                let mut response = reject(Rejection::new(ErrorCode::NoSubscription), Some(grant));
+                response.extensions_mut().insert(identity);
+                State::Respond {
+                    response: Some(response),
+                }
+            }
+            (Some(principal), Some(model)) => State::Ownership {
+                check: call.config.store.owns_model(grant.org, model),
+                principal,
+                permission,
+                call: Some(call),
+            },
+            (Some(principal), None) => admit(call, principal, permission),
+        }
+    }
 }
 
-/// The rate-limit state of a caller the layer refused with 401 or 402 `NO_SUBSCRIPTION`: no
-/// (org, model) window applies to it, and it may send no request until it authenticates
-/// (or subscribes), so `RateLimit-Limit: 0`, `RateLimit-Remaining: 0`, `RateLimit-Reset: 0`
-/// (waiting does not help, hence no `Retry-After`). Nothing is counted against any window.
+/// The rate-limit state of a caller the layer refused with 401, 402 `NO_SUBSCRIPTION` or 403
+/// `KEY_FORBIDDEN`: no (org, model) window applies to the request, and it may not be sent
+/// until the caller authenticates (subscribes, uses a key allowed to make it), so
+/// `RateLimit-Limit: 0`, `RateLimit-Remaining: 0`, `RateLimit-Reset: 0` (waiting does not
+/// help, hence no `Retry-After`). Nothing is counted against any window.
 pub(crate) const NO_QUOTA: RateLimitInfo = RateLimitInfo {
     limit: 0,
     remaining: 0,
@@ -123,12 +213,12 @@ pub(crate) const NO_QUOTA: RateLimitInfo = RateLimitInfo {
 };
 
 /// Renders a refusal of the layer: the `{error, code}` body, plus the [`NO_QUOTA`]
-/// `RateLimit-*` headers on 401 and 402 (every response carries them; store failures are
-/// not about the caller's quota and get none).
+/// `RateLimit-*` headers on 401, 402 and 403 (every response carries them; store failures
+/// are not about the caller's quota and get none).
 pub(crate) fn refusal<B>(rejection: Rejection) -> Response<GateBody<B>> {
     let quota = matches!(
         rejection.code(),
-        ErrorCode::InvalidApiKey | ErrorCode::NoSubscription
+        ErrorCode::InvalidApiKey | ErrorCode::NoSubscription | ErrorCode::KeyForbidden
     );
     let mut response: Response<GateBody<B>> = rejection.into_response();
     if quota {
@@ -189,44 +279,17 @@ where
                             }
                         }
                         Ok(Some(grant)) => {
-                            if let Some(slot) = call.request.extensions().get::<IdentitySlot>() {
-                                slot.set(Identity {
-                                    org: grant.org,
-                                    key: grant.key,
-                                });
-                            }
                             let now = call.config.clock.now_ms();
-                            call.config.store.record_use(grant.key, now);
-                            match (grant.principal(), call.model) {
-                                (None, _) => {
-                                    tracing::debug!(
-                                        org = %grant.org,
-                                        key = %grant.key,
-                                        "organization has no active subscription"
-                                    );
-                                    // No plan, so no `Principal`: the grant tells outer
-                                    // layers whose key it was.
-                                    let mut response = reject(
-                                        Rejection::new(ErrorCode::NoSubscription),
-                                        Some(grant),
-                                    );
-                                    response.extensions_mut().insert(Identity {
-                                        org: grant.org,
-                                        key: grant.key,
-                                    });
-                                    State::Respond {
-                                        response: Some(response),
-                                    }
+                            if !grant.limits.is_live_at(now) {
+                                tracing::debug!(
+                                    key = %grant.key,
+                                    "API key expired or past its rotation's grace period"
+                                );
+                                State::Respond {
+                                    response: Some(reject::<_, Principal>(invalid_key(), None)),
                                 }
-                                (Some(principal), Some(model)) => State::Ownership {
-                                    check: call.config.store.owns_model(grant.org, model),
-                                    principal,
-                                    call: Some(call),
-                                },
-                                (Some(principal), None) => State::Inner {
-                                    future: call.call(principal),
-                                    principal: Some(principal),
-                                },
+                            } else {
+                                Self::granted(grant, call, now)
                             }
                         }
                     }
@@ -234,11 +297,12 @@ where
                 StateProj::Ownership {
                     check,
                     principal,
+                    permission,
                     call,
                 } => {
                     let outcome = ready!(check.as_mut().poll(cx));
                     let call = call.take().expect(POLLED_AFTER_COMPLETION);
-                    let principal = *principal;
+                    let (principal, permission) = (*principal, *permission);
                     match outcome {
                         Err(error) => State::Respond {
                             response: Some(backend_failure(
@@ -257,10 +321,7 @@ where
                                 response: Some(reject(invalid_key(), Some(principal))),
                             }
                         }
-                        Ok(true) => State::Inner {
-                            future: call.call(principal),
-                            principal: Some(principal),
-                        },
+                        Ok(true) => admit(call, principal, permission),
                     }
                 }
                 StateProj::Inner { future, principal } => {

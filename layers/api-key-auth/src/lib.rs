@@ -101,4 +101,4 @@ pub use memory::{MemoryKeyStore, LAST_USED_RESOLUTION_MS};
 #[cfg(feature = "postgres")]
 pub use postgres::{KeyCacheStats, PostgresKeyStore, PostgresKeyStoreBuilder};
 pub use service::{ApiKeyAuth, WRONG_HEADER_MESSAGE, X_API_KEY};
-pub use store::{KeyGrant, KeyInfo, KeyStatus, KeyStore, NewKey};
+pub use store::{KeyGrant, KeyInfo, KeyLimits, KeySpec, KeyStatus, KeyStore, NewKey, Scopes};

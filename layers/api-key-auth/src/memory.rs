@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::ready;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use subtle::ConstantTimeEq;
 use tollgate_core::{
@@ -14,7 +14,7 @@ use tollgate_core::{
 };
 
 use crate::key::{generate_key, GeneratedKey, KeyHash};
-use crate::store::{KeyGrant, KeyInfo, KeyStatus, KeyStore, NewKey};
+use crate::store::{KeyGrant, KeyInfo, KeyLimits, KeySpec, KeyStatus, KeyStore, NewKey};
 
 /// Last-used times are kept to this resolution: a key's time is written at most once per
 /// this many milliseconds of clock, however many requests it authenticates.
@@ -36,7 +36,8 @@ pub struct MemoryKeyStore {
 
 #[derive(Default)]
 struct State {
-    /// Hash of every *active* key → its id. A revoked key leaves this index.
+    /// Hash of every key not revoked → its id. A revoked key leaves this index; a key in a
+    /// rotation's grace period or past its expiry stays, and lookups compare the times.
     by_hash: HashMap<KeyHash, KeyId>,
     keys: HashMap<KeyId, KeyRecord>,
     orgs: HashMap<OrgId, OrgRecord>,
@@ -48,9 +49,16 @@ struct KeyRecord {
     name: String,
     prefix: String,
     hash: KeyHash,
+    /// `Active` or `Revoked` (what was done to it; expiry and grace are times).
     status: KeyStatus,
     created_at_ms: u64,
     last_used_ms: AtomicU64,
+    /// When it was revoked, or will be at the end of a rotation's grace period.
+    revoked_at_ms: Option<u64>,
+    expires_at_ms: Option<u64>,
+    scopes: crate::store::Scopes,
+    models: Option<Arc<[ModelId]>>,
+    credit_limit: Option<u64>,
 }
 
 #[derive(Default)]
@@ -61,16 +69,49 @@ struct OrgRecord {
 }
 
 impl KeyRecord {
-    fn info(&self, id: KeyId) -> KeyInfo {
+    fn info(&self, id: KeyId, now_ms: u64) -> KeyInfo {
         let last = self.last_used_ms.load(Ordering::Relaxed);
         KeyInfo {
             id,
             org: self.org,
             name: self.name.clone(),
             prefix: self.prefix.clone(),
-            status: self.status,
+            status: KeyStatus::at(
+                now_ms,
+                self.status == KeyStatus::Revoked,
+                self.revoked_at_ms,
+                self.expires_at_ms,
+            ),
             created_at_ms: self.created_at_ms,
             last_used_at_ms: (last != NEVER).then_some(last),
+            revoked_at_ms: self.revoked_at_ms,
+            expires_at_ms: self.expires_at_ms,
+            scopes: self.scopes,
+            models: self.models.as_deref().map(<[ModelId]>::to_vec),
+            credit_limit: self.credit_limit,
+        }
+    }
+
+    fn limits(&self) -> KeyLimits {
+        let ends_at_ms = match (self.expires_at_ms, self.revoked_at_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        KeyLimits {
+            ends_at_ms,
+            scopes: self.scopes,
+            models: self.models.clone(),
+            credit_limit: self.credit_limit,
+        }
+    }
+
+    /// The spec a key rotated from this one gets: everything but an expiry already past.
+    fn spec_for_successor(&self, now_ms: u64) -> KeySpec {
+        KeySpec {
+            expires_at_ms: self.expires_at_ms.filter(|&t| t > now_ms),
+            scopes: self.scopes,
+            models: self.models.as_deref().map(<[ModelId]>::to_vec),
+            credit_limit: self.credit_limit,
         }
     }
 
@@ -102,6 +143,7 @@ impl State {
         &mut self,
         org: OrgId,
         name: String,
+        spec: KeySpec,
         key: &GeneratedKey,
         now_ms: u64,
     ) -> Option<KeyId> {
@@ -122,19 +164,30 @@ impl State {
                 status: KeyStatus::Active,
                 created_at_ms: now_ms,
                 last_used_ms: AtomicU64::new(NEVER),
+                revoked_at_ms: None,
+                expires_at_ms: spec.expires_at_ms,
+                scopes: spec.scopes,
+                models: spec.models.map(Arc::from),
+                credit_limit: spec.credit_limit,
             },
         );
         self.orgs.entry(org).or_default().keys.push(id);
         Some(id)
     }
 
-    fn revoke(&mut self, key: KeyId) -> bool {
+    /// Revokes `key` at `at_ms`: at once when that is now (it leaves the hash index), else
+    /// at the end of a grace period (an earlier revocation time is kept).
+    fn revoke(&mut self, key: KeyId, now_ms: u64, at_ms: u64) -> bool {
         let Some(record) = self.keys.get_mut(&key) else {
             return false;
         };
         if record.status == KeyStatus::Active {
-            record.status = KeyStatus::Revoked;
-            self.by_hash.remove(&record.hash);
+            let at = record.revoked_at_ms.map_or(at_ms, |t| t.min(at_ms));
+            record.revoked_at_ms = Some(at);
+            if at <= now_ms {
+                record.status = KeyStatus::Revoked;
+                self.by_hash.remove(&record.hash);
+            }
         }
         true
     }
@@ -175,14 +228,23 @@ impl MemoryKeyStore {
             key: id,
             org: record.org,
             plan: state.orgs.get(&record.org).and_then(|o| o.plan),
+            limits: record.limits(),
         })
     }
 
-    fn create_key_now(&self, org: OrgId, name: String) -> Result<NewKey, BackendError> {
+    fn create_key_now(
+        &self,
+        org: OrgId,
+        name: String,
+        spec: KeySpec,
+    ) -> Result<NewKey, BackendError> {
         for _ in 0..2 {
             let key = generate_key()?;
             let now = self.clock.now_ms();
-            if let Some(id) = self.write().insert_key(org, name.clone(), &key, now) {
+            if let Some(id) = self
+                .write()
+                .insert_key(org, name.clone(), spec.clone(), &key, now)
+            {
                 return Ok(NewKey {
                     id,
                     secret: key.secret,
@@ -193,7 +255,7 @@ impl MemoryKeyStore {
         Err(hash_collision())
     }
 
-    fn rotate_key_now(&self, old: KeyId) -> Result<Option<NewKey>, BackendError> {
+    fn rotate_key_now(&self, old: KeyId, grace_ms: u64) -> Result<Option<NewKey>, BackendError> {
         for _ in 0..2 {
             let key = generate_key()?;
             let now = self.clock.now_ms();
@@ -202,8 +264,9 @@ impl MemoryKeyStore {
                 return Ok(None);
             };
             let (org, name) = (record.org, record.name.clone());
-            if let Some(id) = state.insert_key(org, name, &key, now) {
-                state.revoke(old);
+            let spec = record.spec_for_successor(now);
+            if let Some(id) = state.insert_key(org, name, spec, &key, now) {
+                state.revoke(old, now, now.saturating_add(grace_ms));
                 return Ok(Some(NewKey {
                     id,
                     secret: key.secret,
@@ -263,31 +326,43 @@ impl KeyStore for MemoryKeyStore {
         Box::pin(ready(Ok(owner == org)))
     }
 
-    fn create_key(&self, org: OrgId, name: String) -> BoxFuture<Result<NewKey, BackendError>> {
-        Box::pin(ready(self.create_key_now(org, name)))
+    fn create_key_with(
+        &self,
+        org: OrgId,
+        name: String,
+        spec: KeySpec,
+    ) -> BoxFuture<Result<NewKey, BackendError>> {
+        Box::pin(ready(self.create_key_now(org, name, spec)))
     }
 
     fn revoke_key(&self, key: KeyId) -> BoxFuture<Result<bool, BackendError>> {
-        Box::pin(ready(Ok(self.write().revoke(key))))
+        let now = self.clock.now_ms();
+        Box::pin(ready(Ok(self.write().revoke(key, now, now))))
     }
 
-    fn rotate_key(&self, key: KeyId) -> BoxFuture<Result<Option<NewKey>, BackendError>> {
-        Box::pin(ready(self.rotate_key_now(key)))
+    fn rotate_key_with_grace(
+        &self,
+        key: KeyId,
+        grace_ms: u64,
+    ) -> BoxFuture<Result<Option<NewKey>, BackendError>> {
+        Box::pin(ready(self.rotate_key_now(key, grace_ms)))
     }
 
     fn list_keys(&self, org: OrgId) -> BoxFuture<Result<Vec<KeyInfo>, BackendError>> {
+        let now = self.clock.now_ms();
         let state = self.read();
         let keys = state.orgs.get(&org).map_or_else(Vec::new, |o| {
             o.keys
                 .iter()
-                .filter_map(|id| state.keys.get(id).map(|r| r.info(*id)))
+                .filter_map(|id| state.keys.get(id).map(|r| r.info(*id, now)))
                 .collect()
         });
         Box::pin(ready(Ok(keys)))
     }
 
     fn key_info(&self, key: KeyId) -> BoxFuture<Result<Option<KeyInfo>, BackendError>> {
-        let info = self.read().keys.get(&key).map(|r| r.info(key));
+        let now = self.clock.now_ms();
+        let info = self.read().keys.get(&key).map(|r| r.info(key, now));
         Box::pin(ready(Ok(info)))
     }
 }
@@ -306,6 +381,11 @@ mod tests {
             status: KeyStatus::Active,
             created_at_ms: 0,
             last_used_ms: AtomicU64::new(NEVER),
+            revoked_at_ms: None,
+            expires_at_ms: None,
+            scopes: crate::store::Scopes::ALL,
+            models: None,
+            credit_limit: None,
         };
         record.touch(0);
         assert_eq!(record.last_used_ms.load(Ordering::Relaxed), 0);

@@ -217,7 +217,8 @@ async fn no_subscription_is_402() {
         Some(&KeyGrant {
             key: fx.key.id,
             org: fx.org,
-            plan: None
+            plan: None,
+            limits: tollgate_api_key_auth::KeyLimits::default(),
         })
     );
     assert_eq!(

@@ -51,6 +51,10 @@ pub enum ErrorCode {
     IdempotencyKeyReused,
     /// 409: the first request with this `Idempotency-Key` is still in flight.
     IdempotencyInProgress,
+    /// 403: the key's scopes or model list do not cover this request (docs/contract.md §13).
+    KeyForbidden,
+    /// 402: the request would take the key past its credit limit for the billing period.
+    KeyCreditLimit,
 }
 
 impl ErrorCode {
@@ -76,6 +80,8 @@ impl ErrorCode {
             ErrorCode::Forbidden => "FORBIDDEN",
             ErrorCode::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
             ErrorCode::IdempotencyInProgress => "IDEMPOTENCY_IN_PROGRESS",
+            ErrorCode::KeyForbidden => "KEY_FORBIDDEN",
+            ErrorCode::KeyCreditLimit => "KEY_CREDIT_LIMIT",
         }
     }
 
@@ -84,9 +90,9 @@ impl ErrorCode {
     pub const fn status(self) -> StatusCode {
         match self {
             ErrorCode::InvalidApiKey | ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
-            ErrorCode::NoSubscription | ErrorCode::InsufficientCredits => {
-                StatusCode::PAYMENT_REQUIRED
-            }
+            ErrorCode::NoSubscription
+            | ErrorCode::InsufficientCredits
+            | ErrorCode::KeyCreditLimit => StatusCode::PAYMENT_REQUIRED,
             ErrorCode::RateLimitExceeded | ErrorCode::UpstreamRateLimited => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -96,7 +102,7 @@ impl ErrorCode {
             ErrorCode::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorCode::UpstreamRejected | ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
-            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden | ErrorCode::KeyForbidden => StatusCode::FORBIDDEN,
             ErrorCode::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::IdempotencyInProgress => StatusCode::CONFLICT,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -139,11 +145,17 @@ impl ErrorCode {
             ErrorCode::IdempotencyInProgress => {
                 "A request with this Idempotency-Key is still in flight. Retry shortly."
             }
+            ErrorCode::KeyForbidden => {
+                "This API key may not make this request (its scopes or models do not allow it)."
+            }
+            ErrorCode::KeyCreditLimit => {
+                "This API key has reached its credit limit for the billing period."
+            }
         }
     }
 
     /// Every code, for tables and tests.
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 21] = [
         ErrorCode::InvalidApiKey,
         ErrorCode::NoSubscription,
         ErrorCode::InsufficientCredits,
@@ -163,6 +175,8 @@ impl ErrorCode {
         ErrorCode::Forbidden,
         ErrorCode::IdempotencyKeyReused,
         ErrorCode::IdempotencyInProgress,
+        ErrorCode::KeyForbidden,
+        ErrorCode::KeyCreditLimit,
     ];
 }
 

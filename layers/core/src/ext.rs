@@ -25,6 +25,12 @@ pub struct Principal {
     pub plan: Plan,
 }
 
+/// The most credits the calling key may spend in the org's current billing period
+/// (docs/contract.md §13): put on the request by the auth layer when the key has a limit, and
+/// enforced by the credit meter together with the org's balance (402 `KEY_CREDIT_LIMIT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyCreditLimit(pub u64);
+
 /// Which org and key a request was identified as, even when it was then refused for lack of
 /// a subscription (a [`Principal`] needs a plan). The auth layer puts it on every response of
 /// an identified key, so the request logger can attribute refused requests too.

@@ -42,8 +42,8 @@ pub use clock::TokioClock;
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use error::{BackendError, BackendErrorKind, BackendFailure, ErrorCode, Rejection};
 pub use ext::{
-    CreditReceipt, CreditSettlement, Identity, IdentitySlot, JsonBodyRequired, Principal,
-    RateLimitInfo, RequestId,
+    CreditReceipt, CreditSettlement, Identity, IdentitySlot, JsonBodyRequired, KeyCreditLimit,
+    Principal, RateLimitInfo, RequestId,
 };
 pub use ids::{IdParseError, KeyId, ModelId, OrgId};
 pub use plan::{Plan, PlanParseError};

@@ -146,6 +146,12 @@ where
                             });
                             continue;
                         }
+                        Ok(HoldOutcome::KeyLimit { .. }) => {
+                            this.state.set(State::Reject {
+                                rejection: Some(Rejection::new(ErrorCode::KeyCreditLimit)),
+                            });
+                            continue;
+                        }
                         Err(err) => {
                             tracing::error!(error = %err, "the credit ledger failed to place a hold");
                             this.state.set(State::Reject {

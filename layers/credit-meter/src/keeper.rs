@@ -165,7 +165,7 @@ mod tests {
         let org = OrgId::new();
         ledger.subscribe(org, Plan::Free).await.unwrap();
         let keeper = HoldKeeper::new(ledger.clone());
-        let hold = |n| match ledger.hold_now(org, n, None) {
+        let hold = |n| match ledger.hold_now(org, n, None, None) {
             HoldOutcome::Held(h) => h,
             other => panic!("{other:?}"),
         };

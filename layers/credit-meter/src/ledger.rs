@@ -5,8 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
+use std::collections::HashMap;
 use tollgate_core::time::rfc3339_from_ms;
-use tollgate_core::{BackendError, BoxFuture, OrgId, Plan, RequestId};
+
+use tollgate_core::{BackendError, BoxFuture, KeyId, OrgId, Plan, RequestId};
 
 /// The largest balance (and single amount) a ledger accepts: the range of a signed 64-bit
 /// integer, so every balance change fits a ledger row's `i64` deltas (and a PostgreSQL
@@ -36,6 +38,19 @@ pub struct Hold {
     pub amount: u64,
 }
 
+/// The API key a hold is for, and that key's own credit limit per billing period
+/// (docs/contract.md §13). The ledger counts what each key spends in the org's current period
+/// ([`Ledger::key_spend`]); a hold that would take a key past its limit — what the key spent
+/// in the period plus its open holds plus this one — is refused with
+/// [`HoldOutcome::KeyLimit`], atomically with the org's own balance check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyBudget {
+    /// The key.
+    pub key: KeyId,
+    /// The most credits it may spend per period; `None`: no limit of its own.
+    pub limit: Option<u64>,
+}
+
 /// The answer to [`Ledger::hold`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HoldOutcome {
@@ -50,6 +65,12 @@ pub enum HoldOutcome {
     },
     /// The org was never subscribed or has cancelled.
     NoSubscription,
+    /// The key's credit limit for the period leaves less than the amount asked for (checked
+    /// before the org's balance; see [`Ledger::hold_for_key`]).
+    KeyLimit {
+        /// Credits the key could still have held (`limit − spent − held by the key`).
+        available: u64,
+    },
 }
 
 /// What [`Ledger::commit`] did with a hold.
@@ -198,13 +219,38 @@ pub struct LedgerEntry {
 /// atomic: two holds racing for the last credits cannot both succeed.
 pub trait Ledger: Send + Sync + 'static {
     /// Holds `amount` credits of `org` for one request (renewing the period first if it is
-    /// over). `request_id` is recorded on the charge row if the hold is committed.
+    /// over). `request_id` is recorded on the charge row if the hold is committed. The hold
+    /// is for no key in particular: see [`hold_for_key`](Ledger::hold_for_key).
     fn hold(
         &self,
         org: OrgId,
         amount: u64,
         request_id: Option<RequestId>,
+    ) -> BoxFuture<Result<HoldOutcome, BackendError>> {
+        self.hold_for_key(org, amount, request_id, None)
+    }
+
+    /// [`hold`](Ledger::hold) on behalf of a key: what a commit of the hold charges counts
+    /// as spent by `budget.key` in the current period ([`key_spend`](Ledger::key_spend)),
+    /// and with `budget.limit` the hold is refused with [`HoldOutcome::KeyLimit`] when the
+    /// key's spend, its open holds and `amount` together would pass the limit. The key limit
+    /// is checked first, then the org's balance, in one atomic step. A key limit counts
+    /// credits charged, and an unlimited plan charges none: there it never binds.
+    fn hold_for_key(
+        &self,
+        org: OrgId,
+        amount: u64,
+        request_id: Option<RequestId>,
+        budget: Option<KeyBudget>,
     ) -> BoxFuture<Result<HoldOutcome, BackendError>>;
+
+    /// Credits each of `keys` (keys of `org`) has been charged in the org's current billing
+    /// period (renewed first if over), net of refunds; keys that spent nothing are absent.
+    fn key_spend(
+        &self,
+        org: OrgId,
+        keys: Vec<KeyId>,
+    ) -> BoxFuture<Result<HashMap<KeyId, u64>, BackendError>>;
 
     /// Charges a hold (plan credits first, then top-ups) and says what was taken.
     /// Committing an unknown or already settled hold charges nothing
@@ -273,13 +319,22 @@ pub trait Ledger: Send + Sync + 'static {
 }
 
 impl<T: Ledger + ?Sized> Ledger for Arc<T> {
-    fn hold(
+    fn hold_for_key(
         &self,
         org: OrgId,
         amount: u64,
         request_id: Option<RequestId>,
+        budget: Option<KeyBudget>,
     ) -> BoxFuture<Result<HoldOutcome, BackendError>> {
-        (**self).hold(org, amount, request_id)
+        (**self).hold_for_key(org, amount, request_id, budget)
+    }
+
+    fn key_spend(
+        &self,
+        org: OrgId,
+        keys: Vec<KeyId>,
+    ) -> BoxFuture<Result<HashMap<KeyId, u64>, BackendError>> {
+        (**self).key_spend(org, keys)
     }
 
     fn commit(&self, hold: Hold) -> BoxFuture<Result<CommitOutcome, BackendError>> {

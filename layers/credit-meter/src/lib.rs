@@ -105,8 +105,8 @@ pub use future::ResponseFuture;
 pub use jobs::run_ledger_jobs;
 pub use layer::{CreditMeterLayer, DEFAULT_MAX_BUFFERED_BODY, DEFAULT_SETTLE_TIMEOUT};
 pub use ledger::{
-    Account, CommitOutcome, CreditsView, EntryKind, Hold, HoldId, HoldOutcome, Ledger, LedgerEntry,
-    ReleaseOutcome, MAX_CREDITS,
+    Account, CommitOutcome, CreditsView, EntryKind, Hold, HoldId, HoldOutcome, KeyBudget, Ledger,
+    LedgerEntry, ReleaseOutcome, MAX_CREDITS,
 };
 #[cfg(feature = "memory")]
 pub use memory::{MemoryLedger, DEFAULT_HOLD_TTL, MAX_ENTRIES_PER_ORG};

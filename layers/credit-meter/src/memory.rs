@@ -30,11 +30,11 @@ use std::time::Duration;
 
 use tollgate_core::time::add_one_month_ms;
 use tollgate_core::{
-    BackendError, BoxFuture, Clock, OrgId, Plan, RequestId, SharedClock, SystemClock,
+    BackendError, BoxFuture, Clock, KeyId, OrgId, Plan, RequestId, SharedClock, SystemClock,
 };
 
 use crate::ledger::{
-    Account, CommitOutcome, EntryKind, Hold, HoldId, HoldOutcome, Ledger, LedgerEntry,
+    Account, CommitOutcome, EntryKind, Hold, HoldId, HoldOutcome, KeyBudget, Ledger, LedgerEntry,
     ReleaseOutcome, MAX_CREDITS,
 };
 
@@ -57,12 +57,14 @@ struct HoldRecord {
     amount: u64,
     request_id: Option<RequestId>,
     expires_at_ms: u64,
+    key: Option<KeyId>,
 }
 
 struct SweptHold {
     amount: u64,
     request_id: Option<RequestId>,
     forget_at_ms: u64,
+    key: Option<KeyId>,
 }
 
 /// A committed hold, remembered for one TTL: what it took from each pot.
@@ -71,6 +73,7 @@ struct CommittedHold {
     from_topup: u64,
     request_id: Option<RequestId>,
     forget_at_ms: u64,
+    key: Option<KeyId>,
 }
 
 /// One org's account, open holds and ledger rows.
@@ -85,6 +88,10 @@ struct Book {
     holds: HashMap<HoldId, HoldRecord>,
     swept: HashMap<HoldId, SweptHold>,
     committed: HashMap<HoldId, CommittedHold>,
+    /// Credits each key was charged in the current period (cleared when a period starts).
+    key_spent: HashMap<KeyId, u64>,
+    /// Credits each key has in open holds.
+    key_held: HashMap<KeyId, u64>,
     /// The newest [`MAX_ENTRIES_PER_ORG`] ledger rows.
     entries: std::collections::VecDeque<LedgerEntry>,
 }
@@ -124,8 +131,33 @@ impl Book {
             holds: HashMap::new(),
             swept: HashMap::new(),
             committed: HashMap::new(),
+            key_spent: HashMap::new(),
+            key_held: HashMap::new(),
             entries: std::collections::VecDeque::new(),
         }
+    }
+
+    /// Adds `amount` to (or with `add == false`, takes it from) `key`'s tally in `map`,
+    /// dropping tallies that reach zero.
+    fn tally(map: &mut HashMap<KeyId, u64>, key: Option<KeyId>, amount: u64, add: bool) {
+        let Some(key) = key else { return };
+        if amount == 0 {
+            return;
+        }
+        let entry = map.entry(key).or_insert(0);
+        *entry = if add {
+            entry.saturating_add(amount)
+        } else {
+            entry.saturating_sub(amount)
+        };
+        if *entry == 0 {
+            map.remove(&key);
+        }
+    }
+
+    /// A new period started: no key has spent anything in it yet.
+    fn period_started(&mut self) {
+        self.key_spent.clear();
     }
 
     fn balance(&self) -> u64 {
@@ -200,6 +232,9 @@ impl Book {
             }
             self.period_end_ms = end;
         }
+        if renewed > 0 {
+            self.period_started();
+        }
         renewed
     }
 
@@ -212,8 +247,10 @@ impl Book {
         forget_at_ms: u64,
         amount: u64,
         request_id: Option<RequestId>,
+        key: Option<KeyId>,
     ) -> u64 {
         let amount = amount.min(self.balance());
+        Self::tally(&mut self.key_spent, key, amount, true);
         let from_plan = amount.min(self.plan_credits);
         let from_topup = amount - from_plan;
         if amount > 0 {
@@ -234,6 +271,7 @@ impl Book {
                 from_topup,
                 request_id,
                 forget_at_ms,
+                key,
             },
         );
         amount
@@ -244,6 +282,12 @@ impl Book {
         let Some(c) = self.committed.remove(&id) else {
             return false;
         };
+        Self::tally(
+            &mut self.key_spent,
+            c.key,
+            c.from_plan + c.from_topup,
+            false,
+        );
         if c.from_plan + c.from_topup > 0 {
             self.plan_credits = self
                 .plan_credits
@@ -328,6 +372,7 @@ impl MemoryLedger {
         org: OrgId,
         amount: u64,
         request_id: Option<RequestId>,
+        budget: Option<KeyBudget>,
     ) -> HoldOutcome {
         let Some(book) = self.book(org) else {
             return HoldOutcome::NoSubscription;
@@ -339,18 +384,37 @@ impl MemoryLedger {
             None => HoldOutcome::NoSubscription,
             Some(plan) if plan.is_unlimited() => HoldOutcome::Unlimited,
             Some(_) => {
+                let key = budget.map(|b| b.key);
+                if let Some(KeyBudget {
+                    key,
+                    limit: Some(limit),
+                }) = budget
+                {
+                    let used = b
+                        .key_spent
+                        .get(&key)
+                        .copied()
+                        .unwrap_or(0)
+                        .saturating_add(b.key_held.get(&key).copied().unwrap_or(0));
+                    let left = limit.saturating_sub(used);
+                    if left < amount {
+                        return HoldOutcome::KeyLimit { available: left };
+                    }
+                }
                 let available = b.balance().saturating_sub(b.held);
                 if available < amount {
                     return HoldOutcome::Insufficient { available };
                 }
                 let id = HoldId(self.next_hold.fetch_add(1, Ordering::Relaxed));
                 b.held += amount;
+                Book::tally(&mut b.key_held, key, amount, true);
                 b.holds.insert(
                     id,
                     HoldRecord {
                         amount,
                         request_id,
                         expires_at_ms: now.saturating_add(self.hold_ttl_ms),
+                        key,
                     },
                 );
                 self.open_holds.fetch_add(1, Ordering::Relaxed);
@@ -369,10 +433,11 @@ impl MemoryLedger {
         let forget_at_ms = now.saturating_add(self.hold_ttl_ms);
         if let Some(rec) = b.holds.remove(&hold.id) {
             b.held = b.held.saturating_sub(rec.amount);
+            Book::tally(&mut b.key_held, rec.key, rec.amount, false);
             self.open_holds.fetch_sub(1, Ordering::Relaxed);
             if b.is_unlimited() {
                 // Upgraded to an unlimited plan while the request was in flight.
-                b.charge(hold.id, now, forget_at_ms, 0, None);
+                b.charge(hold.id, now, forget_at_ms, 0, None, None);
                 return CommitOutcome::Charged {
                     charged: 0,
                     balance: None,
@@ -387,7 +452,14 @@ impl MemoryLedger {
                     "the balance was lowered while the hold was open; charging what is left"
                 );
             }
-            let charged = b.charge(hold.id, now, forget_at_ms, rec.amount, rec.request_id);
+            let charged = b.charge(
+                hold.id,
+                now,
+                forget_at_ms,
+                rec.amount,
+                rec.request_id,
+                rec.key,
+            );
             return CommitOutcome::Charged {
                 charged,
                 balance: Some(b.balance()),
@@ -395,7 +467,7 @@ impl MemoryLedger {
         }
         if let Some(swept) = b.swept.remove(&hold.id) {
             if b.is_unlimited() {
-                b.charge(hold.id, now, forget_at_ms, 0, None);
+                b.charge(hold.id, now, forget_at_ms, 0, None, None);
                 return CommitOutcome::Charged {
                     charged: 0,
                     balance: None,
@@ -410,7 +482,14 @@ impl MemoryLedger {
                 hold = %hold.id,
                 "committing a hold that had expired and was released; charged after re-checking the balance"
             );
-            let charged = b.charge(hold.id, now, forget_at_ms, swept.amount, swept.request_id);
+            let charged = b.charge(
+                hold.id,
+                now,
+                forget_at_ms,
+                swept.amount,
+                swept.request_id,
+                swept.key,
+            );
             return CommitOutcome::Charged {
                 charged,
                 balance: Some(b.balance()),
@@ -428,6 +507,7 @@ impl MemoryLedger {
         let mut b = lock(&book);
         if let Some(rec) = b.holds.remove(&hold.id) {
             b.held = b.held.saturating_sub(rec.amount);
+            Book::tally(&mut b.key_held, rec.key, rec.amount, false);
             self.open_holds.fetch_sub(1, Ordering::Relaxed);
             ReleaseOutcome::Released
         } else if b.swept.remove(&hold.id).is_some() {
@@ -475,6 +555,7 @@ impl MemoryLedger {
         b.plan_credits = fresh;
         b.period_start_ms = now;
         b.period_end_ms = add_one_month_ms(now);
+        b.period_started();
         b.record(now, EntryKind::PlanChange, d, 0, None);
         b.account()
     }
@@ -566,6 +647,7 @@ impl MemoryLedger {
             for id in expired {
                 if let Some(rec) = b.holds.remove(&id) {
                     b.held = b.held.saturating_sub(rec.amount);
+                    Book::tally(&mut b.key_held, rec.key, rec.amount, false);
                     self.open_holds.fetch_sub(1, Ordering::Relaxed);
                     tracing::warn!(
                         org = %b.org,
@@ -579,6 +661,7 @@ impl MemoryLedger {
                             amount: rec.amount,
                             request_id: rec.request_id,
                             forget_at_ms: now.saturating_add(self.hold_ttl_ms),
+                            key: rec.key,
                         },
                     );
                     swept += 1;
@@ -614,13 +697,32 @@ impl fmt::Debug for MemoryLedger {
 }
 
 impl Ledger for MemoryLedger {
-    fn hold(
+    fn hold_for_key(
         &self,
         org: OrgId,
         amount: u64,
         request_id: Option<RequestId>,
+        budget: Option<KeyBudget>,
     ) -> BoxFuture<Result<HoldOutcome, BackendError>> {
-        Box::pin(ready(Ok(self.hold_now(org, amount, request_id))))
+        Box::pin(ready(Ok(self.hold_now(org, amount, request_id, budget))))
+    }
+
+    fn key_spend(
+        &self,
+        org: OrgId,
+        keys: Vec<KeyId>,
+    ) -> BoxFuture<Result<HashMap<KeyId, u64>, BackendError>> {
+        let spend = match self.book(org) {
+            None => HashMap::new(),
+            Some(book) => {
+                let mut b = lock(&book);
+                b.renew(self.now());
+                keys.into_iter()
+                    .filter_map(|k| b.key_spent.get(&k).map(|&spent| (k, spent)))
+                    .collect()
+            }
+        };
+        Box::pin(ready(Ok(spend)))
     }
 
     fn commit(&self, hold: Hold) -> BoxFuture<Result<CommitOutcome, BackendError>> {
@@ -716,7 +818,7 @@ mod tests {
         // Nothing is left to renew, however often it is asked.
         assert_eq!(ledger.renew_due_now(), 0);
         assert!(matches!(
-            ledger.hold_now(org, 1, None),
+            ledger.hold_now(org, 1, None, None),
             HoldOutcome::Held(_)
         ));
     }
@@ -727,7 +829,7 @@ mod tests {
         let ledger = MemoryLedger::new(clock.clone()).with_hold_ttl(Duration::from_millis(10));
         let org = OrgId::new();
         ledger.subscribe_now(org, Plan::Free);
-        let hold = |l: &MemoryLedger| match l.hold_now(org, 1, None) {
+        let hold = |l: &MemoryLedger| match l.hold_now(org, 1, None, None) {
             HoldOutcome::Held(h) => h,
             other => panic!("{other:?}"),
         };

@@ -7,13 +7,13 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
-use tollgate_core::{ErrorCode, JsonBodyRequired, Principal, Rejection, RequestId};
+use tollgate_core::{ErrorCode, JsonBodyRequired, KeyCreditLimit, Principal, Rejection, RequestId};
 use tower_service::Service;
 
 use crate::body::MeterBody;
 use crate::future::ResponseFuture;
 use crate::layer::Config;
-use crate::ledger::Ledger;
+use crate::ledger::{KeyBudget, Ledger};
 use crate::settle::HoldCall;
 
 /// Meters the credits of the requests it forwards to `S`. Built by
@@ -77,7 +77,15 @@ where
 
         let ledger = &self.config.ledger;
         let hold = HoldCall::new(
-            ledger.hold(principal.org, cost, request_id),
+            ledger.hold_for_key(
+                principal.org,
+                cost,
+                request_id,
+                Some(KeyBudget {
+                    key: principal.key,
+                    limit: req.extensions().get::<KeyCreditLimit>().map(|l| l.0),
+                }),
+            ),
             Arc::clone(ledger),
         );
         // The ready service goes into the future; a fresh clone stays for the next call.

@@ -605,13 +605,23 @@ fn down() -> tollgate_core::BackendError {
 }
 
 impl Ledger for DownLedger {
-    fn hold(
+    fn hold_for_key(
         &self,
         _: tollgate_core::OrgId,
         _: u64,
         _: Option<tollgate_core::RequestId>,
+        _: Option<tollgate_credit_meter::KeyBudget>,
     ) -> tollgate_core::BoxFuture<
         Result<tollgate_credit_meter::HoldOutcome, tollgate_core::BackendError>,
+    > {
+        Box::pin(async { Err(down()) })
+    }
+    fn key_spend(
+        &self,
+        _: tollgate_core::OrgId,
+        _: Vec<tollgate_core::KeyId>,
+    ) -> tollgate_core::BoxFuture<
+        Result<std::collections::HashMap<tollgate_core::KeyId, u64>, tollgate_core::BackendError>,
     > {
         Box::pin(async { Err(down()) })
     }

@@ -309,22 +309,30 @@ impl SlowLedger {
 }
 
 impl Ledger for SlowLedger {
-    fn hold(
+    fn hold_for_key(
         &self,
         org: OrgId,
         amount: u64,
         request_id: Option<RequestId>,
+        budget: Option<tollgate_credit_meter::KeyBudget>,
     ) -> BoxFuture<Result<HoldOutcome, BackendError>> {
         let (inner, delay) = (self.inner.clone(), self.delay);
         let granted = self.granted.clone();
         Box::pin(async move {
             tokio::time::sleep(delay).await;
-            let outcome = inner.hold(org, amount, request_id).await;
+            let outcome = inner.hold_for_key(org, amount, request_id, budget).await;
             if let Ok(HoldOutcome::Held(_)) = &outcome {
                 granted.fetch_add(1, Ordering::SeqCst);
             }
             outcome
         })
+    }
+    fn key_spend(
+        &self,
+        org: OrgId,
+        keys: Vec<tollgate_core::KeyId>,
+    ) -> BoxFuture<Result<std::collections::HashMap<tollgate_core::KeyId, u64>, BackendError>> {
+        self.inner.key_spend(org, keys)
     }
     fn commit(&self, hold: Hold) -> BoxFuture<Result<CommitOutcome, BackendError>> {
         let (inner, delay, fail) = (self.inner.clone(), self.delay, self.fail_commits);

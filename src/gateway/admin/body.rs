@@ -4,8 +4,13 @@
 use http::header::HeaderValue;
 use serde_json::Value;
 
-use tollgate_core::{ErrorCode, Rejection};
+use tollgate_api_key_auth::{KeySpec, Scopes};
+use tollgate_core::time::ms_from_rfc3339;
+use tollgate_core::{ErrorCode, ModelId, Rejection};
 use tollgate_upstream_sign::Session;
+
+/// The longest grace period of a rotation (docs/contract.md §13): seven days.
+pub const MAX_GRACE_SECONDS: u64 = 604_800;
 
 /// A 400 `INVALID_REQUEST` with `message`.
 pub fn invalid(message: impl Into<String>) -> Rejection {
@@ -85,4 +90,84 @@ pub fn session_field(body: &Value) -> Result<Session, Rejection> {
         }
     }
     Ok(session)
+}
+
+/// The optional `expires_at`, `scopes`, `models` and `credit_limit` of a new key
+/// (docs/contract.md §13); `null` or absent means the default. The models are returned as
+/// given: the caller checks they are the org's.
+pub fn key_spec(body: &Value, now_ms: u64) -> Result<KeySpec, Rejection> {
+    let present = |field: &str| body.get(field).filter(|v| !v.is_null());
+    let expires_at_ms = match present("expires_at") {
+        None => None,
+        Some(Value::String(text)) => {
+            let at = ms_from_rfc3339(text).ok_or_else(|| {
+                invalid("`expires_at` must be an RFC 3339 time, e.g. 2030-01-31T12:00:00Z.")
+            })?;
+            if at <= now_ms {
+                return Err(invalid("`expires_at` must be in the future."));
+            }
+            Some(at)
+        }
+        Some(_) => return Err(invalid("`expires_at` must be an RFC 3339 time string.")),
+    };
+    let scopes = match present("scopes") {
+        None => Scopes::ALL,
+        Some(Value::Array(items)) => {
+            let names: Option<Vec<&str>> = items.iter().map(Value::as_str).collect();
+            names.and_then(Scopes::from_names).ok_or_else(|| {
+                invalid("`scopes` must be a non-empty list of \"read\" and \"write\".")
+            })?
+        }
+        Some(_) => {
+            return Err(invalid(
+                "`scopes` must be a non-empty list of \"read\" and \"write\".",
+            ))
+        }
+    };
+    let models = match present("models") {
+        None => None,
+        Some(Value::Array(items)) if items.is_empty() => {
+            return Err(invalid(
+                "`models` must list at least one model id (leave it out for every model).",
+            ))
+        }
+        Some(Value::Array(items)) => {
+            let mut ids = Vec::with_capacity(items.len());
+            for item in items {
+                let id = item
+                    .as_str()
+                    .and_then(|t| t.parse::<ModelId>().ok())
+                    .ok_or_else(|| invalid("`models` must be a list of model ids (UUIDs)."))?;
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+            Some(ids)
+        }
+        Some(_) => return Err(invalid("`models` must be a list of model ids (UUIDs).")),
+    };
+    let credit_limit = match present("credit_limit") {
+        None => None,
+        Some(_) => Some(credits_field(body, "credit_limit")?),
+    };
+    Ok(KeySpec {
+        expires_at_ms,
+        scopes,
+        models,
+        credit_limit,
+    })
+}
+
+/// The optional `grace_seconds` of a rotation: 0 (the default) to [`MAX_GRACE_SECONDS`].
+pub fn grace_seconds(body: &Value) -> Result<u64, Rejection> {
+    if body.get("grace_seconds").is_none_or(Value::is_null) {
+        return Ok(0);
+    }
+    let grace = count_field(body, "grace_seconds")?;
+    if grace > MAX_GRACE_SECONDS {
+        return Err(invalid(format!(
+            "`grace_seconds` must be at most {MAX_GRACE_SECONDS} (7 days)."
+        )));
+    }
+    Ok(grace)
 }

@@ -14,26 +14,28 @@ use tollgate_core::{BackendError, BackendErrorKind, KeyId, OrgId, Plan};
 use tollgate_postgres::deadpool_postgres::Pool;
 use tollgate_postgres::to_backend_error;
 
-use super::{parse_plan, parse_status};
+use super::{limits_from_row, parse_plan, parse_status};
 use crate::key::KeyHash;
-use crate::store::KeyStatus;
+use crate::store::{KeyLimits, KeyStatus};
 
 /// The most lookups in one statement.
 const MAX_BATCH: usize = 256;
 /// Lookups that may wait for the worker; past that, callers wait to enqueue.
 const QUEUE: usize = 4_096;
 
-const LOOKUP_SQL: &str = "SELECT k.id, k.org_id, k.key_hash, k.status, p.plan \
+const LOOKUP_SQL: &str = "SELECT k.id, k.org_id, k.key_hash, k.status, p.plan, \
+            k.expires_at, k.revoked_at, k.scopes, k.models, k.credit_limit \
      FROM tollgate_api_keys k LEFT JOIN tollgate_org_plans p ON p.org_id = k.org_id \
      WHERE k.key_hash = ANY($1::bytea[])";
 
 /// A key row as a lookup needs it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(super) struct KeyRow {
     pub(super) key: KeyId,
     pub(super) org: OrgId,
     pub(super) status: KeyStatus,
     pub(super) plan: Option<Plan>,
+    pub(super) limits: KeyLimits,
 }
 
 type Reply = oneshot::Sender<Result<Option<KeyRow>, BackendError>>;
@@ -97,7 +99,7 @@ async fn work(
                 Ok(rows) => {
                     // `get`, not `remove`: two callers may have asked for the same hash.
                     for (hash, reply) in batch.drain(..) {
-                        let _ = reply.send(Ok(rows.get(&hash).copied()));
+                        let _ = reply.send(Ok(rows.get(&hash).cloned()));
                     }
                 }
                 Err(err) => {
@@ -144,6 +146,7 @@ async fn query(pool: &Pool, hashes: &[KeyHash]) -> Result<HashMap<KeyHash, KeyRo
                 org: OrgId::from_uuid(row.try_get(1).map_err(to_backend_error)?),
                 status: parse_status(row.try_get(3).map_err(to_backend_error)?)?,
                 plan: parse_plan(row.try_get(4).map_err(to_backend_error)?)?,
+                limits: limits_from_row(&row, 5)?,
             },
         );
     }

@@ -12,6 +12,7 @@ use tollgate_core::{KeyId, ModelId, OrgId, Plan};
 use tollgate_postgres::{InvalidatingCache, NotificationHandler};
 
 use crate::key::KeyHash;
+use crate::store::KeyLimits;
 
 /// Things the database does not know, remembered for a short TTL so a client repeating a
 /// bad key (or model id) does not cost a query each time.
@@ -143,7 +144,7 @@ impl<K: Hash + Eq + Clone> Unknown<K> {
 /// Every cache of the store. Positive caches hold only what exists: active keys, plans,
 /// owned models.
 pub(super) struct KeyCache {
-    pub(super) keys: InvalidatingCache<KeyHash, (KeyId, OrgId)>,
+    pub(super) keys: InvalidatingCache<KeyHash, (KeyId, OrgId, KeyLimits)>,
     pub(super) plans: InvalidatingCache<OrgId, Option<Plan>>,
     pub(super) owners: InvalidatingCache<ModelId, OrgId>,
     /// Hashes with no active key (unknown or revoked).
@@ -169,7 +170,7 @@ impl KeyCache {
     pub(super) fn apply(&self, change: Change) {
         match change {
             // A revoked key only becomes "unknown": its negative entry (if any) is right.
-            Change::Key(id) => self.keys.invalidate_where(|_, (key, _)| *key == id),
+            Change::Key(id) => self.keys.invalidate_where(|_, (key, _, _)| *key == id),
             Change::Org(org) => self.plans.invalidate(&org),
             Change::Model(model) => {
                 self.owners.invalidate(&model);
@@ -259,14 +260,19 @@ mod tests {
         let cache = cache(10);
         let (key, org) = (KeyId::new(), OrgId::new());
         let hash = KeyHash::of("x");
-        cache.keys.insert_if_current(hash, (key, org), 0, TTL);
+        cache
+            .keys
+            .insert_if_current(hash, (key, org, KeyLimits::default()), 0, TTL);
         cache.plans.insert_if_current(org, Some(Plan::Pro), 0, TTL);
         let bogus = KeyHash::of("y");
         cache
             .unknown_keys
             .insert_if_current(bogus, &cache.keys, cache.keys.epoch());
         cache.notification(&Change::Key(KeyId::new()).payload());
-        assert_eq!(cache.keys.get(&hash), Some((key, org)));
+        assert_eq!(
+            cache.keys.get(&hash),
+            Some((key, org, KeyLimits::default()))
+        );
         cache.notification(&Change::Key(key).payload());
         assert_eq!(cache.keys.get(&hash), None);
         assert_eq!(cache.plans.get(&org), Some(Some(Plan::Pro)));
@@ -332,9 +338,12 @@ mod tests {
             .map(|i| {
                 let hash = KeyHash::of(&format!("known {i}"));
                 let epoch = cache.keys.epoch();
-                cache
-                    .keys
-                    .insert_if_current(hash, (KeyId::new(), OrgId::new()), epoch, TTL);
+                cache.keys.insert_if_current(
+                    hash,
+                    (KeyId::new(), OrgId::new(), KeyLimits::default()),
+                    epoch,
+                    TTL,
+                );
                 hash
             })
             .collect();

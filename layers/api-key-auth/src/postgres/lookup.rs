@@ -34,12 +34,17 @@ impl Inner {
         let cache = &self.cache;
         let live = self.cache_live();
         if live {
-            if let Some((key, org)) = cache.keys.get(&hash) {
+            if let Some((key, org, limits)) = cache.keys.get(&hash) {
                 let plan = match cache.plans.get(&org) {
                     Some(plan) => plan,
                     None => self.fetch_plan(org).await?,
                 };
-                return Ok(Some(KeyGrant { key, org, plan }));
+                return Ok(Some(KeyGrant {
+                    key,
+                    org,
+                    plan,
+                    limits,
+                }));
             }
         }
         let negative = self.negative_cache_on();
@@ -52,15 +57,19 @@ impl Inner {
                 key: row.key,
                 org: row.org,
                 plan: row.plan,
+                limits: row.limits,
             })
         });
         match found {
             Some(grant) => {
                 if live {
                     let (key, org) = (grant.key, grant.org);
-                    cache
-                        .keys
-                        .insert_if_current(hash, (key, org), key_epoch, cache.ttl);
+                    cache.keys.insert_if_current(
+                        hash,
+                        (key, org, grant.limits.clone()),
+                        key_epoch,
+                        cache.ttl,
+                    );
                     cache
                         .plans
                         .insert_if_current(org, grant.plan, plan_epoch, cache.ttl);

@@ -81,7 +81,7 @@ use self::batch::KeyLookups;
 use self::cache::{Change, KeyCache};
 use self::last_used::{flush_last_used, write_last_used, LastUsed};
 use crate::key::KeyHash;
-use crate::store::{KeyGrant, KeyInfo, KeyStatus, KeyStore, NewKey};
+use crate::store::{KeyGrant, KeyInfo, KeyLimits, KeySpec, KeyStatus, KeyStore, NewKey, Scopes};
 
 mod embedded {
     refinery::embed_migrations!("migrations");
@@ -379,6 +379,58 @@ fn parse_status(text: &str) -> Result<KeyStatus, BackendError> {
     }
 }
 
+/// The scopes stored in a `text[]` column.
+fn parse_scopes(names: &[String]) -> Result<Scopes, BackendError> {
+    Scopes::from_names(names.iter().map(String::as_str)).ok_or_else(|| {
+        BackendError::other(format!(
+            "unexpected key scopes {names:?} in tollgate_api_keys"
+        ))
+    })
+}
+
+/// Optional millisecond times, from `timestamptz` columns.
+fn opt_millis(t: Option<DateTime<Utc>>) -> Option<u64> {
+    t.map(millis)
+}
+
+/// What a key row says about its limits: `expires_at, revoked_at, scopes, models,
+/// credit_limit` from column `first` on.
+fn limits_from_row(row: &tokio_postgres::Row, first: usize) -> Result<KeyLimits, BackendError> {
+    let (spec, revoked_at) = spec_from_row(row, first)?;
+    let ends_at_ms = match (spec.expires_at_ms, revoked_at) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    Ok(KeyLimits {
+        ends_at_ms,
+        scopes: spec.scopes,
+        models: spec.models.map(Arc::from),
+        credit_limit: spec.credit_limit,
+    })
+}
+
+/// The [`KeySpec`] and revocation time of a key row (columns as in [`limits_from_row`]).
+fn spec_from_row(
+    row: &tokio_postgres::Row,
+    first: usize,
+) -> Result<(KeySpec, Option<u64>), BackendError> {
+    let get_err = to_backend_error;
+    let expires_at: Option<DateTime<Utc>> = row.try_get(first).map_err(get_err)?;
+    let revoked_at: Option<DateTime<Utc>> = row.try_get(first + 1).map_err(get_err)?;
+    let scopes: Vec<String> = row.try_get(first + 2).map_err(get_err)?;
+    let models: Option<Vec<uuid::Uuid>> = row.try_get(first + 3).map_err(get_err)?;
+    let credit_limit: Option<i64> = row.try_get(first + 4).map_err(get_err)?;
+    Ok((
+        KeySpec {
+            expires_at_ms: opt_millis(expires_at),
+            scopes: parse_scopes(&scopes)?,
+            models: models.map(|m| m.into_iter().map(ModelId::from_uuid).collect()),
+            credit_limit: credit_limit.map(|c| u64::try_from(c).unwrap_or(0)),
+        },
+        opt_millis(revoked_at),
+    ))
+}
+
 fn parse_plan(text: Option<&str>) -> Result<Option<Plan>, BackendError> {
     text.map(|t| t.parse::<Plan>().map_err(BackendError::other))
         .transpose()
@@ -422,9 +474,14 @@ impl KeyStore for PostgresKeyStore {
         Box::pin(async move { inner.add_model(org, model).await })
     }
 
-    fn create_key(&self, org: OrgId, name: String) -> BoxFuture<Result<NewKey, BackendError>> {
+    fn create_key_with(
+        &self,
+        org: OrgId,
+        name: String,
+        spec: KeySpec,
+    ) -> BoxFuture<Result<NewKey, BackendError>> {
         let inner = Arc::clone(&self.inner);
-        Box::pin(async move { inner.create_key(org, name).await })
+        Box::pin(async move { inner.create_key(org, name, spec).await })
     }
 
     fn revoke_key(&self, key: KeyId) -> BoxFuture<Result<bool, BackendError>> {
@@ -432,9 +489,13 @@ impl KeyStore for PostgresKeyStore {
         Box::pin(async move { inner.revoke_key(key).await })
     }
 
-    fn rotate_key(&self, key: KeyId) -> BoxFuture<Result<Option<NewKey>, BackendError>> {
+    fn rotate_key_with_grace(
+        &self,
+        key: KeyId,
+        grace_ms: u64,
+    ) -> BoxFuture<Result<Option<NewKey>, BackendError>> {
         let inner = Arc::clone(&self.inner);
-        Box::pin(async move { inner.rotate_key(key).await })
+        Box::pin(async move { inner.rotate_key(key, grace_ms).await })
     }
 
     fn list_keys(&self, org: OrgId) -> BoxFuture<Result<Vec<KeyInfo>, BackendError>> {

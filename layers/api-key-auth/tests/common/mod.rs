@@ -12,7 +12,7 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tokio::sync::Semaphore;
 use tollgate_api_key_auth::{
-    ApiKeyAuthLayer, KeyGrant, KeyHash, KeyInfo, KeyStore, MemoryKeyStore, NewKey,
+    ApiKeyAuthLayer, KeyGrant, KeyHash, KeyInfo, KeySpec, KeyStore, MemoryKeyStore, NewKey,
 };
 use tollgate_core::{
     BackendError, BackendErrorKind, BoxFuture, ErrorCode, GateBody, KeyId, ManualClock, ModelId,
@@ -224,14 +224,23 @@ impl KeyStore for FailingStore {
     fn add_model(&self, org: OrgId, model: ModelId) -> BoxFuture<Result<bool, BackendError>> {
         self.inner.add_model(org, model)
     }
-    fn create_key(&self, org: OrgId, name: String) -> BoxFuture<Result<NewKey, BackendError>> {
-        self.inner.create_key(org, name)
+    fn create_key_with(
+        &self,
+        org: OrgId,
+        name: String,
+        spec: KeySpec,
+    ) -> BoxFuture<Result<NewKey, BackendError>> {
+        self.inner.create_key_with(org, name, spec)
     }
     fn revoke_key(&self, key: KeyId) -> BoxFuture<Result<bool, BackendError>> {
         self.inner.revoke_key(key)
     }
-    fn rotate_key(&self, key: KeyId) -> BoxFuture<Result<Option<NewKey>, BackendError>> {
-        self.inner.rotate_key(key)
+    fn rotate_key_with_grace(
+        &self,
+        key: KeyId,
+        grace_ms: u64,
+    ) -> BoxFuture<Result<Option<NewKey>, BackendError>> {
+        self.inner.rotate_key_with_grace(key, grace_ms)
     }
     fn list_keys(&self, org: OrgId) -> BoxFuture<Result<Vec<KeyInfo>, BackendError>> {
         self.inner.list_keys(org)
@@ -289,14 +298,23 @@ impl KeyStore for GatedStore {
     fn add_model(&self, org: OrgId, model: ModelId) -> BoxFuture<Result<bool, BackendError>> {
         self.inner.add_model(org, model)
     }
-    fn create_key(&self, org: OrgId, name: String) -> BoxFuture<Result<NewKey, BackendError>> {
-        self.inner.create_key(org, name)
+    fn create_key_with(
+        &self,
+        org: OrgId,
+        name: String,
+        spec: KeySpec,
+    ) -> BoxFuture<Result<NewKey, BackendError>> {
+        self.inner.create_key_with(org, name, spec)
     }
     fn revoke_key(&self, key: KeyId) -> BoxFuture<Result<bool, BackendError>> {
         self.inner.revoke_key(key)
     }
-    fn rotate_key(&self, key: KeyId) -> BoxFuture<Result<Option<NewKey>, BackendError>> {
-        self.inner.rotate_key(key)
+    fn rotate_key_with_grace(
+        &self,
+        key: KeyId,
+        grace_ms: u64,
+    ) -> BoxFuture<Result<Option<NewKey>, BackendError>> {
+        self.inner.rotate_key_with_grace(key, grace_ms)
     }
     fn list_keys(&self, org: OrgId) -> BoxFuture<Result<Vec<KeyInfo>, BackendError>> {
         self.inner.list_keys(org)

@@ -14,7 +14,8 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tollgate_api_key_auth::{
-    generate_key, ApiKeyAuthLayer, KeyGrant, KeyHash, KeyStatus, KeyStore,
+    generate_key, ApiKeyAuthLayer, KeyGrant, KeyHash, KeyLimits, KeySpec, KeyStatus, KeyStore,
+    Scopes,
 };
 use tollgate_core::{ErrorCode, KeyId, ManualClock, ModelId, OrgId, Plan, Principal};
 use tollgate_postgres::testing::TestDb;
@@ -49,6 +50,8 @@ macro_rules! key_store_suite {
             list_keys_shows_the_admin_view_oldest_first,
             revoke_and_rotate_report_unknown_keys,
             rotation_keeps_org_and_name_and_revokes_the_old_key,
+            a_key_keeps_its_expiry_scopes_models_and_limit,
+            a_rotation_with_grace_keeps_the_old_key_until_the_grace_ends,
             a_model_has_one_owner,
             subscriptions_apply_to_every_key_of_the_org,
             record_use_of_an_unknown_key_changes_nothing,
@@ -101,7 +104,8 @@ pub async fn created_keys_look_up_by_hash_to_their_org<S: KeyStore>(
         Some(KeyGrant {
             key: key.id,
             org,
-            plan: Some(Plan::Basic)
+            plan: Some(Plan::Basic),
+            limits: KeyLimits::default(),
         })
     );
     // A second lookup (from a cache, where there is one) agrees.
@@ -140,6 +144,10 @@ pub async fn list_keys_shows_the_admin_view_oldest_first<S: KeyStore>(
                 "status": "revoked",
                 "created_at": "2023-11-14T22:13:20.000Z",
                 "last_used_at": null,
+                "expires_at": null,
+                "scopes": ["read", "write"],
+                "models": null,
+                "credit_limit": null,
             },
             {
                 "id": b.id.to_string(),
@@ -148,6 +156,10 @@ pub async fn list_keys_shows_the_admin_view_oldest_first<S: KeyStore>(
                 "status": "active",
                 "created_at": "2023-11-14T22:13:25.000Z",
                 "last_used_at": "2023-11-14T22:13:26.000Z",
+                "expires_at": null,
+                "scopes": ["read", "write"],
+                "models": null,
+                "credit_limit": null,
             },
         ])
     );
@@ -157,6 +169,150 @@ pub async fn list_keys_shows_the_admin_view_oldest_first<S: KeyStore>(
         Some(&listed[1])
     );
     assert!(store.list_keys(OrgId::new()).await.unwrap().is_empty());
+}
+
+pub async fn a_key_keeps_its_expiry_scopes_models_and_limit<S: KeyStore>(
+    store: Arc<S>,
+    clock: ManualClock,
+) {
+    let org = OrgId::new();
+    store.set_subscription(org, Some(Plan::Pro)).await.unwrap();
+    let model = ModelId::new();
+    assert!(store.add_model(org, model).await.unwrap());
+    let expires = START_MS + 60_000;
+    let spec = KeySpec {
+        expires_at_ms: Some(expires),
+        scopes: Scopes::READ,
+        models: Some(vec![model]),
+        credit_limit: Some(3),
+    };
+    let key = store
+        .create_key_with(org, "reporting".to_owned(), spec.clone())
+        .await
+        .unwrap();
+    let grant = store
+        .lookup(KeyHash::of(&key.secret))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        grant.limits,
+        KeyLimits {
+            ends_at_ms: Some(expires),
+            scopes: Scopes::READ,
+            models: Some(Arc::from(vec![model])),
+            credit_limit: Some(3),
+        }
+    );
+    assert!(grant.limits.is_live_at(expires - 1));
+    assert!(!grant.limits.is_live_at(expires));
+    assert!(grant.limits.allows_model(model));
+    assert!(!grant.limits.allows_model(ModelId::new()));
+
+    let info = store.key_info(key.id).await.unwrap().unwrap();
+    assert_eq!(info.status, KeyStatus::Active);
+    assert_eq!(
+        (
+            info.expires_at_ms,
+            info.scopes,
+            info.models.clone(),
+            info.credit_limit
+        ),
+        (Some(expires), Scopes::READ, Some(vec![model]), Some(3))
+    );
+    // Past its expiry it lists as expired (and the layer refuses it by the same time).
+    clock.advance(millis(60_000));
+    let listed = store.list_keys(org).await.unwrap();
+    assert_eq!(listed[0].status, KeyStatus::Expired);
+    let json = serde_json::to_value(&listed[0]).unwrap();
+    assert_eq!(json["expires_at"], "2023-11-14T22:14:20.000Z");
+    assert_eq!(json["scopes"], serde_json::json!(["read"]));
+    assert_eq!(json["models"], serde_json::json!([model.to_string()]));
+    assert_eq!(json["credit_limit"], 3);
+    // A revoked key lists as revoked, expired or not.
+    assert!(store.revoke_key(key.id).await.unwrap());
+    assert_eq!(
+        store.key_info(key.id).await.unwrap().unwrap().status,
+        KeyStatus::Revoked
+    );
+}
+
+pub async fn a_rotation_with_grace_keeps_the_old_key_until_the_grace_ends<S: KeyStore>(
+    store: Arc<S>,
+    clock: ManualClock,
+) {
+    let org = OrgId::new();
+    store
+        .set_subscription(org, Some(Plan::Basic))
+        .await
+        .unwrap();
+    let spec = KeySpec {
+        expires_at_ms: Some(START_MS + 3_600_000),
+        scopes: Scopes::WRITE,
+        models: None,
+        credit_limit: Some(10),
+    };
+    let old = store
+        .create_key_with(org, "ci".to_owned(), spec)
+        .await
+        .unwrap();
+    // Cached (where there is a cache) before the rotation.
+    assert!(store
+        .lookup(KeyHash::of(&old.secret))
+        .await
+        .unwrap()
+        .is_some());
+    let new = store
+        .rotate_key_with_grace(old.id, 5_000)
+        .await
+        .unwrap()
+        .unwrap();
+    // The old key still authenticates, and says until when.
+    let grant = store
+        .lookup(KeyHash::of(&old.secret))
+        .await
+        .unwrap()
+        .expect("the old key works during the grace period");
+    assert_eq!(grant.limits.ends_at_ms, Some(START_MS + 5_000));
+    assert_eq!(
+        store.key_info(old.id).await.unwrap().unwrap().status,
+        KeyStatus::Active
+    );
+    // The new key has the old one's limits.
+    let fresh = store
+        .lookup(KeyHash::of(&new.secret))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            fresh.limits.ends_at_ms,
+            fresh.limits.scopes,
+            fresh.limits.credit_limit
+        ),
+        (Some(START_MS + 3_600_000), Scopes::WRITE, Some(10))
+    );
+    clock.advance(millis(5_000));
+    assert_eq!(
+        store.key_info(old.id).await.unwrap().unwrap().status,
+        KeyStatus::Revoked
+    );
+    let late = store.lookup(KeyHash::of(&old.secret)).await.unwrap();
+    assert!(late.is_none_or(|g| !g.limits.is_live_at(START_MS + 5_000)));
+
+    // A revocation during a grace period is immediate.
+    let third = store
+        .rotate_key_with_grace(new.id, 60_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(store.revoke_key(new.id).await.unwrap());
+    assert_eq!(store.lookup(KeyHash::of(&new.secret)).await.unwrap(), None);
+    assert!(store
+        .lookup(KeyHash::of(&third.secret))
+        .await
+        .unwrap()
+        .is_some());
 }
 
 pub async fn revoke_and_rotate_report_unknown_keys<S: KeyStore>(

@@ -60,6 +60,7 @@
 //! database as of the last sweep (or [`refresh_open_holds`](PostgresLedger::refresh_open_holds)),
 //! adjusted by this instance's own holds since.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -67,11 +68,12 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use tokio::sync::mpsc;
-use tollgate_core::{BackendError, BoxFuture, Clock, OrgId, Plan, RequestId, SharedClock};
+use tollgate_core::{BackendError, BoxFuture, Clock, KeyId, OrgId, Plan, RequestId, SharedClock};
 use tollgate_postgres::to_backend_error;
 
 use crate::ledger::{
-    Account, CommitOutcome, Hold, HoldOutcome, Ledger, LedgerEntry, ReleaseOutcome, MAX_CREDITS,
+    Account, CommitOutcome, Hold, HoldOutcome, KeyBudget, Ledger, LedgerEntry, ReleaseOutcome,
+    MAX_CREDITS,
 };
 
 mod batch;
@@ -355,11 +357,12 @@ impl fmt::Debug for PostgresLedger {
 }
 
 impl Ledger for PostgresLedger {
-    fn hold(
+    fn hold_for_key(
         &self,
         org: OrgId,
         amount: u64,
         request_id: Option<RequestId>,
+        budget: Option<KeyBudget>,
     ) -> BoxFuture<Result<HoldOutcome, BackendError>> {
         if amount > MAX_CREDITS {
             // More than any balance can hold: only the reason for refusing is needed.
@@ -382,8 +385,40 @@ impl Ledger for PostgresLedger {
             org,
             amount,
             request_id: request_id.map(|id| id.as_str().to_owned()),
+            key: budget.map(|b| b.key),
+            // A limit past any balance is no limit.
+            key_limit: budget.and_then(|b| b.limit).filter(|&l| l <= MAX_CREDITS),
         };
         Box::pin(async move { holds.submit(item).await })
+    }
+
+    fn key_spend(
+        &self,
+        org: OrgId,
+        keys: Vec<KeyId>,
+    ) -> BoxFuture<Result<HashMap<KeyId, u64>, BackendError>> {
+        let pool = self.admin_pool.clone();
+        let now = self.now();
+        Box::pin(async move {
+            let client = pool.get().await.map_err(to_backend_error)?;
+            let ids: Vec<uuid::Uuid> = keys.iter().map(|k| *k.as_uuid()).collect();
+            // A period that is over starts first, so its spend reads as zero.
+            client
+                .execute(RENEW, &[org.as_uuid(), &now])
+                .await
+                .map_err(to_backend_error)?;
+            let rows = client
+                .query(KEY_SPEND, &[org.as_uuid(), &ids])
+                .await
+                .map_err(to_backend_error)?;
+            rows.iter()
+                .map(|row| {
+                    let key: uuid::Uuid = col(row, "key_id")?;
+                    let spent: i64 = col(row, "spent")?;
+                    Ok((KeyId::from_uuid(key), from_sql(spent)))
+                })
+                .collect()
+        })
     }
 
     fn commit(&self, hold: Hold) -> BoxFuture<Result<CommitOutcome, BackendError>> {

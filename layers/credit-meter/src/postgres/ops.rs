@@ -1,5 +1,6 @@
 //! The three batched operations of the hot path — holds, commits, releases — each one call of
-//! a `migrations/V3__group_commit.sql` function per batch.
+//! a `migrations/V3__group_commit.sql` function (as `V4__key_limits.sql` redefines them) per
+//! batch.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -7,7 +8,7 @@ use std::sync::Arc;
 use deadpool_postgres::Pool;
 use futures_util::future::BoxFuture;
 use tokio_postgres::Row;
-use tollgate_core::{BackendError, OrgId, SharedClock};
+use tollgate_core::{BackendError, KeyId, OrgId, SharedClock};
 use tollgate_postgres::to_backend_error;
 
 use super::batch::{Answer, Op};
@@ -15,7 +16,7 @@ use super::sql::{col, from_sql, to_sql};
 use crate::ledger::{CommitOutcome, Hold, HoldId, HoldOutcome, ReleaseOutcome};
 
 pub(super) const HOLD_BATCH: &str = "SELECT idx, outcome, hold_id, available \
-     FROM tollgate_credit_hold_batch($1, $2, $3, $4, $5, $6)";
+     FROM tollgate_credit_hold_batch($1, $2, $3, $4, $5, $6, $7, $8)";
 pub(super) const COMMIT_BATCH: &str = "SELECT idx, outcome, balance, note, charged \
      FROM tollgate_credit_commit_batch($1, $2, $3, $4, $5)";
 pub(super) const RELEASE_BATCH: &str = "SELECT idx, outcome, charged \
@@ -57,6 +58,9 @@ pub(super) struct HoldItem {
     pub(super) org: OrgId,
     pub(super) amount: u64,
     pub(super) request_id: Option<String>,
+    /// The key the hold is for, and its limit (≤ `i64::MAX`).
+    pub(super) key: Option<KeyId>,
+    pub(super) key_limit: Option<u64>,
 }
 
 pub(super) struct HoldOp(pub(super) Shared);
@@ -83,6 +87,9 @@ impl Op for HoldOp {
             let amounts: Vec<i64> = items.iter().map(|i| to_sql(i.amount)).collect();
             let request_ids: Vec<Option<&str>> =
                 items.iter().map(|i| i.request_id.as_deref()).collect();
+            let keys: Vec<Option<uuid::Uuid>> =
+                items.iter().map(|i| i.key.map(|k| *k.as_uuid())).collect();
+            let limits: Vec<Option<i64>> = items.iter().map(|i| i.key_limit.map(to_sql)).collect();
             let rows = rows(
                 pool,
                 HOLD_BATCH,
@@ -90,6 +97,8 @@ impl Op for HoldOp {
                     &orgs,
                     &amounts,
                     &request_ids,
+                    &keys,
+                    &limits,
                     &now,
                     &expires_at,
                     &lock_timeout,
@@ -117,6 +126,12 @@ impl Op for HoldOp {
                         "insufficient" => {
                             let available: i64 = col(row, 3)?;
                             Answer::Done(HoldOutcome::Insufficient {
+                                available: from_sql(available),
+                            })
+                        }
+                        "key_limit" => {
+                            let available: i64 = col(row, 3)?;
+                            Answer::Done(HoldOutcome::KeyLimit {
                                 available: from_sql(available),
                             })
                         }

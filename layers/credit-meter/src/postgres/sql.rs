@@ -44,6 +44,12 @@ pub(super) const DUE: &str = "\
      WHERE plan IS NOT NULL AND period_end_ms <= $1 AND period_end_ms <> $2 \
      ORDER BY org LIMIT $3";
 pub(super) const RENEW: &str = "SELECT tollgate_credit_renew($1, $2)";
+// What keys of an org spent in its current period (after RENEW).
+pub(super) const KEY_SPEND: &str = "\
+    SELECT s.key_id, s.spent FROM tollgate_credit_key_spend s \
+      JOIN tollgate_credit_accounts a ON a.org = s.org \
+     WHERE s.org = $1 AND s.key_id = ANY($2) AND s.period_start_ms = a.period_start_ms \
+       AND s.spent > 0";
 // One sweeper at a time (an advisory lock for the statement's transaction): two sweeps
 // updating the same accounts in different orders could deadlock. Holds being settled right
 // now are skipped (they are not stuck). `open` is counted in the statement's snapshot, before
