@@ -66,11 +66,17 @@ memory_suite!(
     subscribing_again_to_the_same_plan_changes_nothing,
     extended_holds_are_not_swept,
     a_withheld_committed_hold_is_refunded_once,
+    a_key_limit_counts_spend_and_open_holds_per_period,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn racing_holds_charge_exactly_the_balance() {
     suite::racing_holds_charge_exactly_the_balance(&Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_holds_of_a_limited_key_stop_at_its_limit() {
+    suite::racing_holds_of_a_limited_key_stop_at_its_limit(&Memory).await;
 }
 
 #[test]

@@ -108,12 +108,20 @@ postgres_suite!(
     subscribing_again_to_the_same_plan_changes_nothing,
     extended_holds_are_not_swept,
     a_withheld_committed_hold_is_refunded_once,
+    a_key_limit_counts_spend_and_open_holds_per_period,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn racing_holds_charge_exactly_the_balance() {
     let Some(pg) = Pg::new().await else { return };
     suite::racing_holds_charge_exactly_the_balance(&pg).await;
+    pg.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_holds_of_a_limited_key_stop_at_its_limit() {
+    let Some(pg) = Pg::new().await else { return };
+    suite::racing_holds_of_a_limited_key_stop_at_its_limit(&pg).await;
     pg.cleanup().await;
 }
 
@@ -416,7 +424,7 @@ async fn replicas_starting_at_once_migrate_once() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(applied, 3, "V1, V2 and V3, once each");
+    assert_eq!(applied, 4, "V1 to V4, once each");
     drop(client);
     pg.cleanup().await;
 }

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tollgate_core::time::{ms_from_rfc3339, rfc3339_from_ms};
-use tollgate_core::{BackendErrorKind, ManualClock, OrgId, Plan, RequestId};
+use tollgate_core::{BackendErrorKind, KeyId, ManualClock, OrgId, Plan, RequestId};
 use tollgate_credit_meter::{
-    run_ledger_jobs, CommitOutcome, EntryKind, Hold, HoldId, HoldOutcome, Ledger, ReleaseOutcome,
-    MAX_CREDITS,
+    run_ledger_jobs, CommitOutcome, EntryKind, Hold, HoldId, HoldOutcome, KeyBudget, Ledger,
+    ReleaseOutcome, MAX_CREDITS,
 };
 
 use crate::common::{replay, T0};
@@ -924,4 +924,123 @@ pub async fn racing_holds_charge_exactly_the_balance(backend: &impl Backend) {
         BALANCE
     );
     assert_eq!(replay(&rows), (0, 0));
+}
+
+async fn key_hold(
+    ledger: &dyn Ledger,
+    org: OrgId,
+    key: KeyId,
+    limit: Option<u64>,
+    amount: u64,
+) -> HoldOutcome {
+    ledger
+        .hold_for_key(org, amount, None, Some(KeyBudget { key, limit }))
+        .await
+        .unwrap()
+}
+
+pub async fn a_key_limit_counts_spend_and_open_holds_per_period(backend: &impl Backend) {
+    let (clock, ledger) = fresh(backend).await;
+    let org = OrgId::new();
+    ledger.subscribe(org, Plan::Basic).await.unwrap();
+    let (a, b, idle) = (KeyId::new(), KeyId::new(), KeyId::new());
+    let lim = Some(3);
+
+    let HoldOutcome::Held(h1) = key_hold(&*ledger, org, a, lim, 2).await else {
+        panic!("the first hold fits the limit");
+    };
+    // Open holds count: 2 held, 1 left.
+    assert_eq!(
+        key_hold(&*ledger, org, a, lim, 2).await,
+        HoldOutcome::KeyLimit { available: 1 }
+    );
+    ledger.commit(h1).await.unwrap();
+    let HoldOutcome::Held(h2) = key_hold(&*ledger, org, a, lim, 1).await else {
+        panic!("2 spent + 1 fits a limit of 3");
+    };
+    assert_eq!(
+        key_hold(&*ledger, org, a, lim, 1).await,
+        HoldOutcome::KeyLimit { available: 0 }
+    );
+    // A released hold gives the key its room back.
+    assert_eq!(ledger.release(h2).await.unwrap(), ReleaseOutcome::Released);
+    let HoldOutcome::Held(h3) = key_hold(&*ledger, org, a, lim, 1).await else {
+        panic!("the release made room");
+    };
+    ledger.commit(h3).await.unwrap();
+    assert_eq!(
+        key_hold(&*ledger, org, a, lim, 1).await,
+        HoldOutcome::KeyLimit { available: 0 }
+    );
+    // Another key of the org is not limited by it, and its spend is its own.
+    let HoldOutcome::Held(hb) = key_hold(&*ledger, org, b, None, 5).await else {
+        panic!("a key without a limit holds from the org's balance");
+    };
+    ledger.commit(hb).await.unwrap();
+    let spend = ledger.key_spend(org, vec![a, b, idle]).await.unwrap();
+    assert_eq!(spend.get(&a), Some(&3));
+    assert_eq!(spend.get(&b), Some(&5));
+    assert_eq!(spend.get(&idle), None);
+    // The org paid for all of it, once.
+    assert_eq!(pots(&*ledger, org).await, (1_000 - 8, 0, 0));
+    // A refunded charge is given back to the key too.
+    let HoldOutcome::Held(hb2) = key_hold(&*ledger, org, b, None, 4).await else {
+        panic!("hold");
+    };
+    ledger.commit(hb2.clone()).await.unwrap();
+    ledger.release_detached(hb2);
+    eventually("the refund is counted", || {
+        let ledger = ledger.clone();
+        async move { ledger.key_spend(org, vec![b]).await.unwrap().get(&b) == Some(&5) }
+    })
+    .await;
+
+    // A new period starts every key from zero.
+    clock.advance(Duration::from_secs(32 * 86_400));
+    assert!(ledger.key_spend(org, vec![a, b]).await.unwrap().is_empty());
+    assert!(matches!(
+        key_hold(&*ledger, org, a, lim, 3).await,
+        HoldOutcome::Held(_)
+    ));
+}
+
+pub async fn racing_holds_of_a_limited_key_stop_at_its_limit(backend: &impl Backend) {
+    const LIMIT: u64 = 10;
+    const REQUESTS: u64 = 120;
+    let (_clock, ledger) = fresh(backend).await;
+    let org = OrgId::new();
+    ledger.subscribe(org, Plan::Basic).await.unwrap();
+    let key = KeyId::new();
+    let mut tasks = Vec::new();
+    for _ in 0..REQUESTS {
+        let ledger = ledger.clone();
+        tasks.push(tokio::spawn(async move {
+            match key_hold(&*ledger, org, key, Some(LIMIT), 1).await {
+                HoldOutcome::Held(h) => {
+                    assert!(matches!(
+                        ledger.commit(h).await.unwrap(),
+                        CommitOutcome::Charged { charged: 1, .. }
+                    ));
+                    true
+                }
+                HoldOutcome::KeyLimit { .. } => false,
+                other => panic!("{other:?}"),
+            }
+        }));
+    }
+    let mut served = 0;
+    for t in tasks {
+        served += u64::from(t.await.unwrap());
+    }
+    assert_eq!(served, LIMIT);
+    assert_eq!(
+        ledger.key_spend(org, vec![key]).await.unwrap().get(&key),
+        Some(&LIMIT)
+    );
+    assert_eq!(pots(&*ledger, org).await, (1_000 - LIMIT, 0, 0));
+    // The org's other keys still work.
+    assert!(matches!(
+        key_hold(&*ledger, org, KeyId::new(), Some(LIMIT), 1).await,
+        HoldOutcome::Held(_)
+    ));
 }
