@@ -92,9 +92,9 @@ pub use builder::ServiceBuilderExt;
 pub mod prelude {
     pub use crate::ServiceBuilderExt;
     pub use tollgate_core::{
-        Clock, CostTable, CreditReceipt, CreditSettlement, ErrorCode, GateBody, Identity, KeyId,
-        ManualClock, ModelId, OrgId, Plan, Principal, RateLimitInfo, Rejection, RequestId,
-        RouteSpec, SharedClock, SystemClock,
+        Clock, CostTable, CreditReceipt, CreditSettlement, ErrorCode, GateBody, Identity,
+        KeyCreditLimit, KeyId, ManualClock, ModelId, OrgId, Plan, Principal, RateLimitInfo,
+        Rejection, RequestId, RouteSpec, SharedClock, SystemClock,
     };
 
     #[cfg(feature = "api-key-auth")]
