@@ -153,6 +153,11 @@ async fn a_read_key_cannot_write_and_its_refusal_costs_nothing_and_reaches_no_up
     )
     .await;
     assert_eq!(sent.status, StatusCode::OK, "{}", sent.text());
+    // The free routes are GETs too: a write-only key may not read the org's credits or logs.
+    let credits = call(&gw, Method::GET, "/api/credits", &write, None).await;
+    assert_error(&credits, StatusCode::FORBIDDEN, "KEY_FORBIDDEN");
+    let credits = call(&gw, Method::GET, "/api/credits", &read, None).await;
+    assert_eq!(credits.status, StatusCode::OK, "{}", credits.text());
 
     let view = listed(&gw, &id).await;
     assert_eq!(view["scopes"], json!(["read"]));
@@ -294,6 +299,11 @@ async fn an_expiring_key_works_until_its_time_then_is_401_and_lists_as_expired()
     let view = listed(&gw, &id).await;
     assert_eq!(view["status"], "expired");
     assert!(view["expires_at"].as_str().is_some());
+    // An expired key stays dead: rotating it does not bring it back.
+    let rotated = gw
+        .admin(Method::POST, &format!("/admin/keys/{id}/rotate"), None)
+        .await;
+    assert_error(&rotated, StatusCode::BAD_REQUEST, "INVALID_REQUEST");
 }
 
 #[tokio::test]

@@ -392,17 +392,26 @@ async fn revoke_key(state: &AppState, key: KeyId) -> AdminResult {
 
 async fn rotate_key(state: &AppState, key: KeyId, body: Value) -> AdminResult {
     let grace = grace_seconds(&body)?;
-    // Rotating replaces a working key; a revoked key stays revoked (no way around a revoke).
+    // Rotating replaces a working key; a revoked or expired key stays dead (no way around a
+    // revoke or an expiry).
     let info = state
         .keys
         .key_info(key)
         .await
         .map_err(counted(state))?
         .ok_or_else(|| not_found("key"))?;
-    if info.status == KeyStatus::Revoked {
-        return Err(invalid(
-            "The key is revoked; create a new key instead of rotating it.",
-        ));
+    match info.status {
+        KeyStatus::Revoked => {
+            return Err(invalid(
+                "The key is revoked; create a new key instead of rotating it.",
+            ))
+        }
+        KeyStatus::Expired => {
+            return Err(invalid(
+                "The key has expired; create a new key instead of rotating it.",
+            ))
+        }
+        KeyStatus::Active => {}
     }
     let new = state
         .keys
