@@ -11,7 +11,10 @@
 //! - a replica killed with requests in flight leaves holds that the sweeper releases;
 //! - PostgreSQL going away: 503 `SERVICE_UNAVAILABLE` fast, nothing charged, recovery alone;
 //! - Redis killed: fail-open keeps answering within the local limit, fail-closed answers 503,
-//!   and the shared limit is back once Redis is.
+//!   and the shared limit is back once Redis is;
+//! - key lifecycle (docs/contract.md §13): an expiring key refused by both replicas at its
+//!   time, a rotation's old key working for its 5 s grace period and no longer, and a key's
+//!   credit limit spent across both.
 //!
 //! Needs PostgreSQL (`DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`),
 //! Redis (`REDIS_URL`, default `redis://127.0.0.1:6379`), `redis-server` and `redis-cli`;
@@ -27,6 +30,7 @@ use http::{Method, StatusCode};
 use serde_json::{json, Value};
 use tokio::task::JoinSet;
 
+use tollgate::core::Clock as _;
 use tollgate::sandbox::{sandbox_rules, Fault, Sandbox, SandboxAccount, SandboxServer};
 use tollgate_postgres::testing::TestDb;
 
@@ -1013,4 +1017,198 @@ async fn redis_killed_fail_open_and_closed_then_one_shared_limit_again() {
     drop((a, c));
     upstream.shutdown().await;
     db.cleanup().await;
+}
+
+/// `GET /api/models/<model>/users/me` (cost 1) with `key` on `gw`.
+async fn users_me_with(http: &Http, gw: &Gateway, model: &str, key: &str, rid: &str) -> Answer {
+    http.customer(gw.url(&format!("/api/models/{model}/users/me")), key, rid)
+        .await
+}
+
+/// Polls `key` on both replicas every 150 ms until both refuse it with 401, and returns, for
+/// each replica, when the last request it accepted was sent and when the first one it
+/// refused was sent (both measured from `origin`).
+async fn poll_until_refused(
+    http: &Http,
+    replicas: [&Gateway; 2],
+    model: &str,
+    key: &str,
+    origin: Instant,
+    give_up: Duration,
+) -> [(Option<Duration>, Duration); 2] {
+    let mut last_ok = [None, None];
+    let mut refused = [None, None];
+    let mut polls = 0;
+    while refused.iter().any(Option::is_none) {
+        assert!(
+            origin.elapsed() < give_up,
+            "still accepted after {give_up:?}"
+        );
+        for (i, gw) in replicas.iter().enumerate() {
+            if refused[i].is_some() {
+                continue;
+            }
+            polls += 1;
+            let sent = origin.elapsed();
+            let answer = users_me_with(http, gw, model, key, &format!("poll-{polls}")).await;
+            if answer.status == StatusCode::UNAUTHORIZED {
+                answer.assert_error(StatusCode::UNAUTHORIZED, "INVALID_API_KEY");
+                refused[i] = Some(sent);
+            } else {
+                assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+                last_ok[i] = Some(sent);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    [0, 1].map(|i| (last_ok[i], refused[i].expect("refused")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_rotation_grace_and_key_credit_limits_hold_on_two_replicas() {
+    let _serial = serial().await;
+    let Some(pair) = Pair::start("key-lifecycle", "pro=200").await else {
+        return;
+    };
+    let Pair {
+        sandbox,
+        account,
+        a,
+        b,
+        http,
+        ..
+    } = &pair;
+    let tenant = Tenant::create(http, a, "pro", 200, &[account]).await;
+    let model = tenant.models[0].clone();
+    let create = |body: Value| {
+        let url = a.url(&format!("/admin/orgs/{}/keys", tenant.org));
+        async move {
+            let answer = http.admin(Method::POST, url, Some(body)).await;
+            assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.text());
+            let json = answer.json();
+            (
+                json["id"].as_str().unwrap().to_owned(),
+                json["key"].as_str().unwrap().to_owned(),
+            )
+        }
+    };
+
+    // A key with a credit limit of 3, spent across both replicas: the 4th call is refused by
+    // whichever replica gets it, and another key of the org still works.
+    let (limited_id, limited) = create(json!({"name": "limited", "credit_limit": 3})).await;
+    for (i, gw) in [a, b, a].into_iter().enumerate() {
+        let answer = users_me_with(http, gw, &model, &limited, &format!("limited-{i}")).await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    }
+    let calls = sandbox.requests_received();
+    for gw in [b, a] {
+        let answer = users_me_with(http, gw, &model, &limited, "limited-over").await;
+        answer.assert_error(StatusCode::PAYMENT_REQUIRED, "KEY_CREDIT_LIMIT");
+    }
+    assert_eq!(sandbox.requests_received(), calls, "refusals reach nothing");
+    let other = tenant.users_me(http, b, 0, "other-key").await;
+    assert_eq!(other.status, StatusCode::OK, "{}", other.text());
+    let keys = http
+        .admin(
+            Method::GET,
+            b.url(&format!("/admin/orgs/{}/keys", tenant.org)),
+            None,
+        )
+        .await;
+    let view = keys
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == limited_id.as_str())
+        .cloned()
+        .expect("the limited key is listed");
+    assert_eq!(view["credits_used_this_period"], 3, "{view}");
+    assert_eq!(tenant.balance(http, b).await, 200 - 4);
+
+    // An expiring key works on both replicas (and is cached by both) until its time, then is
+    // refused by both at that time, not when a cache entry ends.
+    let origin = Instant::now();
+    let expires_ms = tollgate::core::SystemClock.now_ms() + 3_000;
+    let (_, expiring) = create(json!({
+        "name": "expiring",
+        "expires_at": tollgate::core::time::rfc3339_from_ms(expires_ms),
+    }))
+    .await;
+    let expiry = Duration::from_millis(3_000);
+
+    // The org's main key rotated on A with a 5 s grace period.
+    for gw in [a, b] {
+        let answer = tenant.users_me(http, gw, 0, "before-rotation").await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    }
+    let rotate_sent = Instant::now();
+    let rotated = http
+        .admin(
+            Method::POST,
+            a.url(&format!("/admin/keys/{}/rotate", tenant.key_id)),
+            Some(json!({"grace_seconds": 5})),
+        )
+        .await;
+    assert_eq!(rotated.status, StatusCode::OK, "{}", rotated.text());
+    let rotated_by = rotate_sent.elapsed();
+    let new = rotated.json()["key"].as_str().unwrap().to_owned();
+
+    let (expiring_seen, graced_seen) = tokio::join!(
+        poll_until_refused(
+            http,
+            [a, b],
+            &model,
+            &expiring,
+            origin,
+            Duration::from_secs(10)
+        ),
+        poll_until_refused(
+            http,
+            [a, b],
+            &model,
+            &tenant.key,
+            rotate_sent,
+            Duration::from_secs(12)
+        ),
+    );
+    // Scheduling slack between this test and the replicas (two cores, four processes).
+    let slack = Duration::from_millis(400);
+    for (replica, (last_ok, refused)) in ["A", "B"].into_iter().zip(expiring_seen) {
+        let last_ok = last_ok.unwrap_or_else(|| panic!("{replica} accepted the expiring key"));
+        assert!(
+            last_ok < expiry,
+            "{replica} accepted it {last_ok:?} after creation"
+        );
+        assert!(
+            refused + slack >= expiry,
+            "{replica} refused it early: {refused:?}"
+        );
+        assert!(
+            refused < expiry + slack,
+            "{replica} refused it late: {refused:?}"
+        );
+    }
+    let grace = Duration::from_secs(5);
+    for (replica, (last_ok, refused)) in ["A", "B"].into_iter().zip(graced_seen) {
+        let last_ok = last_ok.unwrap_or_else(|| panic!("{replica} accepted the old key"));
+        assert!(
+            last_ok < grace + rotated_by,
+            "{replica} accepted the old key {last_ok:?} after the rotation"
+        );
+        assert!(
+            last_ok + slack >= grace,
+            "{replica} stopped accepting it early: {last_ok:?}"
+        );
+        assert!(
+            refused < grace + rotated_by + slack,
+            "{replica}: {refused:?}"
+        );
+    }
+    // The new key works on both.
+    for gw in [a, b] {
+        let answer = users_me_with(http, gw, &model, &new, "new-key").await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    }
+    pair.finish().await;
 }
