@@ -96,7 +96,7 @@ use tokio::task::JoinHandle;
 
 use tollgate::gateway::{self, Config, RunningGateway};
 use tollgate_core::{OrgId, Plan};
-use tollgate_credit_meter::{EntryKind, Ledger, MAX_ENTRIES_PER_ORG};
+use tollgate_credit_meter::{EntryKind, Ledger, LedgerEntry, MAX_ENTRIES_PER_ORG};
 use tollgate_postgres::testing::TestDb;
 use tollgate_upstream_sign::Session;
 
@@ -827,7 +827,7 @@ impl Target {
         }
         let open = self.ledger.open_holds();
         let mut wrong = Vec::new();
-        let mut charged_sum = 0u64;
+        let (mut charged_sum, mut refunds_sum) = (0u64, 0u64);
         for (tenant, &before) in self.tenants.iter().zip(before) {
             let after = self.balance(tenant.org).await?;
             let entries = self
@@ -835,45 +835,68 @@ impl Target {
                 .entries(tenant.org)
                 .await
                 .map_err(|e| format!("{}: reading the ledger: {e}", self.name))?;
-            let charges: Vec<_> = entries
+            let of_kind =
+                |kind: EntryKind| -> Vec<_> { entries.iter().filter(|e| e.kind == kind).collect() };
+            let (charges, refunds) = (of_kind(EntryKind::Charge), of_kind(EntryKind::Refund));
+            let credits = |rows: &[&LedgerEntry]| -> i64 {
+                rows.iter()
+                    .map(|e| (e.delta_plan + e.delta_topup).abs())
+                    .sum()
+            };
+            // A request whose client left while its charge was being recorded (wrk stopping
+            // with requests in flight) was charged and then refunded, with one refund row of
+            // the same request id: those count for nothing.
+            let refunded: HashSet<&str> = refunds
                 .iter()
-                .filter(|e| e.kind == EntryKind::Charge)
+                .filter_map(|e| e.request_id.as_deref())
                 .collect();
-            let credits: i64 = charges
-                .iter()
-                .map(|e| -(e.delta_plan + e.delta_topup))
-                .sum();
             let ids: HashSet<&str> = charges
                 .iter()
                 .filter_map(|e| e.request_id.as_deref())
                 .collect();
+            let refunds_match = refunded.len() == refunds.len()
+                && refunded.iter().all(|id| ids.contains(id))
+                && credits(&refunds) == refunds.len() as i64;
+            let net_rows = charges.len().saturating_sub(refunds.len()) as u64;
+            let net_credits = credits(&charges) - credits(&refunds);
+            let net_ids = ids.difference(&refunded).count() as u64;
             let charged = before.saturating_sub(after);
             charged_sum += charged;
+            refunds_sum += refunds.len() as u64;
             let rows = charged + 1;
             // The memory ledger keeps an org's newest MAX_ENTRIES_PER_ORG rows (a long run
             // of the one-org target passes that): the rows it kept must then each be a charge
             // of 1 credit with its own request id, and the balance tells the rest.
             let complete = entries.len() < MAX_ENTRIES_PER_ORG;
             let rows_agree = if complete {
-                charges.len() as u64 == rows && credits == rows as i64 && ids.len() as u64 == rows
+                refunds_match && net_rows == rows && net_credits == rows as i64 && net_ids == rows
             } else {
-                credits == charges.len() as i64 && ids.len() == charges.len()
+                credits(&charges) == charges.len() as i64 && ids.len() == charges.len()
             };
             if after > before || !rows_agree {
                 wrong.push(format!(
-                    "org {}: balance {before} → {after}, {} charge rows ({credits} credits, {} request ids)",
+                    "org {}: balance {before} → {after}, {} charge rows ({} credits, {} request ids), {} refund rows ({} credits, {} of charged requests)",
                     tenant.org,
                     charges.len(),
-                    ids.len()
+                    credits(&charges),
+                    ids.len(),
+                    refunds.len(),
+                    credits(&refunds),
+                    refunded.iter().filter(|id| ids.contains(*id)).count()
                 ));
             }
         }
         let line = format!(
-            "{}: wrk counted {ok} 2xx over {} org(s); balances fell by {charged_sum} (≤ {slack} in flight when wrk stopped); one charge row of 1 credit with its own request id per credit; {open} holds open",
+            "{}: wrk counted {ok} 2xx over {} org(s); balances fell by {charged_sum} (≤ {slack} in flight when wrk stopped); one charge row of 1 credit with its own request id per credit, net of {refunds_sum} refunds of requests abandoned when wrk stopped; {open} holds open",
             self.name,
             self.tenants.len()
         );
-        if wrong.is_empty() && open == 0 && charged_sum >= ok && charged_sum - ok <= slack {
+        if wrong.is_empty()
+            && open == 0
+            && charged_sum >= ok
+            && charged_sum - ok <= slack
+            && refunds_sum <= slack
+        {
             Ok(format!("{line}: exact"))
         } else {
             Err(format!("NOT EXACT: {line}; {}", wrong.join("; ")))
@@ -1845,6 +1868,33 @@ fn wrk_report(summaries: &[WrkSummary]) {
                 .join(", "),
             median(&p99),
             p99.iter().copied().fold(f64::NAN, f64::max),
+        );
+    }
+    // The usage rollups' cost: the same PostgreSQL gateway with and without them, over the
+    // same orgs' load, paired by round.
+    let on = summaries
+        .iter()
+        .find(|s| s.name.starts_with("postgres/") && s.name.ends_with("orgs"));
+    let off = summaries.iter().find(|s| s.name.starts_with(NO_ROLLUPS));
+    if let (Some(on), Some(off)) = (on, off) {
+        let ratios: Vec<f64> = on
+            .rounds
+            .iter()
+            .zip(&off.rounds)
+            .map(|(a, b)| a.rps / b.rps)
+            .collect();
+        let total = |s: &WrkSummary| s.rounds.iter().map(|r| r.rps).sum::<f64>();
+        println!(
+            "usage rollups on / off ({} vs {}): throughput ratio {:.3} [rounds: {}; pooled {:.3}]",
+            on.name,
+            off.name,
+            median(&ratios),
+            ratios
+                .iter()
+                .map(|r| format!("{r:.3}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            total(on) / total(off),
         );
     }
 }
