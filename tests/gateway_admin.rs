@@ -675,10 +675,22 @@ async fn keys_and_models_are_managed_through_the_admin_api_until_the_org_cancels
             "prefix",
             "status",
             "created_at",
-            "last_used_at"
+            "last_used_at",
+            "expires_at",
+            "scopes",
+            "models",
+            "credit_limit",
+            "credits_used_this_period"
         ])
     );
     assert_eq!(item["id"], key_id.as_str());
+    // A key created with a name only: no expiry, both scopes, every model,
+    // no credit limit, nothing spent yet.
+    assert_eq!(item["expires_at"], Value::Null);
+    assert_eq!(item["scopes"], json!(["read", "write"]));
+    assert_eq!(item["models"], Value::Null);
+    assert_eq!(item["credit_limit"], Value::Null);
+    assert_eq!(item["credits_used_this_period"], 0);
     assert_eq!(item["name"], "production");
     assert_eq!(item["status"], "active");
     assert_eq!(item["last_used_at"], Value::Null);
