@@ -172,6 +172,46 @@ where
             super::admin_accounts::list_users(state, org).await
         }
         (&Method::DELETE, ["users", user]) => super::admin_accounts::delete_user(state, user).await,
+        (&Method::POST, ["orgs", org, "webhooks"]) => {
+            let org = org_id(org)?;
+            require_org(state, org).await?;
+            super::admin_webhooks::create(state, org, body?).await
+        }
+        (&Method::GET, ["orgs", org, "webhooks"]) => {
+            let org = org_id(org)?;
+            require_org(state, org).await?;
+            super::admin_webhooks::list(state, org).await
+        }
+        (&Method::DELETE, ["orgs", org, "webhooks", id]) => {
+            let org = org_id(org)?;
+            require_org(state, org).await?;
+            super::admin_webhooks::delete(state, org, id).await
+        }
+        (&Method::POST, ["orgs", org, "webhooks", id, "rotate-secret"]) => {
+            let org = org_id(org)?;
+            require_org(state, org).await?;
+            super::admin_webhooks::rotate_secret(state, org, id).await
+        }
+        (&Method::POST, ["orgs", org, "webhooks", id, "test"]) => {
+            let org = org_id(org)?;
+            require_org(state, org).await?;
+            super::admin_webhooks::test(state, org, id).await
+        }
+        (&Method::GET, ["orgs", org, "webhooks", id, "deliveries"]) => {
+            let org = org_id(org)?;
+            require_org(state, org).await?;
+            super::admin_webhooks::deliveries(state, org, id).await
+        }
+        (&Method::GET, ["orgs", org, "webhook-settings"]) => {
+            let org = org_id(org)?;
+            require_org(state, org).await?;
+            super::admin_webhooks::settings(state, org).await
+        }
+        (&Method::PUT, ["orgs", org, "webhook-settings"]) => {
+            let org = org_id(org)?;
+            require_org(state, org).await?;
+            super::admin_webhooks::set_settings(state, org, body?).await
+        }
         (&Method::GET, ["orgs", org, "usage"]) => {
             let org = org_id(org)?;
             require_org(state, org).await?;

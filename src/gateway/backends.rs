@@ -91,6 +91,10 @@ async fn postgres(
     // by the log worker) are not on the API's request path.
     let accounts = super::accounts::Accounts::postgres(admin_pool.clone(), clock.clone()).await?;
     let orgs = PostgresOrgStore::new(admin_pool.clone()).await?;
+    // Webhooks: off the request path (the outbox is written by spawned tasks and the log
+    // worker); endpoint secrets sealed with the session key.
+    let webhooks =
+        super::webhooks::PostgresWebhookStore::new(admin_pool.clone(), session_key).await?;
     tollgate_idempotency::PostgresIdempotencyStore::migrate(&admin_pool).await?;
     let idempotency: Arc<dyn tollgate_idempotency::IdempotencyStore> = Arc::new(
         tollgate_idempotency::PostgresIdempotencyStore::new(pool.clone(), clock.clone()),
@@ -107,6 +111,7 @@ async fn postgres(
         logs: Arc::new(logs),
         orgs: Arc::new(orgs),
         accounts,
+        webhooks: Arc::new(webhooks),
         upkeep: vec![
             Arc::new(move || {
                 sweep.sweep_now();

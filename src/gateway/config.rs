@@ -132,6 +132,15 @@ pub struct Config {
     /// `true`; a library setting with no variable: the billed benchmark turns it off to show
     /// what the rollups cost).
     pub usage_rollups: bool,
+    /// `TOLLGATE_WEBHOOK_ALLOW_PRIVATE=1`: webhook endpoints may be `http://` and on
+    /// loopback, private, link-local or metadata addresses (for tests on loopback).
+    pub webhook_allow_private: bool,
+    /// The wait before a failed webhook delivery's first retry, doubling after each (default
+    /// 30 s; a library setting with no variable, shortened by tests).
+    pub webhook_retry_base: Duration,
+    /// How often each replica looks at periods, balances and key expiries for webhook
+    /// events (default 10 s; a library setting with no variable).
+    pub webhook_scan_interval: Duration,
     /// `RUST_LOG`: tracing filter.
     pub log_filter: String,
 }
@@ -168,6 +177,9 @@ impl fmt::Debug for Config {
                 &self.dashboard_insecure_cookies,
             )
             .field("usage_rollups", &self.usage_rollups)
+            .field("webhook_allow_private", &self.webhook_allow_private)
+            .field("webhook_retry_base", &self.webhook_retry_base)
+            .field("webhook_scan_interval", &self.webhook_scan_interval)
             .field("log_filter", &self.log_filter)
             .finish()
     }
@@ -228,6 +240,9 @@ impl Default for Config {
             log_format: LogFormat::Text,
             dashboard_insecure_cookies: false,
             usage_rollups: true,
+            webhook_allow_private: false,
+            webhook_retry_base: super::webhooks::DEFAULT_RETRY_BASE,
+            webhook_scan_interval: super::webhooks::DEFAULT_SCAN_INTERVAL,
             log_filter: defaults::LOG_FILTER.to_owned(),
         }
     }

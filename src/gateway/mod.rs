@@ -25,6 +25,7 @@
 pub mod accounts;
 pub mod admin;
 mod admin_accounts;
+mod admin_webhooks;
 pub mod app;
 pub mod backends;
 pub mod cli;
@@ -44,7 +45,9 @@ pub mod server;
 pub mod state;
 pub mod tls;
 pub mod usage;
+pub mod webhooks;
 pub mod wire;
+
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -209,6 +212,7 @@ pub fn memory_backends_with(clock: SharedClock, hold_ttl: Duration) -> Backends 
         logs: Arc::new(MemoryLogSink::new(clock.clone())),
         orgs: Arc::new(MemoryOrgStore::new()),
         accounts: accounts::Accounts::memory(clock),
+        webhooks: Arc::new(webhooks::MemoryWebhookStore::new()),
     }
 }
 
@@ -263,12 +267,32 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
         Arc::new(RulesSigner::new(sandbox_rules()))
     };
 
+    let webhook_tls = tls.clone();
     let https = tls::connector(tls, config.upstream_timeout);
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(256)
         .build(https);
-    let signed = UpstreamSignLayer::new(signer, backends.sessions.clone()).layer(client);
+    // Webhooks: the session store tells them about disconnects and reconnects.
+    let hooks = webhooks::Webhooks::new(backends.webhooks.clone());
+    let sessions: Arc<dyn tollgate_upstream_sign::SessionStore> = Arc::new(
+        webhooks::WebhookSessions::new(backends.sessions.clone(), hooks.clone()),
+    );
+    let webhook_options = webhooks::WebhookOptions {
+        allow_private: config.webhook_allow_private,
+        retry_base: config.webhook_retry_base,
+        scan_interval: config.webhook_scan_interval,
+    };
+    let (signals, watcher) = webhooks::watch::spawn(
+        webhooks::watch::Watched {
+            webhooks: hooks.clone(),
+            ledger: backends.ledger.clone(),
+            keys: backends.keys.clone(),
+        },
+        &webhook_options,
+    );
+    let dispatcher = webhooks::deliver::spawn(hooks.clone(), webhook_options, webhook_tls);
+    let signed = UpstreamSignLayer::new(signer, sessions.clone()).layer(client);
     let metrics = Arc::new(metrics::Metrics::default());
     let proxy = proxy::Proxy::new(
         signed,
@@ -283,7 +307,8 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
         usage::UsageTee::new(backends.logs.clone(), backends.accounts.usage.clone())
     } else {
         usage::UsageTee::logs_only(backends.logs.clone())
-    };
+    }
+    .with_signals(signals);
     let logger_layer = RequestLoggerLayer::new(tee);
     let logger = logger_layer.handle();
     let state = Arc::new(AppState {
@@ -291,10 +316,11 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
         keys: backends.keys.clone(),
         ledger: backends.ledger.clone(),
         windows: backends.windows.clone(),
-        sessions: backends.sessions.clone(),
+        sessions,
         logs: backends.logs.clone(),
         orgs: backends.orgs.clone(),
         accounts: backends.accounts.clone(),
+        webhooks: hooks,
         metrics: Arc::clone(&metrics),
         logger,
         draining: std::sync::atomic::AtomicBool::new(false),
@@ -355,6 +381,8 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
     };
 
     let mut jobs = spawn_jobs(&state, backends.upkeep.clone());
+    jobs.push(watcher);
+    jobs.push(dispatcher);
     jobs.push(accounts::spawn_upkeep(
         &backends.accounts,
         SystemClock::shared(),

@@ -16,6 +16,7 @@ use super::config::Config;
 use super::metrics::{Gauges, Metrics};
 use super::orgs::OrgStore;
 use super::readiness::Readiness;
+use super::webhooks::{WebhookStore, Webhooks};
 
 /// One upkeep task of a backend.
 pub type Upkeep = Arc<dyn Fn() -> tollgate_core::BoxFuture<()> + Send + Sync>;
@@ -39,6 +40,8 @@ pub struct Backends {
     pub accounts: Accounts,
     /// `Idempotency-Key` records (in flight and stored responses).
     pub idempotency: Arc<dyn IdempotencyStore>,
+    /// Webhook endpoints, the outbox and its deliveries.
+    pub webhooks: Arc<dyn WebhookStore>,
     /// Periodic upkeep the backends need (evicting idle in-memory windows, writing buffered
     /// last-used times), run every minute and once more at graceful shutdown.
     pub upkeep: Vec<Upkeep>,
@@ -68,6 +71,8 @@ pub struct AppState {
     pub orgs: Arc<dyn OrgStore>,
     /// Dashboard users and sessions, usage rollups.
     pub accounts: Accounts,
+    /// Webhooks: endpoints and the outbox.
+    pub webhooks: Webhooks,
     /// Request counters.
     pub metrics: Arc<Metrics>,
     /// The request logger's queue (dropped rows, flush).

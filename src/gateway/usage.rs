@@ -45,6 +45,7 @@ pub const MAX_DAILY_RANGE_MS: u64 = 400 * DAY_MS;
 pub struct UsageTee<S> {
     logs: S,
     usage: Option<Arc<dyn UsageStore>>,
+    signals: Option<super::webhooks::watch::Signals>,
 }
 
 impl<S> UsageTee<S> {
@@ -53,12 +54,23 @@ impl<S> UsageTee<S> {
         UsageTee {
             logs,
             usage: Some(usage),
+            signals: None,
         }
     }
 
     /// Writes logs to `logs` and no rollups (`Config::usage_rollups = false`).
     pub fn logs_only(logs: S) -> Self {
-        UsageTee { logs, usage: None }
+        UsageTee {
+            logs,
+            usage: None,
+            signals: None,
+        }
+    }
+
+    /// Also reports each batch to the webhook watcher (402s and charges).
+    pub fn with_signals(mut self, signals: super::webhooks::watch::Signals) -> Self {
+        self.signals = Some(signals);
+        self
     }
 }
 
@@ -70,6 +82,9 @@ impl<S> std::fmt::Debug for UsageTee<S> {
 
 impl<S: LogSink> LogSink for UsageTee<S> {
     fn write_batch(&self, records: Vec<LogRecord>) -> BoxFuture<Result<(), BackendError>> {
+        if let Some(signals) = &self.signals {
+            signals.observe(&records);
+        }
         let Some(usage) = self.usage.clone() else {
             return self.logs.write_batch(records);
         };

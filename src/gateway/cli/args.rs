@@ -238,6 +238,12 @@ pub(super) struct DashboardArgs {
     #[arg(long, env = "TOLLGATE_DASHBOARD_INSECURE_COOKIES", value_name = "1|0",
           default_value = "0", value_parser = toggle)]
     pub(super) dashboard_insecure_cookies: Toggle,
+    /// `1`: webhook endpoints may use http:// and loopback, private, link-local or metadata
+    /// addresses (for tests and receivers on loopback). `0`: only https:// endpoints on
+    /// public addresses, checked after DNS resolution at registration and every delivery.
+    #[arg(long, env = "TOLLGATE_WEBHOOK_ALLOW_PRIVATE", value_name = "1|0",
+          default_value = "0", value_parser = toggle)]
+    pub(super) webhook_allow_private: Toggle,
 }
 
 #[derive(Debug, Args)]

@@ -145,6 +145,9 @@ impl Cli {
             drain_timeout: Duration::from_millis(operation.drain_timeout_ms),
             dashboard_insecure_cookies: dashboard.dashboard_insecure_cookies.0,
             usage_rollups: true,
+            webhook_allow_private: dashboard.webhook_allow_private.0,
+            webhook_retry_base: super::super::webhooks::DEFAULT_RETRY_BASE,
+            webhook_scan_interval: super::super::webhooks::DEFAULT_SCAN_INTERVAL,
             max_connections: limits.max_connections,
             log_format: match operation.log_format {
                 Format::Text => LogFormat::Text,

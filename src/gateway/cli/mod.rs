@@ -25,7 +25,6 @@ const INTERRUPTED: i32 = 130;
 /// that read them directly), which are not typos.
 const OTHER_VARIABLES: &[&str] = &[
     "TOLLGATE_REQUIRE_SERVICES",
-    "TOLLGATE_WEBHOOK_ALLOW_PRIVATE",
 ];
 
 /// Runs the gateway binary until it is stopped; the exit status follows the outcome.
