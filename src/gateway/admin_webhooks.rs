@@ -67,9 +67,17 @@ pub fn events_field(body: &Value) -> Result<Vec<EventType>, Rejection> {
     let names = SUBSCRIBABLE_NAMES.join(", ");
     let list = match body.get("events") {
         Some(Value::Array(list)) if !list.is_empty() => list,
-        Some(Value::Array(_)) => return Err(invalid(format!("`events` must name at least one of: {names}."))),
+        Some(Value::Array(_)) => {
+            return Err(invalid(format!(
+                "`events` must name at least one of: {names}."
+            )))
+        }
         Some(_) => return Err(invalid("`events` must be an array of event names.")),
-        None => return Err(invalid(format!("`events` is required: an array of {names}."))),
+        None => {
+            return Err(invalid(format!(
+                "`events` is required: an array of {names}."
+            )))
+        }
     };
     list.iter()
         .map(|v| {

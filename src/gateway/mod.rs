@@ -48,7 +48,6 @@ pub mod usage;
 pub mod webhooks;
 pub mod wire;
 
-
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -23,9 +23,7 @@ const INTERRUPTED: i32 = 130;
 
 /// Variables read outside the command line (by the test suite, or by parts of the product
 /// that read them directly), which are not typos.
-const OTHER_VARIABLES: &[&str] = &[
-    "TOLLGATE_REQUIRE_SERVICES",
-];
+const OTHER_VARIABLES: &[&str] = &["TOLLGATE_REQUIRE_SERVICES"];
 
 /// Runs the gateway binary until it is stopped; the exit status follows the outcome.
 pub async fn run() -> ExitCode {

@@ -46,7 +46,10 @@ pub fn parse(url: &str, allow_private: bool) -> Result<Target, String> {
     if authority.as_str().contains('@') {
         return Err("`url` must not carry a user name or password.".into());
     }
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
     if host.is_empty() {
         return Err("`url` must name a host.".into());
     }
@@ -164,7 +167,13 @@ mod tests {
         ] {
             assert!(!is_public(ip(s)), "{s} is public");
         }
-        for s in ["8.8.8.8", "1.1.1.1", "172.32.0.1", "2606:4700::1111", "::ffff:8.8.8.8"] {
+        for s in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "172.32.0.1",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+        ] {
             assert!(is_public(ip(s)), "{s} is not public");
         }
     }

@@ -21,7 +21,9 @@ use tokio::task::JoinHandle;
 use tollgate_core::{Clock as _, SystemClock};
 
 use super::address::{self, Target};
-use super::{Attempt, DueDelivery, WebhookOptions, Webhooks, ATTEMPT_TIMEOUT, MAX_BACKOFF, RETRY_FOR};
+use super::{
+    Attempt, DueDelivery, WebhookOptions, Webhooks, ATTEMPT_TIMEOUT, MAX_BACKOFF, RETRY_FOR,
+};
 
 /// How often the dispatcher looks for due deliveries when nothing wakes it.
 pub const POLL_EVERY: Duration = Duration::from_millis(500);
@@ -29,12 +31,14 @@ pub const POLL_EVERY: Duration = Duration::from_millis(500);
 pub const CONCURRENCY: usize = 16;
 /// How long a claimed delivery is reserved for the replica that claimed it: longer than an
 /// attempt, so no other replica sends it meanwhile.
-pub const LEASE: Duration = Duration::from_secs(30);
+pub const LEASE: Duration = Duration::from_secs(15);
 
 /// The wait before attempt `attempt + 1` after `attempt` failed: `base`, doubling, at most
 /// [`MAX_BACKOFF`].
 pub fn backoff(base: Duration, attempt: u32) -> Duration {
-    let factor = 1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
+    let factor = 1u32
+        .checked_shl(attempt.saturating_sub(1))
+        .unwrap_or(u32::MAX);
     base.saturating_mul(factor).min(MAX_BACKOFF)
 }
 
@@ -85,7 +89,12 @@ pub fn spawn(webhooks: Webhooks, options: WebhookOptions, tls: ClientConfig) -> 
 }
 
 /// Sends one delivery and records the outcome.
-async fn attempt(webhooks: &Webhooks, options: &WebhookOptions, tls: &Arc<ClientConfig>, d: DueDelivery) {
+async fn attempt(
+    webhooks: &Webhooks,
+    options: &WebhookOptions,
+    tls: &Arc<ClientConfig>,
+    d: DueDelivery,
+) {
     let started_ms = SystemClock.now_ms();
     let started = Instant::now();
     let outcome = tokio::time::timeout(ATTEMPT_TIMEOUT, send(options, tls, &d)).await;
@@ -172,8 +181,14 @@ async fn exchange(
     let req = Request::post(target.path_and_query.as_str())
         .header(HOST, host_header)
         .header(CONTENT_TYPE, "application/json")
-        .header(USER_AGENT, concat!("tollgate-webhooks/", env!("CARGO_PKG_VERSION")))
-        .header("Tollgate-Signature", super::signature(&d.secret, unix, &d.body))
+        .header(
+            USER_AGENT,
+            concat!("tollgate-webhooks/", env!("CARGO_PKG_VERSION")),
+        )
+        .header(
+            "Tollgate-Signature",
+            super::signature(&d.secret, unix, &d.body),
+        )
         .header("Tollgate-Event", d.kind.as_str())
         .header("Tollgate-Event-Id", d.event_id.to_string())
         .header("Tollgate-Delivery", d.id.to_string())

@@ -129,11 +129,7 @@ impl WebhookStore for MemoryWebhookStore {
         }))
     }
 
-    fn delete_endpoint(
-        &self,
-        org: OrgId,
-        id: EndpointId,
-    ) -> BoxFuture<Result<bool, BackendError>> {
+    fn delete_endpoint(&self, org: OrgId, id: EndpointId) -> BoxFuture<Result<bool, BackendError>> {
         ready(self.with(|inner| {
             let before = inner.endpoints.len();
             inner.endpoints.retain(|e| !(e.org == org && e.id == id));
@@ -186,8 +182,8 @@ impl WebhookStore for MemoryWebhookStore {
         state: String,
         on_change: Option<Event>,
     ) -> BoxFuture<Result<bool, BackendError>> {
-        ready(self.with(|inner| {
-            match inner.watched.insert((org, subject), state.clone()) {
+        ready(self.with(
+            |inner| match inner.watched.insert((org, subject), state.clone()) {
                 Some(previous) if previous != state => {
                     if let Some(event) = on_change {
                         inner.emit(event);
@@ -195,8 +191,8 @@ impl WebhookStore for MemoryWebhookStore {
                     true
                 }
                 _ => false,
-            }
-        }))
+            },
+        ))
     }
 
     fn claim_due(

@@ -276,10 +276,7 @@ pub fn signature(secret: &str, unix_seconds: u64, body: &str) -> String {
     ctx.update(unix_seconds.to_string().as_bytes());
     ctx.update(b".");
     ctx.update(body.as_bytes());
-    format!(
-        "t={unix_seconds},v1={}",
-        hex::encode(ctx.sign().as_ref())
-    )
+    format!("t={unix_seconds},v1={}", hex::encode(ctx.sign().as_ref()))
 }
 
 /// The state of a delivery.
@@ -413,8 +410,7 @@ pub trait WebhookStore: Send + Sync + 'static {
     /// The org's endpoints, oldest first.
     fn endpoints(&self, org: OrgId) -> BoxFuture<Result<Vec<Endpoint>, BackendError>>;
     /// Removes the endpoint and its pending deliveries; `false` when it is not the org's.
-    fn delete_endpoint(&self, org: OrgId, id: EndpointId)
-        -> BoxFuture<Result<bool, BackendError>>;
+    fn delete_endpoint(&self, org: OrgId, id: EndpointId) -> BoxFuture<Result<bool, BackendError>>;
     /// Replaces the endpoint's secret; `false` when it is not the org's.
     fn set_secret(
         &self,
@@ -514,7 +510,9 @@ impl Webhooks {
         match self.store.emit(event).await {
             Ok(0) => {}
             Ok(_) => self.wake.notify_one(),
-            Err(e) => tracing::warn!(event = %kind, org = %org, error = %e, "writing a webhook event failed"),
+            Err(e) => {
+                tracing::warn!(event = %kind, org = %org, error = %e, "writing a webhook event failed")
+            }
         }
     }
 
@@ -563,7 +561,12 @@ mod tests {
             sig,
             format!("t=1700000000,v1={}", hex::encode(expected.as_ref()))
         );
-        assert!(ring::hmac::verify(&key, br#"1700000000.{"a":1}"#, &hex::decode(&sig[16..]).unwrap()).is_ok());
+        assert!(ring::hmac::verify(
+            &key,
+            br#"1700000000.{"a":1}"#,
+            &hex::decode(&sig[16..]).unwrap()
+        )
+        .is_ok());
     }
 
     #[test]
@@ -573,7 +576,10 @@ mod tests {
         assert_eq!(a, occurrence_id(EventType::ModelDisconnected, org, "m:3"));
         assert_ne!(a, occurrence_id(EventType::ModelDisconnected, org, "m:4"));
         assert_ne!(a, occurrence_id(EventType::ModelReconnected, org, "m:3"));
-        assert_ne!(a, occurrence_id(EventType::ModelDisconnected, OrgId::new(), "m:3"));
+        assert_ne!(
+            a,
+            occurrence_id(EventType::ModelDisconnected, OrgId::new(), "m:3")
+        );
     }
 
     #[test]

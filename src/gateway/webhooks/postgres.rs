@@ -271,11 +271,7 @@ impl WebhookStore for PostgresWebhookStore {
         })
     }
 
-    fn delete_endpoint(
-        &self,
-        org: OrgId,
-        id: EndpointId,
-    ) -> BoxFuture<Result<bool, BackendError>> {
+    fn delete_endpoint(&self, org: OrgId, id: EndpointId) -> BoxFuture<Result<bool, BackendError>> {
         let pool = self.pool.clone();
         Box::pin(async move {
             let client = pool.get().await.map_err(to_backend_error)?;
@@ -323,10 +319,7 @@ impl WebhookStore for PostgresWebhookStore {
                 )
                 .await
                 .map_err(to_backend_error)?;
-            Ok(rows
-                .iter()
-                .map(|r| OrgId::from_uuid(r.get(0)))
-                .collect())
+            Ok(rows.iter().map(|r| OrgId::from_uuid(r.get(0))).collect())
         })
     }
 
@@ -538,14 +531,15 @@ impl WebhookStore for PostgresWebhookStore {
                     kind,
                     state,
                     created_ms: unms(row.get(4)),
-                    next_attempt_ms: (state == DeliveryState::Pending)
-                        .then(|| unms(row.get(5))),
+                    next_attempt_ms: (state == DeliveryState::Pending).then(|| unms(row.get(5))),
                     attempts: attempts
                         .iter()
                         .filter(|a| a.get::<_, Uuid>(0) == delivery)
                         .map(|a| Attempt {
                             at_ms: unms(a.get(1)),
-                            status: a.get::<_, Option<i32>>(2).and_then(|s| u16::try_from(s).ok()),
+                            status: a
+                                .get::<_, Option<i32>>(2)
+                                .and_then(|s| u16::try_from(s).ok()),
                             error: a.get(3),
                             duration_ms: unms(a.get(4)),
                         })
@@ -567,9 +561,7 @@ impl WebhookStore for PostgresWebhookStore {
                 )
                 .await
                 .map_err(to_backend_error)?;
-            Ok(row
-                .and_then(|r| r.get::<_, Option<i64>>(0))
-                .map(unms))
+            Ok(row.and_then(|r| r.get::<_, Option<i64>>(0)).map(unms))
         })
     }
 

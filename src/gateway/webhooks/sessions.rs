@@ -65,7 +65,9 @@ impl SessionStore for WebhookSessions {
                                 .await
                         }
                         Ok(None) => {}
-                        Err(e) => tracing::warn!(model = %model, error = %e, "model.disconnected not written"),
+                        Err(e) => {
+                            tracing::warn!(model = %model, error = %e, "model.disconnected not written")
+                        }
                     }
                 });
             }

@@ -27,8 +27,7 @@ use tollgate_credit_meter::{Account, Ledger};
 use tollgate_request_logger::LogRecord;
 
 use super::{
-    key_data, Event, EventType, WebhookOptions, Webhooks, DEFAULT_LOW_PERCENT,
-    KEY_EXPIRING_WITHIN,
+    key_data, Event, EventType, WebhookOptions, Webhooks, DEFAULT_LOW_PERCENT, KEY_EXPIRING_WITHIN,
 };
 
 /// What the request logger's worker reports.
