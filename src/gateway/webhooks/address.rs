@@ -19,6 +19,9 @@ pub struct Target {
     pub path_and_query: String,
 }
 
+/// How long a DNS resolution may take.
+pub const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The longest endpoint URL accepted.
 pub const MAX_URL_LEN: usize = 2_048;
 
@@ -114,10 +117,20 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
 pub async fn resolve(target: &Target, allow_private: bool) -> Result<Vec<SocketAddr>, String> {
     let addrs: Vec<SocketAddr> = match target.host.parse::<IpAddr>() {
         Ok(ip) => vec![SocketAddr::new(ip, target.port)],
-        Err(_) => tokio::net::lookup_host((target.host.as_str(), target.port))
-            .await
-            .map_err(|e| format!("{} does not resolve: {e}", target.host))?
-            .collect(),
+        Err(_) => tokio::time::timeout(
+            RESOLVE_TIMEOUT,
+            tokio::net::lookup_host((target.host.as_str(), target.port)),
+        )
+        .await
+        .map_err(|_| {
+            format!(
+                "{} did not resolve within {} s",
+                target.host,
+                RESOLVE_TIMEOUT.as_secs()
+            )
+        })?
+        .map_err(|e| format!("{} does not resolve: {e}", target.host))?
+        .collect(),
     };
     if addrs.is_empty() {
         return Err(format!("{} does not resolve", target.host));

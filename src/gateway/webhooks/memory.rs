@@ -238,7 +238,7 @@ impl WebhookStore for MemoryWebhookStore {
         attempt: Attempt,
         retry_at_ms: Option<u64>,
     ) -> BoxFuture<Result<(), BackendError>> {
-        ready(self.with(|inner| {
+        self.with(|inner| {
             if let Some(d) = inner.deliveries.iter_mut().find(|d| d.id == delivery) {
                 if d.state != DeliveryState::Pending {
                     return;
@@ -251,7 +251,8 @@ impl WebhookStore for MemoryWebhookStore {
                     (false, None) => d.state = DeliveryState::Failed,
                 }
             }
-        }))
+        });
+        ready(())
     }
 
     fn deliveries(
@@ -295,13 +296,14 @@ impl WebhookStore for MemoryWebhookStore {
         org: OrgId,
         threshold: Option<u64>,
     ) -> BoxFuture<Result<(), BackendError>> {
-        ready(self.with(|inner| match threshold {
+        self.with(|inner| match threshold {
             Some(t) => {
                 inner.thresholds.insert(org, t);
             }
             None => {
                 inner.thresholds.remove(&org);
             }
-        }))
+        });
+        ready(())
     }
 }
