@@ -61,6 +61,15 @@ struct Receiver {
 
 impl Receiver {
     async fn start(mode: Mode) -> Receiver {
+        Self::serve(mode, None).await
+    }
+
+    /// Over TLS with `tls` (a certificate for `localhost`).
+    async fn start_tls(mode: Mode, tls: rustls::ServerConfig) -> Receiver {
+        Self::serve(mode, Some(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))).await
+    }
+
+    async fn serve(mode: Mode, tls: Option<tokio_rustls::TlsAcceptor>) -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let receiver = Receiver {
             addr: listener.local_addr().unwrap(),
@@ -71,14 +80,23 @@ impl Receiver {
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let this = this.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let this = this.clone();
                         async move { Ok::<_, Infallible>(this.answer(req).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                            }
+                        }
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                    }
                 });
             }
         });
@@ -498,6 +516,77 @@ async fn a_receiver_that_fails_twice_gets_the_event_on_the_third_try() {
         .await;
     assert_eq!(again.status, StatusCode::NOT_FOUND);
     gw.gw.shutdown().await;
+}
+
+/// A self-signed certificate for `localhost` (written as PEM to `pem`) and a TLS server
+/// configuration presenting it.
+fn self_signed(pem: &std::path::Path) -> rustls::ServerConfig {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    std::fs::write(pem, certified.cert.pem()).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(certified.key_pair.serialize_der().into());
+    rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![certified.cert.der().clone()], key)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_receiver_gets_events_only_with_a_certificate_the_gateway_trusts() {
+    let dir = std::env::temp_dir().join(format!("tollgate-webhook-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pem = dir.join("receiver.pem");
+    let receiver = Receiver::start_tls(Mode::Ok, self_signed(&pem)).await;
+    let url = format!("https://localhost:{}/hooks", receiver.addr.port());
+
+    // Trusted through TOLLGATE_CA_FILE: delivered over TLS, signed.
+    let mut config = webhook_config();
+    config.ca_file = Some(pem.clone());
+    let gw = common::start(config).await;
+    let org = demo_org(&gw);
+    let (endpoint, secret) = register(&gw, &url, &["model.reconnected"]).await;
+    let test = gw
+        .admin(
+            Method::POST,
+            &format!("/admin/orgs/{org}/webhooks/{endpoint}/test"),
+            None,
+        )
+        .await;
+    assert_eq!(test.status, StatusCode::ACCEPTED);
+    let got = receiver.wait_for("webhook.test", 1).await;
+    assert_eq!(got.len(), 1);
+    verify(&secret, &receiver.hits()[0]);
+    gw.gw.shutdown().await;
+
+    // Not trusted: every attempt fails on the handshake and is recorded as such.
+    let gw = common::start(webhook_config()).await;
+    let org = demo_org(&gw);
+    let (endpoint, _) = register(&gw, &url, &["model.reconnected"]).await;
+    gw.admin(
+        Method::POST,
+        &format!("/admin/orgs/{org}/webhooks/{endpoint}/test"),
+        None,
+    )
+    .await;
+    let history_path = format!("/admin/orgs/{org}/webhooks/{endpoint}/deliveries");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let attempt = loop {
+        let history = gw.admin(Method::GET, &history_path, None).await.json();
+        if let Some(a) = history[0]["attempts"].get(0) {
+            break a.clone();
+        }
+        assert!(Instant::now() < deadline, "no attempt recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(attempt["status"], Value::Null);
+    assert!(
+        attempt["error"].as_str().unwrap().contains("TLS"),
+        "{attempt}"
+    );
+    assert_eq!(receiver.hits().len(), 1, "nothing reached the receiver");
+    gw.gw.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
