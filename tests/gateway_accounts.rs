@@ -981,3 +981,403 @@ async fn the_admin_users_api_validates_lists_and_deletes() {
         "UNAUTHORIZED",
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// API Keys and Webhooks pages (SPEC §12, §13, §15)
+
+/// The first `sk_live_…` secret in a page.
+fn secret_in(page: &Answer, prefix: &str) -> Option<String> {
+    let text = page.text();
+    let at = text.find(&format!("value=\"{prefix}"))?;
+    let rest = &text[at + "value=\"".len()..];
+    Some(rest[..rest.find('"').unwrap()].to_owned())
+}
+
+/// A customer call with `key`.
+async fn api(gw: &TestGateway, method: Method, path: &str, key: &str) -> Answer {
+    let mut req = gw.request(method.clone(), path, Some(key), None);
+    if method == Method::POST {
+        *req.body_mut() = Full::new(Bytes::from_static(b"{\"text\":\"hi\"}"));
+        req.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+    }
+    gw.send(req).await
+}
+
+#[tokio::test]
+async fn an_owner_creates_rotates_and_revokes_keys_in_the_dashboard() {
+    let mut config = common::test_config();
+    config.burst = [5, 1_000, 30, 200];
+    let gw = common::start(config).await;
+    let org = demo_org(&gw);
+    let model = gw.model();
+    user(&gw, org, "keys@example.com", "owner").await;
+    let mut owner = signed_in(&gw, "keys@example.com").await;
+    let page_path = format!("/dashboard/orgs/{org}/keys");
+    let page = owner.get(&page_path).await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.text());
+    assert!(page.text().contains("Create key"));
+    assert!(page.text().contains("aria-current=\"page\">API Keys<"));
+
+    // Create: a read-only key for the demo model with a limit and an expiry, named with markup.
+    let tomorrow = chrono_date(2);
+    let name = "<script>alert(1)</script>\"><img src=x onerror=alert(2)>";
+    let model_field = format!("model_{model}");
+    let created = owner
+        .post_csrf(
+            &page_path,
+            &format!("{page_path}/create"),
+            &[
+                ("name", name),
+                ("expires_on", &tomorrow),
+                ("scopes", "read"),
+                ("credit_limit", "3"),
+                (&model_field, "on"),
+            ],
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::OK, "{}", created.text());
+    let secret = secret_in(&created, "sk_live_").expect("the new secret on the page");
+    assert!(
+        !created.text().contains("<script>alert(1)"),
+        "the name is escaped"
+    );
+    assert!(
+        created.text().contains("&#60;script&#62;alert(1)"),
+        "shown as text"
+    );
+    assert!(!created.text().contains("<img src=x"));
+    let reloaded = owner.get(&page_path).await;
+    assert!(!reloaded.text().contains(&secret), "shown only once");
+    assert!(
+        reloaded.text().contains(&secret[..12]),
+        "its prefix is listed"
+    );
+
+    // It is the key the form described.
+    let keys = gw
+        .admin(Method::GET, &format!("/admin/orgs/{org}/keys"), None)
+        .await
+        .json();
+    let key = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == name)
+        .expect("the new key")
+        .clone();
+    assert_eq!(key["scopes"], json!(["read"]));
+    assert_eq!(key["models"], json!([model]));
+    assert_eq!(key["credit_limit"], 3);
+    assert!(key["expires_at"]
+        .as_str()
+        .unwrap()
+        .starts_with(&format!("{tomorrow}T00:00:00")));
+    let read = api(&gw, Method::GET, &gw.model_path("/users/me"), &secret).await;
+    assert_eq!(read.status, StatusCode::OK, "{}", read.text());
+    let write = api(
+        &gw,
+        Method::POST,
+        &gw.model_path("/chats/1/messages"),
+        &secret,
+    )
+    .await;
+    assert_eq!(write.status, StatusCode::FORBIDDEN, "{}", write.text());
+    assert_eq!(write.code(), "KEY_FORBIDDEN");
+
+    // Bad input: the page again with the reason, nothing created.
+    owner.html = true;
+    for (fields, needle) in [
+        (vec![("name", "  ")], "name"),
+        (
+            vec![("name", "x"), ("credit_limit", "lots")],
+            "credit limit",
+        ),
+        (vec![("name", "x"), ("expires_on", "2001-01-01")], "future"),
+        (vec![("name", "x"), ("scopes", "admin")], "access"),
+    ] {
+        let answer = owner
+            .post_csrf(&page_path, &format!("{page_path}/create"), &fields)
+            .await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{fields:?}");
+        assert!(answer.text().contains("role=\"alert\""), "{fields:?}");
+        assert!(
+            answer.text().to_lowercase().contains(needle),
+            "{fields:?}: {}",
+            answer.text()
+        );
+    }
+    owner.html = false;
+    let count = gw
+        .admin(Method::GET, &format!("/admin/orgs/{org}/keys"), None)
+        .await
+        .json()
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(count, 2, "the demo key and the new one only");
+
+    // Rotate with no grace: the new secret once, the old key refused at once.
+    let id = key["id"].as_str().unwrap();
+    let rotated = owner
+        .post_csrf(
+            &page_path,
+            &format!("{page_path}/{id}/rotate"),
+            &[("grace_seconds", "0")],
+        )
+        .await;
+    assert_eq!(rotated.status, StatusCode::OK, "{}", rotated.text());
+    let new_secret = secret_in(&rotated, "sk_live_").expect("the rotated secret");
+    assert_ne!(new_secret, secret);
+    let old = api(&gw, Method::GET, &gw.model_path("/users/me"), &secret).await;
+    assert_eq!(old.status, StatusCode::UNAUTHORIZED);
+    let new = api(&gw, Method::GET, &gw.model_path("/users/me"), &new_secret).await;
+    assert_eq!(new.status, StatusCode::OK, "{}", new.text());
+    let listed = owner.get(&page_path).await.text();
+    assert!(listed.contains("Revoked") && listed.contains("Active"));
+
+    // Revoke asks for the confirmation, then the key is refused.
+    let new_id = gw
+        .admin(Method::GET, &format!("/admin/orgs/{org}/keys"), None)
+        .await
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == name && k["status"] == "active")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let unconfirmed = owner
+        .post_csrf(&page_path, &format!("{page_path}/{new_id}/revoke"), &[])
+        .await;
+    assert_eq!(unconfirmed.status, StatusCode::BAD_REQUEST);
+    let still = api(&gw, Method::GET, &gw.model_path("/users/me"), &new_secret).await;
+    assert_eq!(still.status, StatusCode::OK);
+    let revoked = owner
+        .post_csrf(
+            &page_path,
+            &format!("{page_path}/{new_id}/revoke"),
+            &[("confirm", "yes")],
+        )
+        .await;
+    assert_eq!(revoked.status, StatusCode::SEE_OTHER, "{}", revoked.text());
+    let after = api(&gw, Method::GET, &gw.model_path("/users/me"), &new_secret).await;
+    assert_eq!(after.status, StatusCode::UNAUTHORIZED);
+
+    // Another org's key is not found through this org's pages.
+    let other = gw
+        .admin(Method::POST, "/admin/orgs", Some(json!({"name": "Other"})))
+        .await
+        .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let foreign = gw
+        .admin(
+            Method::POST,
+            &format!("/admin/orgs/{other}/keys"),
+            Some(json!({"name": "theirs"})),
+        )
+        .await
+        .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let cross = owner
+        .post_csrf(
+            &page_path,
+            &format!("{page_path}/{foreign}/revoke"),
+            &[("confirm", "yes")],
+        )
+        .await;
+    assert_eq!(cross.status, StatusCode::NOT_FOUND);
+}
+
+/// `YYYY-MM-DD`, `days` from today (UTC).
+fn chrono_date(days: u64) -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        + days * 86_400_000;
+    tollgate::core::time::rfc3339_from_ms(ms)[..10].to_owned()
+}
+
+/// A receiver of webhooks on loopback answering 200, counting what it got.
+async fn receiver() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks", listener.local_addr().unwrap());
+    let count = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_req| {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    async {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::from_static(b"ok"),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (url, count)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_manages_webhooks_in_the_dashboard_and_a_viewer_only_looks() {
+    let mut config = common::test_config();
+    config.webhook_allow_private = true;
+    let gw = common::start(config).await;
+    let org = demo_org(&gw);
+    user(&gw, org, "hooks@example.com", "owner").await;
+    user(&gw, org, "looks@example.com", "viewer").await;
+    let mut owner = signed_in(&gw, "hooks@example.com").await;
+    let viewer = signed_in(&gw, "looks@example.com").await;
+    let page_path = format!("/dashboard/orgs/{org}/webhooks");
+    let (url, received) = receiver().await;
+
+    let empty = owner.get(&page_path).await;
+    assert_eq!(empty.status, StatusCode::OK);
+    assert!(empty.text().contains("No endpoints yet"));
+    let created = owner
+        .post_csrf(
+            &page_path,
+            &format!("{page_path}/create"),
+            &[
+                ("url", &url),
+                ("event_model.disconnected", "on"),
+                ("event_credits.low", "on"),
+            ],
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::OK, "{}", created.text());
+    let secret = secret_in(&created, "whsec_").expect("the signing secret on the page");
+    assert!(
+        !owner.get(&page_path).await.text().contains(&secret),
+        "shown once"
+    );
+    let listed = gw
+        .admin(Method::GET, &format!("/admin/orgs/{org}/webhooks"), None)
+        .await
+        .json();
+    assert_eq!(listed[0]["url"], url.as_str());
+    assert_eq!(
+        listed[0]["events"],
+        json!(["credits.low", "model.disconnected"])
+    );
+    let id = listed[0]["id"].as_str().unwrap().to_owned();
+
+    // A test event: delivered, and the page shows it.
+    let tested = owner
+        .post_csrf(&page_path, &format!("{page_path}/{id}/test"), &[])
+        .await;
+    assert_eq!(tested.status, StatusCode::OK);
+    assert!(tested.text().contains("webhook.test event is on its way"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = owner.get(&page_path).await.text();
+        if text.contains("Delivered") && text.contains("HTTP 200") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the delivery never showed: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(received.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // The viewer sees the endpoint and its deliveries, and no action.
+    let seen = viewer.get(&page_path).await;
+    assert_eq!(seen.status, StatusCode::OK);
+    assert!(seen.text().contains(&url) && seen.text().contains("Delivered"));
+    for action in [
+        "Add endpoint",
+        "Send a test event",
+        "Rotate secret",
+        "Remove endpoint",
+    ] {
+        assert!(!seen.text().contains(action), "a viewer sees {action}");
+    }
+    let forged = viewer
+        .post_csrf(
+            &page_path,
+            &format!("{page_path}/{id}/delete"),
+            &[("confirm", "yes")],
+        )
+        .await;
+    assert_error(&forged, StatusCode::FORBIDDEN, "FORBIDDEN");
+
+    // Bad input: the reason on the page.
+    owner.html = true;
+    let bad = owner
+        .post_csrf(&page_path, &format!("{page_path}/create"), &[("url", &url)])
+        .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert!(bad.text().contains("role=\"alert\"") && bad.text().contains("events"));
+    owner.html = false;
+
+    // Rotate: a new secret, shown once.
+    let rotated = owner
+        .post_csrf(&page_path, &format!("{page_path}/{id}/rotate"), &[])
+        .await;
+    assert_eq!(rotated.status, StatusCode::OK);
+    let new_secret = secret_in(&rotated, "whsec_").unwrap();
+    assert_ne!(new_secret, secret);
+
+    // Remove needs the confirmation.
+    let unconfirmed = owner
+        .post_csrf(&page_path, &format!("{page_path}/{id}/delete"), &[])
+        .await;
+    assert_eq!(unconfirmed.status, StatusCode::BAD_REQUEST);
+    let removed = owner
+        .post_csrf(
+            &page_path,
+            &format!("{page_path}/{id}/delete"),
+            &[("confirm", "yes")],
+        )
+        .await;
+    assert_eq!(removed.status, StatusCode::SEE_OTHER);
+    assert!(owner
+        .get(&page_path)
+        .await
+        .text()
+        .contains("No endpoints yet"));
+}
+
+#[tokio::test]
+async fn the_dashboard_refuses_a_private_webhook_address_without_the_test_setting() {
+    let gw = common::start(common::test_config()).await;
+    let org = demo_org(&gw);
+    user(&gw, org, "strict@example.com", "owner").await;
+    let mut owner = signed_in(&gw, "strict@example.com").await;
+    owner.html = true;
+    let page_path = format!("/dashboard/orgs/{org}/webhooks");
+    let answer = owner
+        .post_csrf(
+            &page_path,
+            &format!("{page_path}/create"),
+            &[
+                ("url", "https://127.0.0.1:9/x"),
+                ("event_credits.low", "on"),
+            ],
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert!(answer.text().contains("loopback"), "{}", answer.text());
+    assert!(owner
+        .get(&page_path)
+        .await
+        .text()
+        .contains("No endpoints yet"));
+}

@@ -365,8 +365,19 @@ async fn set_balance(state: &AppState, org: OrgId, body: Value) -> AdminResult {
 
 async fn create_key(state: &AppState, org: OrgId, body: Value) -> AdminResult {
     require_org(state, org).await?;
-    let name = string_field(&body, "name")?;
-    let spec = key_spec(&body, SystemClock.now_ms())?;
+    let key = create_key_in(state, org, &body).await?;
+    created(&json!({"id": key.id, "key": key.secret}))
+}
+
+/// Creates a key of `org` from an admin body `{name, expires_at?, scopes?, models?,
+/// credit_limit?}` (also the dashboard's form, converted), after checking every field.
+pub(crate) async fn create_key_in(
+    state: &AppState,
+    org: OrgId,
+    body: &Value,
+) -> Result<tollgate_api_key_auth::NewKey, Rejection> {
+    let name = string_field(body, "name")?;
+    let spec = key_spec(body, SystemClock.now_ms())?;
     for model in spec.models.iter().flatten() {
         if !state
             .keys
@@ -379,12 +390,11 @@ async fn create_key(state: &AppState, org: OrgId, body: Value) -> AdminResult {
             )));
         }
     }
-    let key = state
+    state
         .keys
         .create_key_with(org, name, spec)
         .await
-        .map_err(counted(state))?;
-    created(&json!({"id": key.id, "key": key.secret}))
+        .map_err(counted(state))
 }
 
 /// A key as the admin API lists it: the store's fields plus what it spent this period.
@@ -432,6 +442,17 @@ async fn revoke_key(state: &AppState, key: KeyId) -> AdminResult {
 
 async fn rotate_key(state: &AppState, key: KeyId, body: Value) -> AdminResult {
     let grace = grace_seconds(&body)?;
+    let new = rotate_key_checked(state, key, grace).await?;
+    ok(&json!({"id": new.id, "key": new.secret}))
+}
+
+/// Rotates a working key with `grace` seconds for the old one; 400 for a revoked or expired
+/// key, 404 for none.
+pub(crate) async fn rotate_key_checked(
+    state: &AppState,
+    key: KeyId,
+    grace: u64,
+) -> Result<tollgate_api_key_auth::NewKey, Rejection> {
     // Rotating replaces a working key; a revoked or expired key stays dead (no way around a
     // revoke or an expiry).
     let info = state
@@ -453,13 +474,12 @@ async fn rotate_key(state: &AppState, key: KeyId, body: Value) -> AdminResult {
         }
         KeyStatus::Active => {}
     }
-    let new = state
+    state
         .keys
         .rotate_key_with_grace(key, grace.saturating_mul(1_000))
         .await
         .map_err(counted(state))?
-        .ok_or_else(|| not_found("key"))?;
-    ok(&json!({"id": new.id, "key": new.secret}))
+        .ok_or_else(|| not_found("key"))
 }
 
 fn model_view(m: &ModelRecord) -> Value {

@@ -102,12 +102,26 @@ const SUBSCRIBABLE_NAMES: [&str; 6] = [
 
 /// Registers an endpoint after checking its address.
 pub(super) async fn create(state: &AppState, org: OrgId, body: Value) -> AdminResult {
+    let (id, secret) = register(state, org, &body).await?;
+    Ok(json_response(
+        StatusCode::CREATED,
+        &json!({"id": id, "secret": secret}),
+    ))
+}
+
+/// Registers an endpoint of `org` from `{url, events}` (the admin body, or the dashboard's
+/// form converted): its id and signing secret.
+pub(crate) async fn register(
+    state: &AppState,
+    org: OrgId,
+    body: &Value,
+) -> Result<(EndpointId, String), Rejection> {
     let url = match body.get("url") {
         Some(Value::String(s)) if !s.trim().is_empty() => s.trim().to_owned(),
         Some(Value::String(_)) | None => return Err(invalid("`url` is required.")),
         Some(_) => return Err(invalid("`url` must be a string.")),
     };
-    let events = events_field(&body)?;
+    let events = events_field(body)?;
     check_url(&url, state.config.webhook_allow_private)
         .await
         .map_err(invalid)?;
@@ -130,10 +144,7 @@ pub(super) async fn create(state: &AppState, org: OrgId, body: Value) -> AdminRe
     if let Err(e) = watch::scan(&watched, org).await {
         tracing::warn!(org = %org, error = %e, "webhook watcher: first scan failed");
     }
-    Ok(json_response(
-        StatusCode::CREATED,
-        &json!({"id": id, "secret": secret}),
-    ))
+    Ok((id, secret))
 }
 
 fn watched(state: &AppState) -> watch::Watched {
@@ -197,7 +208,19 @@ pub(super) async fn rotate_secret(state: &AppState, org: OrgId, id: &str) -> Adm
 
 /// Sends a `webhook.test` event to one endpoint.
 pub(super) async fn test(state: &AppState, org: OrgId, id: &str) -> AdminResult {
-    let id = endpoint_id(id)?;
+    let event_id = send_test_event(state, org, endpoint_id(id)?).await?;
+    Ok(json_response(
+        StatusCode::ACCEPTED,
+        &json!({"event_id": event_id}),
+    ))
+}
+
+/// Queues a `webhook.test` event for endpoint `id` of `org` only; its event id.
+pub(crate) async fn send_test_event(
+    state: &AppState,
+    org: OrgId,
+    id: EndpointId,
+) -> Result<uuid::Uuid, Rejection> {
     let known = state
         .webhooks
         .store
@@ -226,10 +249,7 @@ pub(super) async fn test(state: &AppState, org: OrgId, id: &str) -> AdminResult 
         .await
         .map_err(backend(state))?;
     state.webhooks.wake();
-    Ok(json_response(
-        StatusCode::ACCEPTED,
-        &json!({"event_id": event_id}),
-    ))
+    Ok(event_id)
 }
 
 /// The endpoint's recent deliveries, newest first, each with its attempts.

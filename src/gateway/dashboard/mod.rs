@@ -23,6 +23,7 @@
 
 mod auth;
 mod http;
+mod manage;
 mod pages;
 mod signin;
 mod views;
@@ -115,6 +116,30 @@ where
         (&Method::GET, ["orgs"]) => pages::orgs(state, req.headers()).await,
         (&Method::GET, ["orgs", org]) => pages::overview(state, req.headers(), org).await,
         (&Method::GET, ["orgs", org, "team"]) => pages::team(state, req.headers(), org).await,
+        (&Method::GET, ["orgs", org, "keys"]) => manage::keys(state, req.headers(), org).await,
+        (&Method::POST, ["orgs", org, "keys", "create"]) => {
+            let org = (*org).to_owned();
+            manage::key_create(state, &org, req).await
+        }
+        (&Method::POST, ["orgs", org, "keys", key, "revoke"]) => {
+            let (org, key) = ((*org).to_owned(), (*key).to_owned());
+            manage::key_revoke(state, &org, &key, req).await
+        }
+        (&Method::POST, ["orgs", org, "keys", key, "rotate"]) => {
+            let (org, key) = ((*org).to_owned(), (*key).to_owned());
+            manage::key_rotate(state, &org, &key, req).await
+        }
+        (&Method::GET, ["orgs", org, "webhooks"]) => {
+            manage::webhooks(state, req.headers(), org).await
+        }
+        (&Method::POST, ["orgs", org, "webhooks", "create"]) => {
+            let org = (*org).to_owned();
+            manage::webhook_create(state, &org, req).await
+        }
+        (&Method::POST, ["orgs", org, "webhooks", id, action @ ("delete" | "test" | "rotate")]) => {
+            let (org, id, action) = ((*org).to_owned(), (*id).to_owned(), (*action).to_owned());
+            manage::webhook_action(state, &org, &id, &action, req).await
+        }
         (&Method::POST, ["orgs", org, "team", "invite"]) => {
             let org = (*org).to_owned();
             pages::team_invite(state, &org, req).await

@@ -49,7 +49,7 @@ fn no_page() -> Rejection {
 
 /// The org of a URL segment that `viewer` may see: its id, name, and whether they may change
 /// it. Unknown orgs and other orgs look the same (404).
-async fn org_for(
+pub(super) async fn org_for(
     state: &Site<'_>,
     viewer: &Viewer,
     segment: &str,

@@ -82,6 +82,8 @@ pub struct NavLink {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tab {
     Overview,
+    Keys,
+    Webhooks,
     Team,
 }
 
@@ -90,6 +92,8 @@ impl OrgNav {
         let base = format!("/dashboard/orgs/{id}");
         let links = [
             (Tab::Overview, "Overview", base.clone()),
+            (Tab::Keys, "API Keys", format!("{base}/keys")),
+            (Tab::Webhooks, "Webhooks", format!("{base}/webhooks")),
             (Tab::Team, "Team", format!("{base}/team")),
         ]
         .into_iter()
@@ -213,6 +217,96 @@ pub struct OrgsPage {
 }
 
 /// `1234567` → `1,234,567`.
+/// A secret shown once (a new key, a rotated key, a webhook signing secret).
+pub struct NewSecret {
+    /// What was created.
+    pub heading: String,
+    /// Why it is shown and what to do with it.
+    pub note: String,
+    /// The secret.
+    pub secret: String,
+}
+
+/// One API key in the table.
+pub struct KeyRow {
+    pub name: String,
+    pub prefix: String,
+    pub status: &'static str,
+    pub status_class: &'static str,
+    pub created: String,
+    pub last_used: String,
+    pub expires: String,
+    pub scopes: &'static str,
+    pub models: String,
+    pub limit: String,
+    pub active: bool,
+    pub revoke_action: String,
+    pub rotate_action: String,
+    pub field_id: String,
+}
+
+/// A model the create form can restrict a key to.
+pub struct ModelChoice {
+    pub name: String,
+    pub field: String,
+}
+
+#[derive(Template)]
+#[template(path = "keys.html")]
+pub struct KeysPage {
+    pub frame: Frame,
+    pub org_name: String,
+    pub keys: Vec<KeyRow>,
+    pub can_change: bool,
+    pub create_action: String,
+    pub models: Vec<ModelChoice>,
+    pub new_secret: Option<NewSecret>,
+    pub error: Option<String>,
+}
+
+/// One recent delivery of an endpoint.
+pub struct DeliveryRow {
+    pub kind: &'static str,
+    pub status: &'static str,
+    pub status_class: &'static str,
+    pub created: String,
+    pub attempts: usize,
+    pub last: String,
+}
+
+/// One webhook endpoint with its recent deliveries.
+pub struct EndpointRow {
+    pub url: String,
+    pub events: String,
+    pub created: String,
+    pub delete_action: String,
+    pub test_action: String,
+    pub rotate_action: String,
+    pub deliveries: Vec<DeliveryRow>,
+}
+
+/// An event the create form offers.
+pub struct EventChoice {
+    pub name: &'static str,
+    pub field: String,
+    pub id: String,
+    pub about: &'static str,
+}
+
+#[derive(Template)]
+#[template(path = "webhooks.html")]
+pub struct WebhooksPage {
+    pub frame: Frame,
+    pub org_name: String,
+    pub endpoints: Vec<EndpointRow>,
+    pub can_change: bool,
+    pub create_action: String,
+    pub events: Vec<EventChoice>,
+    pub new_secret: Option<NewSecret>,
+    pub notice: Option<String>,
+    pub error: Option<String>,
+}
+
 pub fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
