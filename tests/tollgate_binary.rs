@@ -9,7 +9,9 @@ mod support_proc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use http::{Method, StatusCode};
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::Full;
 use serde_json::{json, Value};
 
 use support_bin::{get, run, self_signed, signer, text, Gateway};
@@ -134,6 +136,29 @@ async fn two_listeners_file_secrets_and_json_logs() {
         .send(get(gw.url(&gw.demo_path("/users/me")), Some(&key)))
         .await;
     assert_eq!(call.status, StatusCode::OK, "{}", call.text());
+    // The printed dashboard sign-in opens the demo org's dashboard.
+    assert_eq!(gw.banner("dashboard:"), gw.url("/dashboard"));
+    let sign_in = gw.banner("sign in:");
+    let (email, password) = sign_in.split_once(" / ").expect("email / password");
+    let form = format!("email={}&password={}", email.replace('@', "%40"), password);
+    let login = http
+        .send(
+            Request::post(gw.url("/dashboard/login"))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(Full::new(Bytes::from(form)))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(login.status, StatusCode::SEE_OTHER, "{}", login.text());
+    assert!(login
+        .headers
+        .get_all("set-cookie")
+        .iter()
+        .any(|c| c.to_str().unwrap().starts_with("tollgate_session=")));
+    assert!(
+        !gw.stderr().contains(password),
+        "the password is not logged"
+    );
     for path in ["/admin/orgs", "/metrics", "/readyz"] {
         let a = http
             .admin(Method::POST, gw.url(path), Some(json!({"name": "x"})))

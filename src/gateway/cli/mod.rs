@@ -196,6 +196,11 @@ fn print_banner(running: &RunningGateway) {
         println!("demo org:   {}", demo.org);
         println!("demo model: {}", demo.model);
         println!("demo key:   {}", demo.key);
+        println!("dashboard:  {}/dashboard", running.base_url());
+        println!(
+            "sign in:    {} / {}",
+            demo.dashboard_email, demo.dashboard_password
+        );
         if let Some(curl) = running.demo_curl() {
             println!("try:\n  {curl}");
         }
