@@ -59,6 +59,7 @@ impl MemorySessionStore {
             org,
             name: name.into(),
             status: ModelStatus::Connected,
+            disconnected_at_ms: None,
         };
         let mut state = self.write();
         let seq = state.next_seq;
@@ -121,7 +122,10 @@ impl SessionStore for MemorySessionStore {
     ) -> BoxFuture<Result<bool, BackendError>> {
         let applied = match self.write().models.get_mut(&model) {
             Some(e) if e.version == version => {
-                e.record.status = ModelStatus::Disconnected;
+                if e.record.status != ModelStatus::Disconnected {
+                    e.record.status = ModelStatus::Disconnected;
+                    e.record.disconnected_at_ms = Some(now_ms());
+                }
                 true
             }
             _ => false,
@@ -171,4 +175,11 @@ impl SessionStore for MemorySessionStore {
         let list = entries.into_iter().map(|e| e.record.clone()).collect();
         Box::pin(ready(Ok(list)))
     }
+}
+
+/// The wall clock in ms since the epoch (when a model was disconnected).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

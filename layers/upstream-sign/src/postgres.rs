@@ -69,9 +69,11 @@ const SESSION_SQL: &str = "SELECT status, session_ciphertext, session_nonce, ses
 // The check and the change in one statement: a reconnect committed meanwhile (a new
 // version) makes it match nothing.
 const DISCONNECT_SQL: &str = "UPDATE tollgate_models SET status = 'disconnected', \
-                              updated_at = now() WHERE id = $1 AND session_version = $2 \
+                              updated_at = now(), disconnected_at_ms = \
+                              (extract(epoch from clock_timestamp()) * 1000)::bigint \
+                              WHERE id = $1 AND session_version = $2 \
                               AND status <> 'disconnected'";
-const RECORD_COLUMNS: &str = "id, org_id, name, status";
+const RECORD_COLUMNS: &str = "id, org_id, name, status, disconnected_at_ms";
 
 /// A [`SessionStore`] in PostgreSQL with sessions encrypted at rest (see the
 /// [module docs](self)).
@@ -293,6 +295,10 @@ fn record_from(row: &Row) -> Result<ModelRecord, BackendError> {
         org: OrgId::from_uuid(row.try_get(1).map_err(to_backend_error)?),
         name: row.try_get(2).map_err(to_backend_error)?,
         status: parse_status(row.try_get(3).map_err(to_backend_error)?)?,
+        disconnected_at_ms: row
+            .try_get::<_, Option<i64>>(4)
+            .map_err(to_backend_error)?
+            .map(|ms| u64::try_from(ms).unwrap_or(0)),
     })
 }
 
@@ -476,6 +482,7 @@ impl Inner {
             org,
             name,
             status: ModelStatus::Connected,
+            disconnected_at_ms: None,
         })
     }
 

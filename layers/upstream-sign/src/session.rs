@@ -124,6 +124,10 @@ pub struct ModelRecord {
     pub name: String,
     /// Whether its session works.
     pub status: ModelStatus,
+    /// When the upstream last refused its session (ms since the epoch); kept after a
+    /// reconnect, `None` if that never happened.
+    #[serde(default)]
+    pub disconnected_at_ms: Option<u64>,
 }
 
 /// What the request path reads for a model: its session, its status and the session's

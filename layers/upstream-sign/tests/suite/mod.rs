@@ -157,8 +157,27 @@ pub async fn disconnection_is_kept_until_reconnect<S: SessionStore>(store: Arc<S
     let b = store.connect(org, "bob".into(), session(2)).await.unwrap();
     // Read once (and cached, where there is a cache) before the change.
     read(&*store, a.id).await;
+    assert_eq!(a.disconnected_at_ms, None);
 
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
     disconnect(&*store, a.id).await;
+    let at = store.model(a.id).await.unwrap().unwrap().disconnected_at_ms;
+    let at = at.expect("the time of the disconnect");
+    assert!(
+        at + 1_000 >= before && at <= before + 5_000,
+        "disconnected at {at}, around {before}"
+    );
+    assert_eq!(
+        store.list(org).await.unwrap()[0].disconnected_at_ms,
+        Some(at)
+    );
+    assert_eq!(
+        store.model(b.id).await.unwrap().unwrap().disconnected_at_ms,
+        None
+    );
     assert_eq!(
         read(&*store, a.id).await,
         Some((session(1), ModelStatus::Disconnected))
@@ -171,12 +190,17 @@ pub async fn disconnection_is_kept_until_reconnect<S: SessionStore>(store: Arc<S
         store.model(b.id).await.unwrap().unwrap().status,
         ModelStatus::Connected
     );
-    // Twice is harmless.
+    // Twice is harmless, and keeps the first time.
     disconnect(&*store, a.id).await;
+    assert_eq!(
+        store.model(a.id).await.unwrap().unwrap().disconnected_at_ms,
+        Some(at)
+    );
 
     let re = store.reconnect(a.id, session(9)).await.unwrap().unwrap();
     assert_eq!(re.status, ModelStatus::Connected);
     assert_eq!((re.id, re.org, re.name.as_str()), (a.id, org, "alice"));
+    assert_eq!(re.disconnected_at_ms, Some(at), "kept after the reconnect");
     assert_eq!(
         read(&*store, a.id).await,
         Some((session(9), ModelStatus::Connected))
