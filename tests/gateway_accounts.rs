@@ -1381,3 +1381,150 @@ async fn the_dashboard_refuses_a_private_webhook_address_without_the_test_settin
         .text()
         .contains("No endpoints yet"));
 }
+
+#[tokio::test]
+async fn a_disconnected_model_shows_and_the_reconnect_form_brings_it_back() {
+    let gw = common::start(common::test_config()).await;
+    let org = demo_org(&gw);
+    user(&gw, org, "models@example.com", "owner").await;
+    user(&gw, org, "watcher@example.com", "viewer").await;
+    let mut owner = signed_in(&gw, "models@example.com").await;
+    let viewer = signed_in(&gw, "watcher@example.com").await;
+    let page_path = format!("/dashboard/orgs/{org}/models");
+    let key = gw.key();
+
+    let page = owner.get(&page_path).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.text().contains("Demo Model") && page.text().contains("Connected"));
+    assert!(page.text().contains("Never"), "never disconnected yet");
+
+    // The upstream refuses the session: the page says so, with when.
+    let sandbox = gw.gw.sandbox().unwrap();
+    let account = sandbox.accounts().remove(0);
+    assert!(sandbox.expire_session(&account.user_id));
+    let refused = api(&gw, Method::GET, &gw.model_path("/users/me"), &key).await;
+    assert_eq!(refused.status, StatusCode::BAD_GATEWAY);
+    let page = owner.get(&page_path).await.text();
+    assert!(page.contains(">Disconnected<"), "{page}");
+    assert!(
+        page.contains(&chrono_date(0)),
+        "the day it was disconnected: {page}"
+    );
+
+    // A viewer sees it, without the form.
+    let seen = viewer.get(&page_path).await.text();
+    assert!(seen.contains(">Disconnected<") && !seen.contains("Reconnect Demo Model"));
+
+    // Bad session material: the reason, still disconnected.
+    owner.html = true;
+    let model = gw.model();
+    let bad = owner
+        .post_csrf(
+            &page_path,
+            &format!("{page_path}/{model}/reconnect"),
+            &[
+                ("cookie", ""),
+                ("user_id", "1"),
+                ("x_bc", "x"),
+                ("user_agent", "u"),
+            ],
+        )
+        .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert!(bad.text().contains("session.cookie"), "{}", bad.text());
+    owner.html = false;
+
+    // The reconnect form with fresh material: connected, and calls work again.
+    let fresh = sandbox.refresh_session(&account.user_id).unwrap();
+    let done = owner
+        .post_csrf(
+            &page_path,
+            &format!("{page_path}/{model}/reconnect"),
+            &[
+                ("cookie", &fresh.cookie),
+                ("user_id", &fresh.user_id),
+                ("x_bc", &fresh.x_bc),
+                ("user_agent", &fresh.user_agent),
+            ],
+        )
+        .await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.text());
+    assert!(done.text().contains("Demo Model is connected again"));
+    let ok = api(&gw, Method::GET, &gw.model_path("/users/me"), &key).await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
+
+    // Adding a model: connected at once, callable with the org's keys.
+    let second = sandbox.add_account();
+    let added = owner
+        .post_csrf(
+            &page_path,
+            &format!("{page_path}/add"),
+            &[
+                ("name", "Second <b>model</b>"),
+                ("cookie", &second.cookie),
+                ("user_id", &second.user_id),
+                ("x_bc", &second.x_bc),
+                ("user_agent", &second.user_agent),
+            ],
+        )
+        .await;
+    assert_eq!(added.status, StatusCode::OK, "{}", added.text());
+    assert!(!added.text().contains("<b>model</b>"));
+    let models = gw
+        .admin(Method::GET, &format!("/admin/orgs/{org}/models"), None)
+        .await
+        .json();
+    let id = models
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "Second <b>model</b>")
+        .expect("the new model")["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let call = api(
+        &gw,
+        Method::GET,
+        &format!("/api/models/{id}/users/me"),
+        &key,
+    )
+    .await;
+    assert_eq!(call.status, StatusCode::OK, "{}", call.text());
+    // Another org's model cannot be reconnected through this org's page.
+    let other = gw
+        .admin(
+            Method::POST,
+            "/admin/orgs",
+            Some(json!({"name": "Elsewhere"})),
+        )
+        .await
+        .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let theirs = gw
+        .admin(
+            Method::POST,
+            &format!("/admin/orgs/{other}/models"),
+            Some(json!({"name": "theirs", "session": sandbox.add_account().session_json()})),
+        )
+        .await
+        .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let cross = owner
+        .post_csrf(
+            &page_path,
+            &format!("{page_path}/{theirs}/reconnect"),
+            &[
+                ("cookie", "c"),
+                ("user_id", "1"),
+                ("x_bc", "x"),
+                ("user_agent", "u"),
+            ],
+        )
+        .await;
+    assert_eq!(cross.status, StatusCode::NOT_FOUND);
+}

@@ -488,8 +488,19 @@ fn model_view(m: &ModelRecord) -> Value {
 
 async fn add_model(state: &AppState, org: OrgId, body: Value) -> AdminResult {
     require_org(state, org).await?;
-    let name = string_field(&body, "name")?;
-    let session = session_field(&body)?;
+    let record = add_model_in(state, org, &body).await?;
+    created(&model_view(&record))
+}
+
+/// Connects a model to `org` from `{name, session}` (the admin body, or the dashboard's form
+/// converted) and lets the org's keys call it.
+pub(crate) async fn add_model_in(
+    state: &AppState,
+    org: OrgId,
+    body: &Value,
+) -> Result<ModelRecord, Rejection> {
+    let name = string_field(body, "name")?;
+    let session = session_field(body)?;
     let record = state
         .sessions
         .connect(org, name, session)
@@ -500,7 +511,7 @@ async fn add_model(state: &AppState, org: OrgId, body: Value) -> AdminResult {
         .add_model(org, record.id)
         .await
         .map_err(counted(state))?;
-    created(&model_view(&record))
+    Ok(record)
 }
 
 async fn list_models(state: &AppState, org: OrgId) -> AdminResult {

@@ -7,7 +7,10 @@ use http_body::Body;
 use serde_json::{json, Value};
 
 use tollgate_api_key_auth::KeyStatus;
-use tollgate_core::{BoxError, Clock as _, ErrorCode, KeyId, OrgId, Rejection, SystemClock};
+use tollgate_core::{
+    BoxError, Clock as _, ErrorCode, KeyId, ModelId, OrgId, Rejection, SystemClock,
+};
+use tollgate_upstream_sign::ModelStatus;
 
 use super::auth::{self, check_csrf, Viewer};
 use super::http::{json_error, read_form, redirect, wants_html, with_code, Form};
@@ -15,10 +18,10 @@ use super::pages::{nav, org_for};
 use super::render;
 use super::views::{
     date_time, thousands, DeliveryRow, EndpointRow, EventChoice, Frame, KeyRow, KeysPage,
-    ModelChoice, NewSecret, OrgNav, Tab, WebhooksPage,
+    ModelChoice, ModelRow, ModelsPage, NewSecret, OrgNav, Tab, WebhooksPage,
 };
 use super::Site;
-use crate::gateway::admin::{create_key_in, rotate_key_checked};
+use crate::gateway::admin::{add_model_in, create_key_in, rotate_key_checked};
 use crate::gateway::admin_webhooks::{register, send_test_event, DELIVERY_HISTORY};
 use crate::gateway::app::GatewayBody;
 use crate::gateway::webhooks::{DeliveryState, EndpointId, EventType};
@@ -367,6 +370,151 @@ where
                 render(
                     StatusCode::BAD_REQUEST,
                     &KeysPage {
+                        error: Some(message),
+                        ..page
+                    },
+                )
+            })
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Models
+
+async fn models_page(
+    state: &Site<'_>,
+    viewer: &Viewer,
+    org: OrgId,
+    name: String,
+    can_change: bool,
+    notice: Option<String>,
+    error: Option<String>,
+) -> Result<ModelsPage, Rejection> {
+    let models = state.sessions.list(org).await.map_err(|e| e.rejection())?;
+    let base = format!("/dashboard/orgs/{org}/models");
+    let org_nav = OrgNav::new(org.to_string(), name.clone(), Some(Tab::Models));
+    Ok(ModelsPage {
+        frame: Frame::with_nav("Models", nav(viewer, Some(org_nav))),
+        org_name: name,
+        models: models
+            .iter()
+            .map(|m| ModelRow {
+                name: m.name.clone(),
+                connected: m.status == ModelStatus::Connected,
+                last_disconnected: m.disconnected_at_ms.map_or("Never".to_owned(), date_time),
+                reconnect_action: format!("{base}/{}/reconnect", m.id),
+                field_id: m.id.to_string(),
+            })
+            .collect(),
+        can_change,
+        add_action: format!("{base}/add"),
+        notice,
+        error,
+    })
+}
+
+pub async fn models(state: &Site<'_>, headers: &HeaderMap, segment: &str) -> Answer {
+    let viewer = signed_in!(state, headers);
+    let (org, name, can_change) = org_for(state, &viewer, segment).await?;
+    let page = models_page(state, &viewer, org, name, can_change, None, None).await?;
+    Ok(render(StatusCode::OK, &page))
+}
+
+/// The session fields of a form as the admin API's `session` object.
+fn session_body(form: &Form) -> Value {
+    json!({
+        "cookie": form.get("cookie").trim(),
+        "user_id": form.get("user_id").trim(),
+        "x_bc": form.get("x_bc").trim(),
+        "user_agent": form.get("user_agent").trim(),
+    })
+}
+
+/// `POST /dashboard/orgs/:org/models/add` (`name`, `cookie`, `user_id`, `x_bc`,
+/// `user_agent`).
+pub async fn model_add<B>(state: &Site<'_>, segment: &str, req: Request<B>) -> Answer
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let (viewer, headers, form, org, name) = match change(state, segment, req).await? {
+        Ok(parts) => parts,
+        Err(redirect) => return Ok(redirect),
+    };
+    let body = json!({"name": form.get("name").trim(), "session": session_body(&form)});
+    match add_model_in(state, org, &body).await {
+        Ok(record) => {
+            let notice = format!(
+                "{} is connected; the org's keys can call it now.",
+                record.name
+            );
+            let page = models_page(state, &viewer, org, name, true, Some(notice), None).await?;
+            Ok(render(StatusCode::OK, &page))
+        }
+        Err(rejection) => {
+            let page = models_page(state, &viewer, org, name, true, None, None).await?;
+            refused(&headers, rejection, |message| {
+                render(
+                    StatusCode::BAD_REQUEST,
+                    &ModelsPage {
+                        error: Some(message),
+                        ..page
+                    },
+                )
+            })
+        }
+    }
+}
+
+/// `POST /dashboard/orgs/:org/models/:model/reconnect` (the four session fields).
+pub async fn model_reconnect<B>(
+    state: &Site<'_>,
+    segment: &str,
+    model: &str,
+    req: Request<B>,
+) -> Answer
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let (viewer, headers, form, org, name) = match change(state, segment, req).await? {
+        Ok(parts) => parts,
+        Err(redirect) => return Ok(redirect),
+    };
+    let model: ModelId = model.parse().map_err(|_| no_page())?;
+    match state
+        .sessions
+        .model(model)
+        .await
+        .map_err(|e| e.rejection())?
+    {
+        Some(m) if m.org == org => {}
+        _ => return Err(no_page()),
+    }
+    let session =
+        crate::gateway::admin::body::session_field(&json!({"session": session_body(&form)}));
+    let reconnected = match session {
+        Ok(session) => state
+            .sessions
+            .reconnect(model, session)
+            .await
+            .map_err(|e| e.rejection())
+            .and_then(|r| r.ok_or_else(no_page)),
+        Err(e) => Err(e),
+    };
+    match reconnected {
+        Ok(record) => {
+            let notice = format!("{} is connected again.", record.name);
+            let page = models_page(state, &viewer, org, name, true, Some(notice), None).await?;
+            Ok(render(StatusCode::OK, &page))
+        }
+        Err(rejection) => {
+            let page = models_page(state, &viewer, org, name, true, None, None).await?;
+            refused(&headers, rejection, |message| {
+                render(
+                    StatusCode::BAD_REQUEST,
+                    &ModelsPage {
                         error: Some(message),
                         ..page
                     },

@@ -129,6 +129,15 @@ where
             let (org, key) = ((*org).to_owned(), (*key).to_owned());
             manage::key_rotate(state, &org, &key, req).await
         }
+        (&Method::GET, ["orgs", org, "models"]) => manage::models(state, req.headers(), org).await,
+        (&Method::POST, ["orgs", org, "models", "add"]) => {
+            let org = (*org).to_owned();
+            manage::model_add(state, &org, req).await
+        }
+        (&Method::POST, ["orgs", org, "models", model, "reconnect"]) => {
+            let (org, model) = ((*org).to_owned(), (*model).to_owned());
+            manage::model_reconnect(state, &org, &model, req).await
+        }
         (&Method::GET, ["orgs", org, "webhooks"]) => {
             manage::webhooks(state, req.headers(), org).await
         }

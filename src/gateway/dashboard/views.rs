@@ -83,6 +83,7 @@ pub struct NavLink {
 pub enum Tab {
     Overview,
     Keys,
+    Models,
     Webhooks,
     Team,
 }
@@ -93,6 +94,7 @@ impl OrgNav {
         let links = [
             (Tab::Overview, "Overview", base.clone()),
             (Tab::Keys, "API Keys", format!("{base}/keys")),
+            (Tab::Models, "Models", format!("{base}/models")),
             (Tab::Webhooks, "Webhooks", format!("{base}/webhooks")),
             (Tab::Team, "Team", format!("{base}/team")),
         ]
@@ -261,6 +263,27 @@ pub struct KeysPage {
     pub create_action: String,
     pub models: Vec<ModelChoice>,
     pub new_secret: Option<NewSecret>,
+    pub error: Option<String>,
+}
+
+/// One model in the table.
+pub struct ModelRow {
+    pub name: String,
+    pub connected: bool,
+    pub last_disconnected: String,
+    pub reconnect_action: String,
+    pub field_id: String,
+}
+
+#[derive(Template)]
+#[template(path = "models.html")]
+pub struct ModelsPage {
+    pub frame: Frame,
+    pub org_name: String,
+    pub models: Vec<ModelRow>,
+    pub can_change: bool,
+    pub add_action: String,
+    pub notice: Option<String>,
     pub error: Option<String>,
 }
 
