@@ -1528,3 +1528,177 @@ async fn a_disconnected_model_shows_and_the_reconnect_form_brings_it_back() {
         .await;
     assert_eq!(cross.status, StatusCode::NOT_FOUND);
 }
+
+/// The operator, signed in with the admin token.
+async fn operator(gw: &TestGateway) -> Browser<'_> {
+    let mut op = Browser::new(gw);
+    let login = op
+        .post("/dashboard/login", &[("token", common::ADMIN_TOKEN)])
+        .await;
+    assert_eq!(login.status, StatusCode::SEE_OTHER);
+    op.cookie = session_of(&login);
+    op
+}
+
+#[tokio::test]
+async fn top_ups_and_paid_plans_wait_for_the_operator_who_approves_or_declines() {
+    let gw = common::start(common::test_config()).await;
+    let org = demo_org(&gw);
+    user(&gw, org, "payer@example.com", "owner").await;
+    user(&gw, org, "reader@example.com", "viewer").await;
+    let owner = signed_in(&gw, "payer@example.com").await;
+    let viewer = signed_in(&gw, "reader@example.com").await;
+    let op = operator(&gw).await;
+    let page_path = format!("/dashboard/orgs/{org}/billing");
+    let before = gw.balance().await.unwrap();
+
+    let page = owner.get(&page_path).await;
+    assert_eq!(page.status, StatusCode::OK);
+    let text = page.text();
+    for plan in [
+        "Free",
+        "Basic",
+        "Pro",
+        "Enterprise",
+        "$29/month",
+        "Current plan",
+    ] {
+        assert!(text.contains(plan), "{plan} on the page");
+    }
+    assert!(
+        text.contains("Plan change"),
+        "the subscription's ledger row"
+    );
+
+    // A top-up is a request: nothing changes until the operator approves.
+    let asked = owner
+        .post_csrf(
+            &page_path,
+            &format!("{page_path}/topup"),
+            &[("amount", "2500")],
+        )
+        .await;
+    assert_eq!(asked.status, StatusCode::OK, "{}", asked.text());
+    assert!(asked.text().contains("2,500 top-up credits requested"));
+    assert!(asked.text().contains(">Pending<"));
+    assert_eq!(gw.balance().await, Some(before));
+    // So is a paid plan.
+    let pro = owner
+        .post_csrf(&page_path, &format!("{page_path}/plan"), &[("plan", "pro")])
+        .await;
+    assert_eq!(pro.status, StatusCode::OK);
+    assert!(pro.text().contains("Pro plan requested"));
+    assert!(pro.text().contains(">Requested<"));
+
+    // The operator's list shows both; a user cannot see it.
+    let pending = op.get("/dashboard/pending").await;
+    assert_eq!(pending.status, StatusCode::OK);
+    assert!(pending.text().contains("2,500 top-up credits") && pending.text().contains("Pro plan"));
+    assert_eq!(
+        owner.get("/dashboard/pending").await.status,
+        StatusCode::NOT_FOUND
+    );
+    let forged = owner
+        .post_csrf(
+            &page_path,
+            "/dashboard/pending/00000000-0000-0000-0000-000000000000/approve",
+            &[],
+        )
+        .await;
+    assert_eq!(forged.status, StatusCode::NOT_FOUND);
+
+    // Approve the top-up: the balance and the ledger show it, once.
+    let approve = |text: &str, what: &str| {
+        let at = text
+            .find(what)
+            .unwrap_or_else(|| panic!("{what} in {text}"));
+        let rest = &text[at..];
+        let start = rest.find("/dashboard/pending/").unwrap();
+        let end = rest[start..].find('"').unwrap();
+        rest[start..start + end].to_owned()
+    };
+    let topup_approve = approve(&pending.text(), "2,500 top-up credits");
+    assert!(topup_approve.ends_with("/approve"));
+    let done = op
+        .post_csrf("/dashboard/pending", &topup_approve, &[])
+        .await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.text());
+    assert!(done.text().contains("approved and applied"));
+    assert_eq!(gw.balance().await, Some(before + 2_500));
+    let again = op
+        .post_csrf("/dashboard/pending", &topup_approve, &[])
+        .await;
+    assert_eq!(again.status, StatusCode::NOT_FOUND, "decided once");
+    assert_eq!(gw.balance().await, Some(before + 2_500));
+    let billing = owner.get(&page_path).await.text();
+    assert!(
+        billing.contains("Top-up") && billing.contains("+2,500"),
+        "{billing}"
+    );
+    assert!(billing.contains(">Approved<"));
+
+    // Decline the plan: nothing changes.
+    let pending = op.get("/dashboard/pending").await.text();
+    let pro_decline = approve(&pending, "Pro plan").replace("/approve", "/decline");
+    let declined = op.post_csrf("/dashboard/pending", &pro_decline, &[]).await;
+    assert_eq!(declined.status, StatusCode::OK);
+    let view = gw
+        .admin(Method::GET, &format!("/admin/orgs/{org}"), None)
+        .await
+        .json();
+    assert_eq!(view["plan"], "basic");
+    assert!(owner.get(&page_path).await.text().contains(">Declined<"));
+
+    // Free takes effect at once.
+    let free = owner
+        .post_csrf(
+            &page_path,
+            &format!("{page_path}/plan"),
+            &[("plan", "free")],
+        )
+        .await;
+    assert_eq!(free.status, StatusCode::OK);
+    let view = gw
+        .admin(Method::GET, &format!("/admin/orgs/{org}"), None)
+        .await
+        .json();
+    assert_eq!(view["plan"], "free");
+
+    // A viewer sees the page without a button; a forged post is 403.
+    let seen = viewer.get(&page_path).await.text();
+    assert!(!seen.contains("Request top-up") && !seen.contains("Cancel subscription"));
+    assert!(!seen.contains("Request Pro"));
+    let by_viewer = viewer
+        .post_csrf(
+            &page_path,
+            &format!("{page_path}/topup"),
+            &[("amount", "5")],
+        )
+        .await;
+    assert_error(&by_viewer, StatusCode::FORBIDDEN, "FORBIDDEN");
+
+    // Bad input, then a cancellation that needs its confirmation.
+    let bad = owner
+        .post_csrf(
+            &page_path,
+            &format!("{page_path}/topup"),
+            &[("amount", "0")],
+        )
+        .await;
+    assert_error(&bad, StatusCode::BAD_REQUEST, "INVALID_REQUEST");
+    let unconfirmed = owner
+        .post_csrf(&page_path, &format!("{page_path}/cancel"), &[])
+        .await;
+    assert_error(&unconfirmed, StatusCode::BAD_REQUEST, "INVALID_REQUEST");
+    let cancelled = owner
+        .post_csrf(
+            &page_path,
+            &format!("{page_path}/cancel"),
+            &[("confirm", "yes")],
+        )
+        .await;
+    assert_eq!(cancelled.status, StatusCode::OK);
+    let call = api(&gw, Method::GET, &gw.model_path("/users/me"), &gw.key()).await;
+    assert_eq!(call.status, StatusCode::PAYMENT_REQUIRED);
+    assert_eq!(call.code(), "NO_SUBSCRIPTION");
+}

@@ -312,6 +312,13 @@ async fn subscribe(state: &AppState, org: OrgId, body: Value) -> AdminResult {
     let plan: Plan = string_field(&body, "plan")?
         .parse()
         .map_err(|e: tollgate_core::PlanParseError| invalid(format!("{e}.")))?;
+    apply_plan(state, org, plan).await?;
+    ok(&org_view(state, org).await?)
+}
+
+/// Subscribes `org` to `plan` (or changes its plan): a new period with the plan's credits,
+/// and its keys' subscription.
+pub(crate) async fn apply_plan(state: &AppState, org: OrgId, plan: Plan) -> Result<(), Rejection> {
     state
         .ledger
         .subscribe(org, plan)
@@ -321,18 +328,37 @@ async fn subscribe(state: &AppState, org: OrgId, body: Value) -> AdminResult {
         .keys
         .set_subscription(org, Some(plan))
         .await
-        .map_err(counted(state))?;
-    ok(&org_view(state, org).await?)
+        .map_err(counted(state))
 }
 
-async fn cancel(state: &AppState, org: OrgId) -> AdminResult {
-    require_org(state, org).await?;
+/// Cancels `org`'s subscription: its keys get 402 `NO_SUBSCRIPTION`, top-ups stay.
+pub(crate) async fn apply_cancel(state: &AppState, org: OrgId) -> Result<(), Rejection> {
     state
         .keys
         .set_subscription(org, None)
         .await
         .map_err(counted(state))?;
     state.ledger.cancel(org).await.map_err(counted(state))?;
+    Ok(())
+}
+
+/// Adds `amount` top-up credits to `org`; 400 for an org that never subscribed.
+pub(crate) async fn apply_top_up(
+    state: &AppState,
+    org: OrgId,
+    amount: u64,
+) -> Result<tollgate_credit_meter::Account, Rejection> {
+    state
+        .ledger
+        .top_up(org, amount)
+        .await
+        .map_err(counted(state))?
+        .ok_or_else(no_account)
+}
+
+async fn cancel(state: &AppState, org: OrgId) -> AdminResult {
+    require_org(state, org).await?;
+    apply_cancel(state, org).await?;
     ok(&org_view(state, org).await?)
 }
 
@@ -342,12 +368,7 @@ async fn top_up(state: &AppState, org: OrgId, body: Value) -> AdminResult {
     if amount == 0 {
         return Err(invalid("`amount` must be positive."));
     }
-    let account = state
-        .ledger
-        .top_up(org, amount)
-        .await
-        .map_err(counted(state))?
-        .ok_or_else(no_account)?;
+    let account = apply_top_up(state, org, amount).await?;
     ok(&json!({"balance": account.balance()}))
 }
 

@@ -95,6 +95,7 @@ async fn postgres(
     // worker); endpoint secrets sealed with the session key.
     let webhooks =
         super::webhooks::PostgresWebhookStore::new(admin_pool.clone(), session_key).await?;
+    let billing = super::billing::PostgresBillingRequests::new(admin_pool.clone()).await?;
     tollgate_idempotency::PostgresIdempotencyStore::migrate(&admin_pool).await?;
     let idempotency: Arc<dyn tollgate_idempotency::IdempotencyStore> = Arc::new(
         tollgate_idempotency::PostgresIdempotencyStore::new(pool.clone(), clock.clone()),
@@ -112,6 +113,7 @@ async fn postgres(
         orgs: Arc::new(orgs),
         accounts,
         webhooks: Arc::new(webhooks),
+        billing: Arc::new(billing),
         upkeep: vec![
             Arc::new(move || {
                 sweep.sweep_now();

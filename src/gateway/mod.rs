@@ -28,6 +28,7 @@ mod admin_accounts;
 mod admin_webhooks;
 pub mod app;
 pub mod backends;
+pub mod billing;
 pub mod cli;
 mod completion;
 pub mod config;
@@ -212,6 +213,7 @@ pub fn memory_backends_with(clock: SharedClock, hold_ttl: Duration) -> Backends 
         orgs: Arc::new(MemoryOrgStore::new()),
         accounts: accounts::Accounts::memory(clock),
         webhooks: Arc::new(webhooks::MemoryWebhookStore::new()),
+        billing: Arc::new(billing::MemoryBillingRequests::new()),
     }
 }
 
@@ -320,6 +322,8 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
         orgs: backends.orgs.clone(),
         accounts: backends.accounts.clone(),
         webhooks: hooks,
+        billing: backends.billing.clone(),
+        payments: Arc::new(billing::ManualApproval),
         metrics: Arc::clone(&metrics),
         logger,
         draining: std::sync::atomic::AtomicBool::new(false),

@@ -12,6 +12,7 @@ use tollgate_upstream_sign::SessionStore;
 
 use super::accounts::Accounts;
 use super::admin::AdminLockout;
+use super::billing::{BillingRequests, PaymentStep};
 use super::config::Config;
 use super::metrics::{Gauges, Metrics};
 use super::orgs::OrgStore;
@@ -42,6 +43,8 @@ pub struct Backends {
     pub idempotency: Arc<dyn IdempotencyStore>,
     /// Webhook endpoints, the outbox and its deliveries.
     pub webhooks: Arc<dyn WebhookStore>,
+    /// Plan changes and top-ups asked for in the dashboard.
+    pub billing: Arc<dyn BillingRequests>,
     /// Periodic upkeep the backends need (evicting idle in-memory windows, writing buffered
     /// last-used times), run every minute and once more at graceful shutdown.
     pub upkeep: Vec<Upkeep>,
@@ -73,6 +76,10 @@ pub struct AppState {
     pub accounts: Accounts,
     /// Webhooks: endpoints and the outbox.
     pub webhooks: Webhooks,
+    /// Plan changes and top-ups asked for in the dashboard.
+    pub billing: Arc<dyn BillingRequests>,
+    /// What a new billing request goes through before it is applied.
+    pub payments: Arc<dyn PaymentStep>,
     /// Request counters.
     pub metrics: Arc<Metrics>,
     /// The request logger's queue (dropped rows, flush).

@@ -24,6 +24,7 @@
 mod auth;
 mod http;
 mod manage;
+mod money;
 mod pages;
 mod signin;
 mod views;
@@ -137,6 +138,16 @@ where
         (&Method::POST, ["orgs", org, "models", model, "reconnect"]) => {
             let (org, model) = ((*org).to_owned(), (*model).to_owned());
             manage::model_reconnect(state, &org, &model, req).await
+        }
+        (&Method::GET, ["orgs", org, "billing"]) => money::billing(state, req.headers(), org).await,
+        (&Method::POST, ["orgs", org, "billing", action @ ("plan" | "cancel" | "topup")]) => {
+            let (org, action) = ((*org).to_owned(), (*action).to_owned());
+            money::billing_action(state, &org, &action, req).await
+        }
+        (&Method::GET, ["pending"]) => money::pending(state, req.headers()).await,
+        (&Method::POST, ["pending", id, action @ ("approve" | "decline")]) => {
+            let (id, action) = ((*id).to_owned(), (*action).to_owned());
+            money::decide(state, &id, &action, req).await
         }
         (&Method::GET, ["orgs", org, "webhooks"]) => {
             manage::webhooks(state, req.headers(), org).await

@@ -84,6 +84,7 @@ pub enum Tab {
     Overview,
     Keys,
     Models,
+    Billing,
     Webhooks,
     Team,
 }
@@ -95,6 +96,7 @@ impl OrgNav {
             (Tab::Overview, "Overview", base.clone()),
             (Tab::Keys, "API Keys", format!("{base}/keys")),
             (Tab::Models, "Models", format!("{base}/models")),
+            (Tab::Billing, "Billing", format!("{base}/billing")),
             (Tab::Webhooks, "Webhooks", format!("{base}/webhooks")),
             (Tab::Team, "Team", format!("{base}/team")),
         ]
@@ -285,6 +287,71 @@ pub struct ModelsPage {
     pub add_action: String,
     pub notice: Option<String>,
     pub error: Option<String>,
+}
+
+/// One plan, side by side with the others.
+pub struct PlanCard {
+    pub value: &'static str,
+    pub name: String,
+    pub price: String,
+    pub credits: String,
+    pub rate: String,
+    pub current: bool,
+    pub requested: bool,
+    /// The button's words: "Switch to Free", "Request Pro".
+    pub action_label: String,
+}
+
+/// One row of the ledger.
+pub struct LedgerRow {
+    pub when: String,
+    pub kind: &'static str,
+    pub change: String,
+    pub positive: bool,
+    pub balance_after: String,
+}
+
+/// A billing request, as the org or the operator sees it.
+pub struct RequestRow {
+    pub org_name: String,
+    pub org_href: String,
+    pub what: String,
+    pub by: String,
+    pub when: String,
+    pub state: &'static str,
+    pub state_class: &'static str,
+    pub approve_action: String,
+    pub decline_action: String,
+}
+
+#[derive(Template)]
+#[template(path = "billing.html")]
+pub struct BillingPage {
+    pub frame: Frame,
+    pub org_name: String,
+    pub plan: String,
+    pub balance: String,
+    pub plan_credits: String,
+    pub topup_credits: String,
+    pub period_end: String,
+    pub subscribed: bool,
+    pub plans: Vec<PlanCard>,
+    pub requests: Vec<RequestRow>,
+    pub ledger: Vec<LedgerRow>,
+    pub can_change: bool,
+    pub plan_action: String,
+    pub cancel_action: String,
+    pub topup_action: String,
+    pub notice: Option<String>,
+    pub error: Option<String>,
+}
+
+#[derive(Template)]
+#[template(path = "pending.html")]
+pub struct PendingPage {
+    pub frame: Frame,
+    pub requests: Vec<RequestRow>,
+    pub notice: Option<String>,
 }
 
 /// One recent delivery of an endpoint.
