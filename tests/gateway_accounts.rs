@@ -1702,3 +1702,116 @@ async fn top_ups_and_paid_plans_wait_for_the_operator_who_approves_or_declines()
     assert_eq!(call.status, StatusCode::PAYMENT_REQUIRED);
     assert_eq!(call.code(), "NO_SUBSCRIPTION");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_calls_show_on_the_overview_and_usage_pages_and_download() {
+    let mut config = common::test_config();
+    config.burst = [5, 1_000, 30, 200];
+    let gw = common::start(config).await;
+    let org = demo_org(&gw);
+    user(&gw, org, "counts@example.com", "viewer").await;
+    let viewer = signed_in(&gw, "counts@example.com").await;
+    let key = gw.key();
+    for _ in 0..3 {
+        let ok = api(&gw, Method::GET, &gw.model_path("/users/me"), &key).await;
+        assert_eq!(ok.status, StatusCode::OK);
+    }
+    // A 402 after the balance is gone: a client error of the org.
+    gw.admin(
+        Method::PUT,
+        &format!("/admin/orgs/{org}/credits"),
+        Some(json!({"balance": 0})),
+    )
+    .await;
+    let refused = api(&gw, Method::GET, &gw.model_path("/users/me"), &key).await;
+    assert_eq!(refused.status, StatusCode::PAYMENT_REQUIRED);
+
+    // The rollups are written by the log worker: wait for them.
+    let usage_path = format!("/dashboard/orgs/{org}/usage");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let page = loop {
+        let page = viewer.get(&usage_path).await;
+        assert_eq!(page.status, StatusCode::OK, "{}", page.text());
+        let text = page.text();
+        if text.contains("<td data-label=\"Requests\">4</td>") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "the usage never showed: {text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(page.contains("<svg class=\"chart\""), "the chart is drawn");
+    assert!(page.contains("<td data-label=\"Successful\">3</td>"));
+    assert!(page.contains("<td data-label=\"Credits\">3</td>"));
+    assert!(page.contains("/api/models/:id/users/me"), "recent requests");
+    assert!(page.contains("Demo Model"));
+
+    // Filters: only the 200s; a bad status is 400.
+    let filtered = viewer.get(&format!("{usage_path}?status=200")).await.text();
+    assert_eq!(filtered.matches("badge-2xx").count(), 3, "{filtered}");
+    assert!(!filtered.contains("badge-4xx"));
+    assert_error(
+        &viewer.get(&format!("{usage_path}?status=abc")).await,
+        StatusCode::BAD_REQUEST,
+        "INVALID_REQUEST",
+    );
+    let hourly = viewer.get(&format!("{usage_path}?granularity=hour")).await;
+    assert_eq!(hourly.status, StatusCode::OK);
+    assert!(hourly.text().contains("<td data-label=\"Requests\">4</td>"));
+
+    // Downloads: the §6 export of the org.
+    let ndjson = viewer
+        .get(&format!(
+            "/dashboard/orgs/{org}/logs?format=ndjson&status=200"
+        ))
+        .await;
+    assert_eq!(ndjson.status, StatusCode::OK);
+    assert!(ndjson.headers["content-disposition"]
+        .to_str()
+        .unwrap()
+        .contains("requests.ndjson"));
+    let lines: Vec<Value> = ndjson
+        .text()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert!(lines
+        .iter()
+        .all(|l| l["status"] == 200 && l["credits"] == 1));
+    let csv = viewer
+        .get(&format!("/dashboard/orgs/{org}/logs?format=csv"))
+        .await;
+    assert_eq!(csv.text().lines().count(), 1 + 4, "{}", csv.text());
+
+    // The Overview: the period's counts, the chart, the busiest model and route.
+    let overview = viewer.get(&format!("/dashboard/orgs/{org}")).await.text();
+    assert!(overview.contains("<svg class=\"chart\""));
+    assert!(overview.contains("Busiest models") && overview.contains("Demo Model"));
+    assert!(overview.contains("<code>/api/models/:id/users/me</code>"));
+    // Another org's usage is not reachable.
+    let other = gw
+        .admin(
+            Method::POST,
+            "/admin/orgs",
+            Some(json!({"name": "Not yours"})),
+        )
+        .await
+        .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        viewer
+            .get(&format!("/dashboard/orgs/{other}/usage"))
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        viewer
+            .get(&format!("/dashboard/orgs/{other}/logs?format=csv"))
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+}

@@ -123,8 +123,17 @@ async fn logs(
     principal: Principal,
     query: &str,
 ) -> Result<Response<GatewayBody>, Rejection> {
+    export_logs(state, principal.org, query).await
+}
+
+/// The export of `GET /api/logs` for `org` with its query (also the dashboard's download).
+pub(crate) async fn export_logs(
+    state: &AppState,
+    org: tollgate_core::OrgId,
+    query: &str,
+) -> Result<Response<GatewayBody>, Rejection> {
     let params = ExportParams::parse(query)?;
-    let mut q = params.log_query(principal.org, PAGE);
+    let mut q = params.log_query(org, PAGE);
     let format = params.format;
 
     let Some(limit) = params.limit else {

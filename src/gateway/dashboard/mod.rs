@@ -21,6 +21,7 @@
 //! Org pages live under `/dashboard/orgs/<org>/…`; `/dashboard` sends a user to their org
 //! and the operator to the list of orgs.
 
+mod activity;
 mod auth;
 mod http;
 mod manage;
@@ -138,6 +139,12 @@ where
         (&Method::POST, ["orgs", org, "models", model, "reconnect"]) => {
             let (org, model) = ((*org).to_owned(), (*model).to_owned());
             manage::model_reconnect(state, &org, &model, req).await
+        }
+        (&Method::GET, ["orgs", org, "usage"]) => {
+            activity::usage(state, req.headers(), org, &query).await
+        }
+        (&Method::GET, ["orgs", org, "logs"]) => {
+            activity::download(state, req.headers(), org, &query).await
         }
         (&Method::GET, ["orgs", org, "billing"]) => money::billing(state, req.headers(), org).await,
         (&Method::POST, ["orgs", org, "billing", action @ ("plan" | "cancel" | "topup")]) => {

@@ -197,6 +197,8 @@ pub async fn overview(state: &Site<'_>, headers: &HeaderMap, segment: &str) -> A
         credits: thousands(total.credits),
         error_rate: percent(total.client_errors + total.server_errors, total.requests),
     };
+    let (chart, _) = super::activity::period_chart(state, org).await?;
+    let (top_models, top_routes) = super::activity::busiest(state, org).await?;
     let org_nav = OrgNav::new(org.to_string(), name.clone(), Some(Tab::Overview));
     Ok(render(
         StatusCode::OK,
@@ -211,6 +213,10 @@ pub async fn overview(state: &Site<'_>, headers: &HeaderMap, segment: &str) -> A
             period_end,
             period_note,
             usage,
+            chart,
+            top_models,
+            top_routes,
+            usage_href: format!("/dashboard/orgs/{org}/usage"),
         },
     ))
 }

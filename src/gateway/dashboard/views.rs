@@ -85,6 +85,7 @@ pub enum Tab {
     Keys,
     Models,
     Billing,
+    Usage,
     Webhooks,
     Team,
 }
@@ -97,6 +98,7 @@ impl OrgNav {
             (Tab::Keys, "API Keys", format!("{base}/keys")),
             (Tab::Models, "Models", format!("{base}/models")),
             (Tab::Billing, "Billing", format!("{base}/billing")),
+            (Tab::Usage, "Usage & Logs", format!("{base}/usage")),
             (Tab::Webhooks, "Webhooks", format!("{base}/webhooks")),
             (Tab::Team, "Team", format!("{base}/team")),
         ]
@@ -166,6 +168,10 @@ pub struct OverviewPage {
     pub period_end: String,
     pub period_note: String,
     pub usage: UsageSummary,
+    pub chart: Chart,
+    pub top_models: Vec<TopRow>,
+    pub top_routes: Vec<TopRow>,
+    pub usage_href: String,
 }
 
 pub struct TeamRow {
@@ -352,6 +358,149 @@ pub struct PendingPage {
     pub frame: Frame,
     pub requests: Vec<RequestRow>,
     pub notice: Option<String>,
+}
+
+/// One bucket of the usage series.
+pub struct UsageRow {
+    pub start: String,
+    pub requests: String,
+    pub ok: String,
+    pub errors: String,
+    pub rate_limited: String,
+    pub credits: String,
+}
+
+/// One recent request.
+pub struct RecentRow {
+    pub time: String,
+    pub method: String,
+    pub route: String,
+    pub model: String,
+    pub status: u16,
+    pub status_class: &'static str,
+    pub credits: u64,
+    pub latency: String,
+    pub request_id: String,
+}
+
+/// A choice of a select.
+pub struct SelectOption {
+    pub value: String,
+    pub label: String,
+    pub selected: bool,
+}
+
+/// The busiest of something (models, routes) this period.
+pub struct TopRow {
+    pub name: String,
+    pub requests: String,
+    pub credits: String,
+}
+
+#[derive(Template)]
+#[template(path = "usage.html")]
+pub struct UsagePage {
+    pub frame: Frame,
+    pub org_name: String,
+    pub chart: Chart,
+    pub hourly: bool,
+    pub day_href: String,
+    pub hour_href: String,
+    pub rows: Vec<UsageRow>,
+    pub recent: Vec<RecentRow>,
+    pub models: Vec<SelectOption>,
+    pub status_filter: String,
+    pub filter_action: String,
+    pub ndjson_href: String,
+    pub csv_href: String,
+    pub recent_note: String,
+}
+
+/// A bar chart of requests with the credits charged as a line, drawn as inline SVG on the
+/// server (nothing loads from elsewhere). Built from numbers only, so its markup is safe
+/// to insert unescaped.
+pub struct Chart {
+    pub svg: String,
+    pub summary: String,
+}
+
+impl Chart {
+    /// `points`: (label, requests, credits) per bucket, oldest first.
+    pub fn new(points: &[(String, u64, u64)]) -> Chart {
+        const W: f64 = 720.0;
+        const H: f64 = 220.0;
+        const LEFT: f64 = 44.0;
+        const BOTTOM: f64 = 28.0;
+        const TOP: f64 = 12.0;
+        let n = points.len().max(1) as f64;
+        let max_requests = points.iter().map(|p| p.1).max().unwrap_or(0).max(1);
+        let max_credits = points.iter().map(|p| p.2).max().unwrap_or(0).max(1);
+        let plot_w = W - LEFT - 8.0;
+        let plot_h = H - BOTTOM - TOP;
+        let slot = plot_w / n;
+        let bar = (slot * 0.7).max(1.0);
+        let mut svg = format!(
+            "<svg class=\"chart\" viewBox=\"0 0 {W} {H}\" role=\"img\" aria-labelledby=\"chart-title\" preserveAspectRatio=\"none\">\
+             <title id=\"chart-title\">Requests (bars) and credits (line) per bucket</title>"
+        );
+        for i in 0..=4 {
+            let y = TOP + plot_h * f64::from(i) / 4.0;
+            let value = max_requests as f64 * f64::from(4 - i) / 4.0;
+            svg.push_str(&format!(
+                "<line class=\"grid\" x1=\"{LEFT}\" x2=\"{}\" y1=\"{y:.1}\" y2=\"{y:.1}\"/>\
+                 <text class=\"axis\" x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
+                W - 8.0,
+                LEFT - 6.0,
+                y + 4.0,
+                thousands(value.round() as u64)
+            ));
+        }
+        let mut line = String::new();
+        let label_every = (points.len() / 8).max(1);
+        for (i, (label, requests, credits)) in points.iter().enumerate() {
+            let x = LEFT + slot * i as f64 + (slot - bar) / 2.0;
+            let h = plot_h * *requests as f64 / max_requests as f64;
+            svg.push_str(&format!(
+                "<rect class=\"bar\" x=\"{x:.1}\" y=\"{:.1}\" width=\"{bar:.1}\" height=\"{h:.1}\"/>",
+                TOP + plot_h - h
+            ));
+            let cx = LEFT + slot * (i as f64 + 0.5);
+            let cy = TOP + plot_h - plot_h * *credits as f64 / max_credits as f64;
+            line.push_str(&format!(
+                "{}{cx:.1},{cy:.1}",
+                if line.is_empty() { "" } else { " " }
+            ));
+            if i % label_every == 0 {
+                svg.push_str(&format!(
+                    "<text class=\"axis\" x=\"{cx:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
+                    H - 8.0,
+                    html_escape(label)
+                ));
+            }
+        }
+        if points.len() > 1 {
+            svg.push_str(&format!("<polyline class=\"line\" points=\"{line}\"/>"));
+        }
+        svg.push_str("</svg>");
+        let total_requests: u64 = points.iter().map(|p| p.1).sum();
+        let total_credits: u64 = points.iter().map(|p| p.2).sum();
+        Chart {
+            svg,
+            summary: format!(
+                "{} requests and {} credits over {} buckets",
+                thousands(total_requests),
+                thousands(total_credits),
+                points.len()
+            ),
+        }
+    }
+}
+
+/// Escapes text for the chart's labels (dates: no markup, but never trust a string).
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// One recent delivery of an endpoint.
