@@ -240,7 +240,7 @@ async fn recent(state: &Site<'_>, org: OrgId, f: &Filters) -> Result<Vec<LogReco
             break;
         }
     }
-    rows.sort_by(|a, b| b.time_ms.cmp(&a.time_ms));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.time_ms));
     rows.truncate(RECENT);
     Ok(rows)
 }
