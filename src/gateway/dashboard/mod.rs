@@ -116,6 +116,7 @@ where
         (&Method::GET, ["account"]) => signin::account(state, req.headers(), &query).await,
         (&Method::POST, ["account", "password"]) => signin::change_password(state, req).await,
         (&Method::GET, ["orgs"]) => pages::orgs(state, req.headers()).await,
+        (&Method::POST, ["orgs", "create"]) => pages::create_org(state, req).await,
         (&Method::GET, ["orgs", org]) => pages::overview(state, req.headers(), org).await,
         (&Method::GET, ["orgs", org, "team"]) => pages::team(state, req.headers(), org).await,
         (&Method::GET, ["orgs", org, "keys"]) => manage::keys(state, req.headers(), org).await,
@@ -147,7 +148,10 @@ where
             activity::download(state, req.headers(), org, &query).await
         }
         (&Method::GET, ["orgs", org, "billing"]) => money::billing(state, req.headers(), org).await,
-        (&Method::POST, ["orgs", org, "billing", action @ ("plan" | "cancel" | "topup")]) => {
+        (
+            &Method::POST,
+            ["orgs", org, "billing", action @ ("plan" | "cancel" | "topup" | "set-plan" | "set-balance")],
+        ) => {
             let (org, action) = ((*org).to_owned(), (*action).to_owned());
             money::billing_action(state, &org, &action, req).await
         }

@@ -190,6 +190,9 @@ async fn billing_page(
         plan_action: format!("{base}/plan"),
         cancel_action: format!("{base}/cancel"),
         topup_action: format!("{base}/topup"),
+        operator: viewer.is_operator(),
+        set_plan_action: format!("{base}/set-plan"),
+        set_balance_action: format!("{base}/set-balance"),
         notice,
         error,
     })
@@ -265,6 +268,23 @@ where
             .await
             .map(|()| "The subscription is cancelled; top-up credits are kept.".to_owned()),
         "cancel" => Err(invalid("Tick the confirmation to cancel the subscription.")),
+        "set-plan" | "set-balance" if !viewer.is_operator() => return Err(no_page()),
+        "set-plan" => match form.get("plan").parse::<Plan>() {
+            Ok(plan) => apply_plan(state, org, plan)
+                .await
+                .map(|()| format!("Plan set to {}; a new period started.", title(plan))),
+            Err(_) => Err(invalid("Choose one of the four plans.")),
+        },
+        "set-balance" => match form.get("balance").trim().parse::<u64>() {
+            Ok(balance) if balance <= tollgate_credit_meter::MAX_CREDITS => state
+                .ledger
+                .set_balance(org, balance)
+                .await
+                .map_err(|e| e.rejection())?
+                .map(|_| format!("Balance adjusted to {}.", thousands(balance)))
+                .ok_or_else(|| invalid("Subscribe the organization before adjusting its balance.")),
+            _ => Err(invalid("The balance must be a whole number of credits.")),
+        },
         _ => return Err(no_page()),
     };
     match done {

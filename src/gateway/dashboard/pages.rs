@@ -78,6 +78,61 @@ pub async fn orgs(state: &Site<'_>, headers: &HeaderMap) -> Answer {
     if let Who::User(u) = &viewer.who {
         return Ok(redirect(&format!("/dashboard/orgs/{}", u.org)));
     }
+    Ok(render(
+        StatusCode::OK,
+        &orgs_page(state, &viewer, None, None).await?,
+    ))
+}
+
+/// `POST /dashboard/orgs/create` (operator; `name`, `plan`): the org, subscribed when a plan
+/// was chosen; then its Team page, to invite its owner.
+pub async fn create_org<B>(state: &Site<'_>, req: Request<B>) -> Answer
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let headers = req.headers().clone();
+    let viewer = signed_in!(state, &headers);
+    let form = read_form(req).await?;
+    check_csrf(&viewer, &headers, &form)?;
+    if !viewer.is_operator() {
+        return Err(no_page());
+    }
+    let name = form.get("name").trim().to_owned();
+    let plan = match form.get("plan") {
+        "" => Ok(None),
+        p => p
+            .parse::<tollgate_core::Plan>()
+            .map(Some)
+            .map_err(|_| "Choose one of the four plans, or none."),
+    };
+    let problem = if name.is_empty() {
+        Some("The organization needs a name.")
+    } else {
+        plan.err()
+    };
+    if let Some(problem) = problem {
+        let page = orgs_page(state, &viewer, None, Some(problem.to_owned())).await?;
+        return Ok(with_code(
+            render(StatusCode::BAD_REQUEST, &page),
+            ErrorCode::InvalidRequest,
+        ));
+    }
+    let org = state.orgs.create(name).await.map_err(|e| e.rejection())?;
+    if let Ok(Some(plan)) = plan {
+        crate::gateway::admin::apply_plan(state, org, plan).await?;
+    }
+    Ok(redirect(&format!("/dashboard/orgs/{org}/team")))
+}
+
+async fn orgs_page(
+    state: &Site<'_>,
+    viewer: &Viewer,
+    notice: Option<String>,
+    error: Option<String>,
+) -> Result<OrgsPage, Rejection> {
+    let now = SystemClock.now_ms();
+    let today = Granularity::Day.floor(now);
     let orgs = state.orgs.list().await.map_err(|e| e.rejection())?;
     let mut rows = Vec::with_capacity(orgs.len());
     for (id, name) in orgs {
@@ -90,21 +145,44 @@ pub async fn orgs(state: &Site<'_>, headers: &HeaderMap) -> Answer {
             ),
             None => ("No subscription".to_owned(), "—".to_owned()),
         };
+        let requests_today: u64 = state
+            .accounts
+            .usage
+            .query(UsageQuery {
+                org: id,
+                from_ms: today,
+                to_ms: today + tollgate_accounts::DAY_MS,
+                granularity: Granularity::Day,
+                group_by: GroupBy::default(),
+            })
+            .await
+            .map_err(|e| e.rejection())?
+            .iter()
+            .map(|b| b.counts.requests)
+            .sum();
         rows.push(OrgRow {
             href: format!("/dashboard/orgs/{id}"),
             id: id.to_string(),
             name,
             plan,
             balance,
+            requests_today: thousands(requests_today),
         });
     }
-    Ok(render(
-        StatusCode::OK,
-        &OrgsPage {
-            frame: Frame::with_nav("Organizations", nav(&viewer, None)),
-            orgs: rows,
-        },
-    ))
+    let pending = state
+        .billing
+        .pending()
+        .await
+        .map_err(|e| e.rejection())?
+        .len();
+    Ok(OrgsPage {
+        frame: Frame::with_nav("Organizations", nav(viewer, None)),
+        orgs: rows,
+        pending,
+        create_action: "/dashboard/orgs/create".to_owned(),
+        notice,
+        error,
+    })
 }
 
 fn title_case(s: &str) -> String {

@@ -216,6 +216,7 @@ pub struct OrgRow {
     pub name: String,
     pub plan: String,
     pub balance: String,
+    pub requests_today: String,
     pub href: String,
 }
 
@@ -224,6 +225,10 @@ pub struct OrgRow {
 pub struct OrgsPage {
     pub frame: Frame,
     pub orgs: Vec<OrgRow>,
+    pub pending: usize,
+    pub create_action: String,
+    pub notice: Option<String>,
+    pub error: Option<String>,
 }
 
 /// `1234567` → `1,234,567`.
@@ -348,6 +353,9 @@ pub struct BillingPage {
     pub plan_action: String,
     pub cancel_action: String,
     pub topup_action: String,
+    pub operator: bool,
+    pub set_plan_action: String,
+    pub set_balance_action: String,
     pub notice: Option<String>,
     pub error: Option<String>,
 }
