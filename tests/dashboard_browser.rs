@@ -472,7 +472,7 @@ async fn the_dashboards_journeys_in_a_real_browser() {
     wait_for_text(&c, "Disconnected").await;
     tour.page(&c, "models-disconnected").await;
     let fresh = sandbox.refresh_session(&account.user_id).unwrap();
-    let field = |name: &str| format!("details.menu input[name={name}]");
+    let field = |name: &str| format!("form.reconnect-form input[name={name}]");
     fill(&c, &field("cookie"), &fresh.cookie).await;
     fill(&c, &field("user_id"), &fresh.user_id).await;
     fill(&c, &field("x_bc"), &fresh.x_bc).await;

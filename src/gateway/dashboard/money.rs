@@ -103,7 +103,11 @@ fn ledger_rows(entries: &[tollgate_credit_meter::LedgerEntry]) -> Vec<LedgerRow>
                 EntryKind::Refund => "Refund",
             },
             change: match (kind, *count) {
-                (EntryKind::Charge, n) if n > 1 => format!("{delta} ({n} requests)"),
+                (EntryKind::Charge, n) if n > 1 => format!(
+                    "−{} ({} requests)",
+                    thousands(delta.unsigned_abs()),
+                    thousands(n)
+                ),
                 _ if *delta > 0 => format!("+{}", thousands(delta.unsigned_abs())),
                 _ if *delta < 0 => format!("−{}", thousands(delta.unsigned_abs())),
                 _ => "0".to_owned(),
@@ -154,7 +158,10 @@ async fn billing_page(
                 .map_or("Unlimited credits".to_owned(), |c| {
                     format!("{} credits a month", thousands(c))
                 }),
-            rate: format!("{} requests/min per model", p.requests_per_minute()),
+            rate: format!(
+                "{} requests/min per model",
+                thousands(u64::from(p.requests_per_minute()))
+            ),
             current: current == Some(*p),
             requested: requested.contains(p),
             action_label: if p.price_cents() == 0 {

@@ -437,47 +437,55 @@ impl Chart {
     pub fn new(points: &[(String, u64, u64)]) -> Chart {
         const W: f64 = 720.0;
         const H: f64 = 220.0;
-        const LEFT: f64 = 44.0;
+        const LEFT: f64 = 48.0;
+        const RIGHT: f64 = 12.0;
         const BOTTOM: f64 = 28.0;
         const TOP: f64 = 12.0;
         let n = points.len().max(1) as f64;
-        let max_requests = points.iter().map(|p| p.1).max().unwrap_or(0).max(1);
+        // Round axis steps (1, 2, 5 × 10ⁿ), four of them.
+        let step = nice_step(points.iter().map(|p| p.1).max().unwrap_or(0));
+        let max_requests = step * 4;
         let max_credits = points.iter().map(|p| p.2).max().unwrap_or(0).max(1);
-        let plot_w = W - LEFT - 8.0;
+        let plot_w = W - LEFT - RIGHT;
         let plot_h = H - BOTTOM - TOP;
         let slot = plot_w / n;
-        let bar = (slot * 0.7).max(1.0);
+        let bar = (slot * 0.7).clamp(1.0, 40.0);
         let mut svg = format!(
-            "<svg class=\"chart\" viewBox=\"0 0 {W} {H}\" role=\"img\" aria-labelledby=\"chart-title\" preserveAspectRatio=\"none\">\
+            "<svg class=\"chart\" viewBox=\"0 0 {W} {H}\" role=\"img\" aria-labelledby=\"chart-title\">\
              <title id=\"chart-title\">Requests (bars) and credits (line) per bucket</title>"
         );
-        for i in 0..=4 {
-            let y = TOP + plot_h * f64::from(i) / 4.0;
-            let value = max_requests as f64 * f64::from(4 - i) / 4.0;
+        for i in 0..=4u64 {
+            let y = TOP + plot_h * (4 - i) as f64 / 4.0;
             svg.push_str(&format!(
                 "<line class=\"grid\" x1=\"{LEFT}\" x2=\"{}\" y1=\"{y:.1}\" y2=\"{y:.1}\"/>\
                  <text class=\"axis\" x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
-                W - 8.0,
-                LEFT - 6.0,
+                W - RIGHT,
+                LEFT - 8.0,
                 y + 4.0,
-                thousands(value.round() as u64)
+                thousands(step * i)
             ));
         }
         let mut line = String::new();
+        let mut dots = String::new();
         let label_every = (points.len() / 8).max(1);
         for (i, (label, requests, credits)) in points.iter().enumerate() {
-            let x = LEFT + slot * i as f64 + (slot - bar) / 2.0;
+            let cx = LEFT + slot * (i as f64 + 0.5);
             let h = plot_h * *requests as f64 / max_requests as f64;
             svg.push_str(&format!(
-                "<rect class=\"bar\" x=\"{x:.1}\" y=\"{:.1}\" width=\"{bar:.1}\" height=\"{h:.1}\"/>",
+                "<rect class=\"bar\" x=\"{:.1}\" y=\"{:.1}\" width=\"{bar:.1}\" height=\"{h:.1}\" rx=\"2\"/>",
+                cx - bar / 2.0,
                 TOP + plot_h - h
             ));
-            let cx = LEFT + slot * (i as f64 + 0.5);
             let cy = TOP + plot_h - plot_h * *credits as f64 / max_credits as f64;
             line.push_str(&format!(
                 "{}{cx:.1},{cy:.1}",
                 if line.is_empty() { "" } else { " " }
             ));
+            if points.len() <= 62 {
+                dots.push_str(&format!(
+                    "<circle class=\"dot\" cx=\"{cx:.1}\" cy=\"{cy:.1}\" r=\"2.5\"/>"
+                ));
+            }
             if i % label_every == 0 {
                 svg.push_str(&format!(
                     "<text class=\"axis\" x=\"{cx:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
@@ -489,18 +497,42 @@ impl Chart {
         if points.len() > 1 {
             svg.push_str(&format!("<polyline class=\"line\" points=\"{line}\"/>"));
         }
+        svg.push_str(&dots);
         svg.push_str("</svg>");
         let total_requests: u64 = points.iter().map(|p| p.1).sum();
         let total_credits: u64 = points.iter().map(|p| p.2).sum();
         Chart {
             svg,
             summary: format!(
-                "{} requests and {} credits over {} buckets",
-                thousands(total_requests),
-                thousands(total_credits),
-                points.len()
+                "{} and {} over {}",
+                plural(total_requests, "request"),
+                plural(total_credits, "credit"),
+                plural(points.len() as u64, "bucket")
             ),
         }
+    }
+}
+
+/// `1 request`, `2 requests`.
+fn plural(n: u64, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{} {what}s", thousands(n))
+    }
+}
+
+/// The smallest of 1, 2, 5 × 10ⁿ whose four steps reach `max`.
+fn nice_step(max: u64) -> u64 {
+    let mut scale = 1u64;
+    loop {
+        for m in [1, 2, 5] {
+            let step = m * scale;
+            if step.saturating_mul(4) >= max {
+                return step;
+            }
+        }
+        scale = scale.saturating_mul(10);
     }
 }
 
@@ -583,6 +615,12 @@ mod tests {
         assert_eq!(thousands(1_000), "1,000");
         assert_eq!(thousands(1_234_567), "1,234,567");
         assert_eq!(date_time(1_675_150_502_748), "2023-01-31 07:35 UTC");
+        assert_eq!(nice_step(0), 1);
+        assert_eq!(nice_step(4), 1);
+        assert_eq!(nice_step(5), 2);
+        assert_eq!(nice_step(9), 5);
+        assert_eq!(nice_step(21), 10);
+        assert_eq!(nice_step(1_999), 500);
     }
 
     #[test]
