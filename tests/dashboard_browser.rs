@@ -437,6 +437,15 @@ async fn the_dashboards_journeys_in_a_real_browser() {
     press(&c, "Create key").await;
     let secret = value(&c, "#new-secret").await;
     assert!(secret.starts_with("sk_live_"), "{secret}");
+    // The script (an enhancement) shows the copy button next to the secret.
+    let copy_shown = c
+        .execute(
+            "return !document.querySelector('button[data-copy=new-secret]').hidden;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(copy_shown, json!(true), "the copy button");
     tour.page(&c, "keys-created").await;
     c.refresh().await.unwrap();
     assert!(

@@ -1049,6 +1049,10 @@ async fn an_owner_creates_rotates_and_revokes_keys_in_the_dashboard() {
         .await;
     assert_eq!(created.status, StatusCode::OK, "{}", created.text());
     let secret = secret_in(&created, "sk_live_").expect("the new secret on the page");
+    // Its copy button waits for the script: without it, nothing that does not work shows.
+    assert!(created
+        .text()
+        .contains("data-copy=\"new-secret\" hidden>Copy</button>"));
     assert!(
         !created.text().contains("<script>alert(1)"),
         "the name is escaped"

@@ -23,7 +23,7 @@ const FORM_LIMIT: usize = 64 * 1024;
 pub const SESSION_COOKIE: &str = "tollgate_session";
 
 /// Nothing loads from elsewhere, nothing frames the dashboard, forms post only to it.
-const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self' data:; \
+const CSP: &str = "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self' data:; \
                    form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
 /// Sets the headers every dashboard answer carries. `same-origin` referrers keep invite

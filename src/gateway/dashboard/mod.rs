@@ -104,7 +104,12 @@ where
         .collect();
     match (&method, segments.as_slice()) {
         (&Method::GET, []) => pages::home(state, req.headers()).await,
-        (&Method::GET, ["static", "dashboard.css"]) => Ok(stylesheet()),
+        (&Method::GET, ["static", "dashboard.css"]) => {
+            Ok(asset(views::STYLESHEET, "text/css; charset=utf-8"))
+        }
+        (&Method::GET, ["static", "dashboard.js"]) => {
+            Ok(asset(views::SCRIPT, "text/javascript; charset=utf-8"))
+        }
         (&Method::GET, ["login"]) => signin::login_form(state, req.headers(), &query).await,
         (&Method::POST, ["login"]) => signin::login(state, req).await,
         (&Method::POST, ["logout"]) => signin::logout(state, req).await,
@@ -183,15 +188,12 @@ where
     }
 }
 
-fn stylesheet() -> Response<GatewayBody> {
-    let mut res = Response::new(boxed(Full::new(Bytes::from_static(
-        views::STYLESHEET.as_bytes(),
-    ))));
-    res.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/css; charset=utf-8"),
-    );
-    // The URL carries the stylesheet's version, so it can be cached for long.
+/// An embedded asset (the stylesheet, the enhancing script).
+fn asset(body: &'static str, content_type: &'static str) -> Response<GatewayBody> {
+    let mut res = Response::new(boxed(Full::new(Bytes::from_static(body.as_bytes()))));
+    res.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    // The URL carries the assets' version, so it can be cached for long.
     res.headers_mut().insert(
         CACHE_CONTROL,
         HeaderValue::from_static("public, max-age=86400"),
@@ -199,7 +201,6 @@ fn stylesheet() -> Response<GatewayBody> {
     res
 }
 
-/// A refusal: an error page for browsers, `{error, code}` for other clients.
 fn failure(html_wanted: bool, rejection: Rejection) -> Response<GatewayBody> {
     if !html_wanted {
         return json_error(rejection);

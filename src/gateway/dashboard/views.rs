@@ -11,6 +11,9 @@ use askama::Template;
 /// The stylesheet, embedded in the binary.
 pub const STYLESHEET: &str = include_str!("static/dashboard.css");
 
+/// The script that only enhances (the copy buttons): every page works without it.
+pub const SCRIPT: &str = include_str!("static/dashboard.js");
+
 /// A short hash of the stylesheet, so its URL changes whenever it does (it is cached).
 pub fn asset_version() -> &'static str {
     static VERSION: OnceLock<String> = OnceLock::new();
@@ -18,6 +21,7 @@ pub fn asset_version() -> &'static str {
         // SipHash with fixed keys: the same text gives the same version in every build.
         let mut hasher = std::hash::DefaultHasher::new();
         STYLESHEET.hash(&mut hasher);
+        SCRIPT.hash(&mut hasher);
         format!("{:012x}", hasher.finish() & 0xffff_ffff_ffff)
     })
 }
