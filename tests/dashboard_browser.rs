@@ -322,8 +322,10 @@ async fn sign_out(c: &Client) {
 }
 
 /// Follows an invite link: sets the password, then signs in.
-async fn accept(c: &Client, base: &str, link: &str, email: &str) {
+async fn accept(c: &Client, tour: &mut Tour, base: &str, link: &str, email: &str) {
     c.goto(link).await.unwrap();
+    tour.page(c, &format!("invite-{}", email.split('@').next().unwrap()))
+        .await;
     fill(c, "input[name=password]", PASSWORD).await;
     fill(c, "input[name=password_confirm]", PASSWORD).await;
     click(c, "form button[type=submit]").await;
@@ -415,7 +417,7 @@ async fn the_dashboards_journeys_in_a_real_browser() {
     sign_out(&c).await;
 
     // The owner sets a password, signs in, adds a model and creates a key: shown once.
-    accept(&c, &base, &owner_link, "owner@acme.test").await;
+    accept(&c, &mut tour, &base, &owner_link, "owner@acme.test").await;
     wait_for_text(&c, "Overview").await;
     let account = sandbox.add_account();
     goto(&c, &base, &format!("/dashboard/orgs/{org}/models")).await;
@@ -452,6 +454,16 @@ async fn the_dashboards_journeys_in_a_real_browser() {
         !c.source().await.unwrap().contains(&secret),
         "not shown after a reload"
     );
+
+    // A page that is not there (another org's, or none): the error page.
+    goto(
+        &c,
+        &base,
+        &format!("/dashboard/orgs/{}", uuid::Uuid::new_v4()),
+    )
+    .await;
+    wait_for_text(&c, "Not found").await;
+    tour.page(&c, "not-found").await;
 
     // A call with that key shows on the Overview and the Usage pages.
     assert_eq!(call(&gw, &model, &secret).await, StatusCode::OK);
@@ -542,7 +554,7 @@ async fn the_dashboards_journeys_in_a_real_browser() {
     sign_out(&c).await;
 
     // The viewer: every page without an action; a forged post is 403.
-    accept(&c, &base, &viewer_link, "viewer@acme.test").await;
+    accept(&c, &mut tour, &base, &viewer_link, "viewer@acme.test").await;
     for (name, path) in [
         ("viewer-overview", String::new()),
         ("viewer-keys", "/keys".to_owned()),
