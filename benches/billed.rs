@@ -222,9 +222,27 @@ fn measure_with_wrk(
     let dir = std::env::temp_dir().join(format!("tollgate-billed-wrk-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("wrk scripts: {e}"))?;
     println!("client: wrk ({}), up to 2 threads", wrk.display());
-    let loaded = wrk_pass(wrk, targets, settings.heavy, settings.rounds, &dir)?;
+    // Before each run every gateway's request log is written out, so no run pays for the
+    // previous one's log writes (the rollups ride on them: leftovers would bias the on/off
+    // pair by which target ran before).
+    let settle = || {
+        server_rt.block_on(async {
+            for gw in gateways {
+                gw.gateway.state().logger.flush().await;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        })
+    };
+    let loaded = wrk_pass(wrk, targets, settings.heavy, settings.rounds, &dir, &settle)?;
     let unloaded = match settings.light {
-        Some(l) => Some(wrk_pass(wrk, light_targets, l, settings.rounds, &dir)?),
+        Some(l) => Some(wrk_pass(
+            wrk,
+            light_targets,
+            l,
+            settings.rounds,
+            &dir,
+            &settle,
+        )?),
         None => None,
     };
     let _ = std::fs::remove_dir_all(&dir);
@@ -1781,6 +1799,7 @@ fn wrk_pass(
     load: Load,
     rounds: usize,
     dir: &std::path::Path,
+    settle: &dyn Fn(),
 ) -> Result<Vec<WrkSummary>, String> {
     let scripts = targets
         .iter()
@@ -1804,6 +1823,7 @@ fn wrk_pass(
         };
         for i in order {
             let (t, s) = (&targets[i], &mut out[i]);
+            settle();
             let mut runs = Vec::new();
             if !load.warmup.is_zero() {
                 runs.push(run_wrk(wrk, t, &scripts[i], load.conns, load.warmup)?);

@@ -1716,6 +1716,35 @@ async fn top_ups_and_paid_plans_wait_for_the_operator_who_approves_or_declines()
     let call = api(&gw, Method::GET, &gw.model_path("/users/me"), &gw.key()).await;
     assert_eq!(call.status, StatusCode::PAYMENT_REQUIRED);
     assert_eq!(call.code(), "NO_SUBSCRIPTION");
+
+    // Cancelled, Free is no longer at once (cancel-and-resubscribe would refill its credits
+    // every time): a request, asked once however often it is clicked.
+    let page = owner.get(&page_path).await.text();
+    assert!(page.contains("Request Free") && !page.contains("Switch to Free"));
+    for _ in 0..2 {
+        let again = owner
+            .post_csrf(
+                &page_path,
+                &format!("{page_path}/plan"),
+                &[("plan", "free")],
+            )
+            .await;
+        assert_eq!(again.status, StatusCode::OK);
+        assert!(again.text().contains("Free plan requested"));
+    }
+    let view = gw
+        .admin(Method::GET, &format!("/admin/orgs/{org}"), None)
+        .await
+        .json();
+    assert_eq!(view["plan"], Value::Null, "still cancelled");
+    let pending = op.get("/dashboard/pending").await.text();
+    assert_eq!(
+        pending
+            .matches("<td data-label=\"Asked for\">Free plan</td>")
+            .count(),
+        1,
+        "{pending}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1769,6 +1798,20 @@ async fn api_calls_show_on_the_overview_and_usage_pages_and_download() {
         StatusCode::BAD_REQUEST,
         "INVALID_REQUEST",
     );
+    let last_hour = viewer
+        .get(&format!("{usage_path}?period=1h&status=200"))
+        .await
+        .text();
+    assert_eq!(last_hour.matches("badge-2xx").count(), 3);
+    assert!(
+        last_hour.contains("period=1h"),
+        "the downloads keep the period"
+    );
+    assert_error(
+        &viewer.get(&format!("{usage_path}?period=1y")).await,
+        StatusCode::BAD_REQUEST,
+        "INVALID_REQUEST",
+    );
     let hourly = viewer.get(&format!("{usage_path}?granularity=hour")).await;
     assert_eq!(hourly.status, StatusCode::OK);
     assert!(hourly.text().contains("<td data-label=\"Requests\">4</td>"));
@@ -1793,6 +1836,12 @@ async fn api_calls_show_on_the_overview_and_usage_pages_and_download() {
     assert!(lines
         .iter()
         .all(|l| l["status"] == 200 && l["credits"] == 1));
+    let recent = viewer
+        .get(&format!(
+            "/dashboard/orgs/{org}/logs?format=ndjson&period=1h"
+        ))
+        .await;
+    assert_eq!(recent.text().lines().count(), 4);
     let csv = viewer
         .get(&format!("/dashboard/orgs/{org}/logs?format=csv"))
         .await;

@@ -797,10 +797,21 @@ async fn store_behaviour(store: &dyn WebhookStore) {
     assert_eq!(store.emit(only).await.unwrap(), 1);
     let none = Event::new(EventType::ModelDisconnected, org, "m1", now, json!({}));
     assert_eq!(store.emit(none).await.unwrap(), 0);
+    // Not kept when nobody wants it: an endpoint that subscribes later hears of it next time.
+    let unwanted = Event::new(EventType::KeyExpiring, other, "k9", now, json!({}));
+    assert_eq!(store.emit(unwanted.clone()).await.unwrap(), 0);
+    let late = Endpoint::new(
+        other,
+        "https://late.example/h".into(),
+        vec![EventType::KeyExpiring],
+        now,
+    );
+    assert!(store.create_endpoint(late.clone()).await.unwrap());
+    assert_eq!(store.emit(unwanted).await.unwrap(), 1);
 
     // Claims: due ones, oldest first, leased.
     let due = store.claim_due(now + 10, 1_000, 10).await.unwrap();
-    assert_eq!(due.len(), 4, "{due:?}");
+    assert_eq!(due.len(), 5, "{due:?}");
     assert_eq!(due[0].event_id, low.id);
     assert_eq!(due[0].url, a.url);
     assert_eq!(due[0].secret, a.secret);
@@ -815,9 +826,13 @@ async fn store_behaviour(store: &dyn WebhookStore) {
         "leased"
     );
     let again = store.claim_due(now + 1_011, 1_000, 10).await.unwrap();
-    assert_eq!(again.len(), 4, "the lease ran out");
+    assert_eq!(again.len(), 5, "the lease ran out");
 
     // Attempts: a failure schedules a retry, a success ends it, no retry fails it.
+    let second = due
+        .iter()
+        .find(|d| d.url == b.url && d.kind == EventType::KeyExpiring)
+        .expect("b's delivery");
     let first = &due[0];
     let fail = |status| Attempt {
         at_ms: now + 20,
@@ -846,7 +861,7 @@ async fn store_behaviour(store: &dyn WebhookStore) {
         .unwrap();
     store
         .record_attempt(
-            due[1].id,
+            second.id,
             Attempt {
                 at_ms: now + 30,
                 status: None,
@@ -876,12 +891,8 @@ async fn store_behaviour(store: &dyn WebhookStore) {
             .collect::<Vec<_>>(),
         [Some(500), Some(200)]
     );
-    let failed = store
-        .deliveries(org, due[1].id_endpoint(&[&a, &b]), 10)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(failed.iter().any(|d| d.id == due[1].id
+    let failed = store.deliveries(org, b.id, 10).await.unwrap().unwrap();
+    assert!(failed.iter().any(|d| d.id == second.id
         && d.state == DeliveryState::Failed
         && d.attempts[0].error.as_deref() == Some("timeout")));
     assert_eq!(
@@ -914,6 +925,62 @@ async fn store_behaviour(store: &dyn WebhookStore) {
         "x was emitted by the change"
     );
     assert_eq!(store.emit(renewed("y")).await.unwrap(), 1, "y was not");
+
+    // History: finished events older than the cutoff go, pending ones stay.
+    assert_eq!(
+        store.purge_older_than(now).await.unwrap(),
+        0,
+        "nothing older than now"
+    );
+    let kept_pending = store
+        .deliveries(org, b.id, 10)
+        .await
+        .unwrap()
+        .unwrap()
+        .iter()
+        .filter(|d| d.state == DeliveryState::Pending)
+        .count();
+    assert!(kept_pending > 0);
+    let purged = store.purge_older_than(now + 1_000_000).await.unwrap();
+    // The delivered `credits.low` goes; `key.expiring` failed at b but is still pending at
+    // a, so it stays whole.
+    assert!(purged >= 1, "{purged}");
+    let left = store.deliveries(org, a.id, 10).await.unwrap().unwrap();
+    assert!(
+        left.iter().all(|d| d.state == DeliveryState::Pending),
+        "{left:?}"
+    );
+    assert_eq!(
+        store
+            .deliveries(org, b.id, 10)
+            .await
+            .unwrap()
+            .unwrap()
+            .iter()
+            .filter(|d| d.state == DeliveryState::Pending)
+            .count(),
+        kept_pending,
+        "pending deliveries are kept"
+    );
+
+    // The watched states of an org start over when its last endpoint goes.
+    assert!(!store
+        .observe(other, "period".into(), "1".into(), None)
+        .await
+        .unwrap());
+    assert!(store.delete_endpoint(other, c.id).await.unwrap());
+    assert!(store.delete_endpoint(other, late.id).await.unwrap());
+    assert!(
+        !store
+            .observe(other, "period".into(), "2".into(), None)
+            .await
+            .unwrap(),
+        "a new baseline, not a change"
+    );
+    assert!(store
+        .observe(other, "period".into(), "3".into(), None)
+        .await
+        .unwrap());
 
     // Thresholds.
     assert_eq!(store.low_threshold(org).await.unwrap(), None);
@@ -961,16 +1028,6 @@ async fn store_behaviour(store: &dyn WebhookStore) {
     assert!(!store.create_endpoint(extra).await.unwrap());
 }
 
-trait EndpointOf {
-    fn id_endpoint(&self, endpoints: &[&Endpoint]) -> tollgate::gateway::webhooks::EndpointId;
-}
-
-impl EndpointOf for tollgate::gateway::webhooks::DueDelivery {
-    fn id_endpoint(&self, endpoints: &[&Endpoint]) -> tollgate::gateway::webhooks::EndpointId {
-        endpoints.iter().find(|e| e.url == self.url).unwrap().id
-    }
-}
-
 #[tokio::test]
 async fn the_memory_store_keeps_its_promises() {
     store_behaviour(&MemoryWebhookStore::new()).await;
@@ -1009,11 +1066,59 @@ async fn the_postgres_store_keeps_its_promises_and_seals_secrets() {
     );
     let hexed = hex::encode(e.secret.as_bytes());
     assert!(!text.contains(&hexed));
-    // Another key cannot open them.
+    // Another key cannot open them: listed without it, and its deliveries fail on their own
+    // without holding up another endpoint's.
     let wrong = PostgresWebhookStore::new(db.pool().clone(), [8; 32])
         .await
         .unwrap();
-    assert!(wrong.endpoints(org).await.is_err());
+    let listed = wrong.endpoints(org).await.unwrap();
+    assert_eq!((listed[0].id, listed[0].secret.as_str()), (e.id, ""));
+    let other_org = OrgId::new();
+    let fine = Endpoint::new(
+        other_org,
+        "https://fine.example/".into(),
+        vec![EventType::CreditsLow],
+        0,
+    );
+    wrong.create_endpoint(fine.clone()).await.unwrap();
+    let now = 1_900_000_000_000u64;
+    store
+        .emit(Event::new(
+            EventType::CreditsLow,
+            org,
+            "sealed",
+            now,
+            json!({}),
+        ))
+        .await
+        .unwrap();
+    wrong
+        .emit(Event::new(
+            EventType::CreditsLow,
+            other_org,
+            "fine",
+            now + 1,
+            json!({}),
+        ))
+        .await
+        .unwrap();
+    let due = wrong.claim_due(now + 10, 1_000, 100).await.unwrap();
+    assert!(
+        due.iter().any(|d| d.url == fine.url),
+        "the readable one is sent"
+    );
+    assert!(
+        due.iter().all(|d| d.url != e.url),
+        "the unreadable one is not"
+    );
+    let history = wrong.deliveries(org, e.id, 10).await.unwrap().unwrap();
+    let failed = history.iter().find(|d| d.created_ms == now).unwrap();
+    assert_eq!(failed.state, DeliveryState::Failed);
+    assert!(failed.attempts[0]
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("cannot be decrypted"));
     drop(client);
     db.cleanup().await;
 }

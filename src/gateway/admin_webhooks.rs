@@ -138,6 +138,7 @@ pub(crate) async fn register(
             "The organization already has {MAX_ENDPOINTS_PER_ORG} webhook endpoints; delete one first."
         )));
     }
+    state.webhooks.note_endpoint(org);
     // Start the org's watched states (balance, period) from now, so the next change is an
     // event and nothing before the registration is.
     let watched = watched(state);

@@ -435,6 +435,15 @@ pub async fn ask(
     ask: Ask,
     by: String,
 ) -> Result<BillingRequest, Rejection> {
+    // One pending request of a kind at a time: a second click, or a second tab, asks nothing
+    // more.
+    let pending = state.billing.of_org(org, 50).await.map_err(backend)?;
+    if let Some(same) = pending
+        .iter()
+        .find(|r| r.state == RequestState::Pending && r.ask == ask)
+    {
+        return Ok(same.clone());
+    }
     let request = BillingRequest {
         id: Uuid::new_v4(),
         org,

@@ -386,6 +386,7 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
     let mut jobs = spawn_jobs(&state, backends.upkeep.clone());
     jobs.push(watcher);
     jobs.push(dispatcher);
+    jobs.push(webhooks::spawn_purge(state.webhooks.clone()));
     jobs.push(accounts::spawn_upkeep(
         &backends.accounts,
         SystemClock::shared(),

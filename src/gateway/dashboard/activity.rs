@@ -39,7 +39,19 @@ struct Filters {
     hourly: bool,
     model: Option<ModelId>,
     status: Option<u16>,
+    /// Only the requests of the last this many ms (`period`: 1h, 24h, 7d, 14d).
+    period_ms: Option<u64>,
+    /// The `period` as given.
+    period: Option<&'static str>,
 }
+
+/// The periods the recent requests can be limited to: (value, label, ms).
+const PERIODS: [(&str, &str, u64); 4] = [
+    ("1h", "Last hour", HOUR_MS),
+    ("24h", "Last 24 hours", DAY_MS),
+    ("7d", "Last 7 days", 7 * DAY_MS),
+    ("14d", "Last 14 days", 14 * DAY_MS),
+];
 
 impl Filters {
     fn parse(query: &str) -> Result<Filters, Rejection> {
@@ -62,6 +74,14 @@ impl Filters {
                             .map_err(|_| invalid("Choose a model of the list."))?,
                     )
                 }
+                "period" if v.is_empty() => (f.period_ms, f.period) = (None, None),
+                "period" => {
+                    let p = PERIODS
+                        .iter()
+                        .find(|p| p.0 == v)
+                        .ok_or_else(|| invalid("The period is 1h, 24h, 7d or 14d."))?;
+                    (f.period_ms, f.period) = (Some(p.2), Some(p.0));
+                }
                 "status" if v.is_empty() => f.status = None,
                 "status" => {
                     f.status = Some(
@@ -77,6 +97,22 @@ impl Filters {
         Ok(f)
     }
 
+    /// The page's own query for a download link (the period stays a period, so the export
+    /// covers it up to the moment of the download).
+    fn link_query(&self, format: &str) -> String {
+        let mut q = format!("format={format}");
+        if let Some(m) = self.model {
+            q.push_str(&format!("&model={m}"));
+        }
+        if let Some(s) = self.status {
+            q.push_str(&format!("&status={s}"));
+        }
+        if let Some(p) = self.period {
+            q.push_str(&format!("&period={p}"));
+        }
+        q
+    }
+
     /// The filters as a query of the log export.
     fn export_query(&self, format: &str) -> String {
         let mut q = format!("format={format}");
@@ -85,6 +121,9 @@ impl Filters {
         }
         if let Some(s) = self.status {
             q.push_str(&format!("&status={s}"));
+        }
+        if let Some(p) = self.period_ms {
+            q.push_str(&format!("&from={}", SystemClock.now_ms().saturating_sub(p)));
         }
         q
     }
@@ -217,31 +256,55 @@ pub async fn busiest(
     Ok((models, routes))
 }
 
-/// The newest matching log rows: the smallest recent window that holds enough of them.
+/// Log pages read at most for one window of the recent requests.
+const RECENT_PAGES: usize = 5;
+
+/// The newest matching log rows, newest first: in the chosen period, or else in the
+/// smallest recent window that holds enough of them. The sinks page oldest first, so each
+/// window is read through (at most [`RECENT_PAGES`] pages) keeping its newest rows.
 async fn recent(state: &Site<'_>, org: OrgId, f: &Filters) -> Result<Vec<LogRecord>, Rejection> {
     let now = SystemClock.now_ms();
-    let mut rows = Vec::new();
-    for window in [10 * 60_000, HOUR_MS, DAY_MS, 14 * DAY_MS] {
-        let page = state
-            .logs
-            .query(LogQuery {
-                org,
-                from_ms: Some(now.saturating_sub(window)),
-                to_ms: None,
-                model: f.model,
-                status: f.status,
-                cursor: None,
-                limit: LogQuery::MAX_LIMIT,
-            })
-            .await
-            .map_err(|e| e.rejection())?;
-        rows = page.records;
-        if rows.len() >= RECENT || page.next_cursor.is_some() {
+    let windows: Vec<u64> = match f.period_ms {
+        Some(p) => vec![p],
+        None => vec![10 * 60_000, HOUR_MS, DAY_MS, 14 * DAY_MS],
+    };
+    let mut newest: std::collections::VecDeque<LogRecord> = std::collections::VecDeque::new();
+    for window in windows {
+        newest.clear();
+        let mut query = LogQuery {
+            org,
+            from_ms: Some(now.saturating_sub(window)),
+            to_ms: None,
+            model: f.model,
+            status: f.status,
+            cursor: None,
+            limit: LogQuery::MAX_LIMIT,
+        };
+        let mut seen = 0;
+        for _ in 0..RECENT_PAGES {
+            let page = state
+                .logs
+                .query(query.clone())
+                .await
+                .map_err(|e| e.rejection())?;
+            seen += page.records.len();
+            for r in page.records {
+                if newest.len() == RECENT {
+                    newest.pop_front();
+                }
+                newest.push_back(r);
+            }
+            match page.next_cursor {
+                Some(c) => query.cursor = Some(c),
+                None => break,
+            }
+        }
+        if seen >= RECENT {
             break;
         }
     }
+    let mut rows: Vec<LogRecord> = newest.into_iter().collect();
     rows.sort_by_key(|r| std::cmp::Reverse(r.time_ms));
-    rows.truncate(RECENT);
     Ok(rows)
 }
 
@@ -338,12 +401,20 @@ pub async fn usage(state: &Site<'_>, headers: &HeaderMap, segment: &str, query: 
             filter_action: base,
             ndjson_href: format!(
                 "/dashboard/orgs/{org}/logs?{}",
-                filters.export_query("ndjson")
+                filters.link_query("ndjson")
             ),
-            csv_href: format!("/dashboard/orgs/{org}/logs?{}", filters.export_query("csv")),
-            recent_note:
-                "Newest first; the downloads hold every matching request of the last 14 days."
-                    .to_owned(),
+            csv_href: format!("/dashboard/orgs/{org}/logs?{}", filters.link_query("csv")),
+            periods: PERIODS
+                .iter()
+                .map(|(value, label, _)| SelectOption {
+                    value: (*value).to_owned(),
+                    label: (*label).to_owned(),
+                    selected: filters.period == Some(*value),
+                })
+                .collect(),
+            recent_note: "Newest first. The downloads hold every matching request of the period \
+                          (without one, of the last 14 days)."
+                .to_owned(),
         },
     ))
 }

@@ -760,10 +760,13 @@ where
         }
         "rotate" => {
             let secret = crate::gateway::webhooks::new_secret();
-            store
+            if !store
                 .set_secret(org, id, secret.clone())
                 .await
-                .map_err(|e| e.rejection())?;
+                .map_err(|e| e.rejection())?
+            {
+                return Err(no_page());
+            }
             let secret = NewSecret {
                 heading: "Signing secret rotated".to_owned(),
                 note: "Deliveries are signed with this secret from now on. Copy it now: it is shown only this once.".to_owned(),

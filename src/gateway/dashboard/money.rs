@@ -135,6 +135,7 @@ async fn billing_page(
         .await
         .map_err(|e| e.rejection())?;
     let current = account.as_ref().and_then(|a| a.plan);
+    let cancelled = account.is_some() && current.is_none();
     let requested: Vec<Plan> = requests
         .iter()
         .filter(|r| r.state == RequestState::Pending)
@@ -164,7 +165,7 @@ async fn billing_page(
             ),
             current: current == Some(*p),
             requested: requested.contains(p),
-            action_label: if p.price_cents() == 0 {
+            action_label: if p.price_cents() == 0 && !cancelled {
                 format!("Switch to {}", title(*p))
             } else {
                 format!("Request {}", title(*p))
@@ -236,12 +237,26 @@ where
     let by = viewer.label().0;
     let done: Result<String, Rejection> = match action {
         "plan" => match form.get("plan").parse::<Plan>() {
-            Ok(plan) if plan.price_cents() == 0 => apply_plan(state, org, plan).await.map(|()| {
-                format!(
-                    "{} plan: a new period started with its credits.",
+            Ok(plan) if plan.price_cents() == 0 => match free_at_once(state, org).await? {
+                Some(true) => apply_plan(state, org, plan).await.map(|()| {
+                    format!(
+                        "{} plan: a new period started with its credits.",
+                        title(plan)
+                    )
+                }),
+                None => Ok(format!(
+                    "The organization is on the {} plan already.",
                     title(plan)
-                )
-            }),
+                )),
+                Some(false) => billing::ask(state, org, Ask::PlanChange { plan }, by)
+                    .await
+                    .map(|_| {
+                        format!(
+                            "{} plan requested: it is applied once approved.",
+                            title(plan)
+                        )
+                    }),
+            },
             Ok(plan) => billing::ask(state, org, Ask::PlanChange { plan }, by)
                 .await
                 .map(|r| match r.state {
@@ -312,6 +327,21 @@ where
         }
         Err(rejection) => Err(rejection),
     }
+}
+
+/// Whether a switch to Free applies at once: `Some(true)` for an org that never subscribed or
+/// is on a paid plan; `Some(false)` for a cancelled one (its Free credits would come back
+/// with every cancel-and-resubscribe, so the operator decides); `None` when it is on Free.
+async fn free_at_once(state: &Site<'_>, org: OrgId) -> Result<Option<bool>, Rejection> {
+    let account = state.ledger.account(org).await.map_err(|e| e.rejection())?;
+    Ok(match account {
+        None => Some(true),
+        Some(a) => match a.plan {
+            Some(p) if p.price_cents() == 0 => None,
+            Some(_) => Some(true),
+            None => Some(false),
+        },
+    })
 }
 
 /// The operator only: users do not see this page (404).

@@ -422,6 +422,7 @@ pub struct UsagePage {
     pub recent: Vec<RecentRow>,
     pub models: Vec<SelectOption>,
     pub status_filter: String,
+    pub periods: Vec<SelectOption>,
     pub filter_action: String,
     pub ndjson_href: String,
     pub csv_href: String,

@@ -101,7 +101,22 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
 }
 
 fn is_public_v6(ip: Ipv6Addr) -> bool {
-    let first = ip.segments()[0];
+    let seg = ip.segments();
+    let first = seg[0];
+    // Forms that carry an IPv4 address: NAT64 (64:ff9b::/96) and 6to4 (2002::/16) reach the
+    // address inside; the local-use NAT64 prefix (64:ff9b:1::/48) and Teredo (2001::/32)
+    // are refused outright.
+    let embedded =
+        |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
+    if first == 0x64 && seg[1] == 0xff9b {
+        return seg[2..6] == [0; 4] && is_public_v4(embedded(seg[6], seg[7]));
+    }
+    if first == 0x2002 {
+        return is_public_v4(embedded(seg[1], seg[2]));
+    }
+    if first == 0x2001 && seg[1] == 0 {
+        return false;
+    }
     !(ip.is_loopback()
         || ip.is_unspecified()
         || ip.is_multicast()
@@ -137,10 +152,13 @@ pub async fn resolve(target: &Target, allow_private: bool) -> Result<Vec<SocketA
     }
     if !allow_private {
         if let Some(bad) = addrs.iter().find(|a| !is_public(a.ip())) {
+            // The address itself stays in the server's log: customers see these messages,
+            // and they must not learn what internal names resolve to.
+            tracing::debug!(host = %target.host, address = %bad.ip(), "webhook address refused");
             return Err(format!(
-                "{} resolves to {}, a loopback, private, link-local or metadata address",
-                target.host,
-                bad.ip()
+                "{} resolves to a loopback, private, link-local or metadata address, where \
+                 webhooks are not sent",
+                target.host
             ));
         }
     }
@@ -177,6 +195,12 @@ mod tests {
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
             "::ffff:10.1.2.3",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b::7f00:1",
+            "64:ff9b:1::808:808",
+            "2002:a9fe:a9fe::1",
+            "2002:7f00:1::",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
         ] {
             assert!(!is_public(ip(s)), "{s} is public");
         }
@@ -186,6 +210,8 @@ mod tests {
             "172.32.0.1",
             "2606:4700::1111",
             "::ffff:8.8.8.8",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
         ] {
             assert!(is_public(ip(s)), "{s} is not public");
         }
@@ -223,6 +249,10 @@ mod tests {
         let t = parse("https://localhost:1/", false).unwrap();
         let err = resolve(&t, false).await.unwrap_err();
         assert!(err.contains("loopback"), "{err}");
+        assert!(
+            !err.contains("127.0.0.1") && !err.contains("::1"),
+            "no address told: {err}"
+        );
         assert!(!resolve(&t, true).await.unwrap().is_empty());
         let t = parse("https://169.254.169.254/latest", false).unwrap();
         assert!(resolve(&t, false).await.is_err());

@@ -30,7 +30,8 @@ struct Delivery {
 #[derive(Debug, Default)]
 struct Inner {
     endpoints: Vec<Endpoint>,
-    events: HashSet<Uuid>,
+    /// Event ids with their time.
+    events: HashMap<Uuid, u64>,
     deliveries: Vec<Delivery>,
     watched: HashMap<(OrgId, String), String>,
     thresholds: HashMap<OrgId, u64>,
@@ -38,16 +39,19 @@ struct Inner {
 
 impl Inner {
     fn emit(&mut self, event: Event) -> usize {
-        if !self.events.insert(event.id) {
-            return 0;
-        }
-        let event = Arc::new(event);
         let targets: Vec<EndpointId> = self
             .endpoints
             .iter()
             .filter(|e| e.org == event.org && e.wants(&event))
             .map(|e| e.id)
             .collect();
+        // An event nobody wants is not kept: an endpoint added later still hears of its
+        // occurrence if it happens again (a key's expiry seen by the next scan).
+        if targets.is_empty() || self.events.contains_key(&event.id) {
+            return 0;
+        }
+        self.events.insert(event.id, event.created_ms);
+        let event = Arc::new(event);
         for endpoint in &targets {
             self.deliveries.push(Delivery {
                 id: Uuid::new_v4(),
@@ -136,6 +140,10 @@ impl WebhookStore for MemoryWebhookStore {
             let removed = inner.endpoints.len() < before;
             if removed {
                 inner.deliveries.retain(|d| d.endpoint != id);
+                // The org's last endpoint: what was watched for it starts over with the next.
+                if !inner.endpoints.iter().any(|e| e.org == org) {
+                    inner.watched.retain(|(o, _), _| *o != org);
+                }
             }
             removed
         }))
@@ -289,6 +297,26 @@ impl WebhookStore for MemoryWebhookStore {
 
     fn low_threshold(&self, org: OrgId) -> BoxFuture<Result<Option<u64>, BackendError>> {
         ready(self.with(|inner| inner.thresholds.get(&org).copied()))
+    }
+
+    fn purge_older_than(&self, cutoff_ms: u64) -> BoxFuture<Result<u64, BackendError>> {
+        ready(self.with(|inner| {
+            let busy: HashSet<Uuid> = inner
+                .deliveries
+                .iter()
+                .filter(|d| d.state == DeliveryState::Pending)
+                .map(|d| d.event.id)
+                .collect();
+            let old: HashSet<Uuid> = inner
+                .events
+                .iter()
+                .filter(|(id, at)| **at < cutoff_ms && !busy.contains(id))
+                .map(|(id, _)| *id)
+                .collect();
+            inner.events.retain(|id, _| !old.contains(id));
+            inner.deliveries.retain(|d| !old.contains(&d.event.id));
+            old.len() as u64
+        }))
     }
 
     fn set_low_threshold(

@@ -166,7 +166,7 @@ impl fmt::Debug for Endpoint {
         f.debug_struct("Endpoint")
             .field("id", &self.id)
             .field("org", &self.org)
-            .field("url", &self.url)
+            .field("url", &without_query(&self.url))
             .field("events", &self.events)
             .field("secret", &"<redacted>")
             .finish()
@@ -205,6 +205,11 @@ impl Endpoint {
             "created_at": rfc3339_from_ms(self.created_ms),
         })
     }
+}
+
+/// A URL without its query (which may carry a receiver's token), for logs.
+fn without_query(url: &str) -> &str {
+    url.split(['?', '#']).next().unwrap_or(url)
 }
 
 /// A new signing secret: `whsec_` and 32 random bytes in hex.
@@ -335,7 +340,7 @@ impl fmt::Debug for DueDelivery {
         f.debug_struct("DueDelivery")
             .field("id", &self.id)
             .field("attempt", &self.attempt)
-            .field("url", &self.url)
+            .field("url", &without_query(&self.url))
             .field("kind", &self.kind)
             .finish_non_exhaustive()
     }
@@ -421,7 +426,8 @@ pub trait WebhookStore: Send + Sync + 'static {
     /// The orgs with at least one endpoint.
     fn orgs_with_endpoints(&self) -> BoxFuture<Result<Vec<OrgId>, BackendError>>;
     /// Writes `event` and one pending delivery per endpoint that wants it, unless an event
-    /// with its id exists; returns the deliveries created.
+    /// with its id exists or no endpoint wants it (then nothing is kept); returns the
+    /// deliveries created.
     fn emit(&self, event: Event) -> BoxFuture<Result<usize, BackendError>>;
     /// Records that `subject` of `org` is now in `state`. The first observation only
     /// records it; a change from another state records it and, in the same transaction,
@@ -465,7 +471,13 @@ pub trait WebhookStore: Send + Sync + 'static {
         org: OrgId,
         threshold: Option<u64>,
     ) -> BoxFuture<Result<(), BackendError>>;
+    /// Forgets events older than `cutoff_ms` whose deliveries are all finished, with their
+    /// history; returns how many went.
+    fn purge_older_than(&self, cutoff_ms: u64) -> BoxFuture<Result<u64, BackendError>>;
 }
+
+/// How long delivered and failed events stay in the history: 30 days.
+pub const HISTORY: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// How the gateway's webhook parts are set up.
 #[derive(Debug, Clone)]
@@ -485,6 +497,10 @@ pub struct Webhooks {
     /// The store.
     pub store: Arc<dyn WebhookStore>,
     wake: Arc<tokio::sync::Notify>,
+    /// The orgs with endpoints as this replica last saw them (refreshed by every scan, and
+    /// at once by a registration here), so the log worker's reports of other orgs cost
+    /// nothing.
+    orgs: Arc<std::sync::RwLock<std::collections::HashSet<OrgId>>>,
 }
 
 impl fmt::Debug for Webhooks {
@@ -499,7 +515,29 @@ impl Webhooks {
         Webhooks {
             store,
             wake: Arc::new(tokio::sync::Notify::new()),
+            orgs: Arc::default(),
         }
+    }
+
+    /// Whether `org` had an endpoint when last seen.
+    pub fn has_endpoints(&self, org: OrgId) -> bool {
+        self.orgs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&org)
+    }
+
+    /// `org` registered an endpoint on this replica.
+    pub fn note_endpoint(&self, org: OrgId) {
+        self.orgs
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(org);
+    }
+
+    /// The orgs with endpoints, as the store lists them now.
+    pub(crate) fn set_orgs(&self, orgs: std::collections::HashSet<OrgId>) {
+        *self.orgs.write().unwrap_or_else(|e| e.into_inner()) = orgs;
     }
 
     /// Writes `event` to the outbox and wakes the dispatcher. A failure is logged: the event
@@ -530,6 +568,25 @@ impl Webhooks {
     pub(crate) fn woken(&self) -> Arc<tokio::sync::Notify> {
         Arc::clone(&self.wake)
     }
+}
+
+/// Forgets finished events older than [`HISTORY`], every hour.
+pub fn spawn_purge(webhooks: Webhooks) -> tokio::task::JoinHandle<()> {
+    use tollgate_core::Clock as _;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            tick.tick().await;
+            let cutoff = tollgate_core::SystemClock
+                .now_ms()
+                .saturating_sub(HISTORY.as_millis() as u64);
+            match webhooks.store.purge_older_than(cutoff).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(events = n, "webhook history purged"),
+                Err(e) => tracing::warn!(error = %e, "purging the webhook history failed"),
+            }
+        }
+    })
 }
 
 /// The `data` of a key event.

@@ -164,17 +164,26 @@ impl PostgresWebhookStore {
         String::from_utf8(plain).map_err(|_| bad())
     }
 
-    fn endpoint_from(&self, row: &Row) -> Result<Endpoint, BackendError> {
+    /// An endpoint row. A secret that cannot be opened (another session key) reads as
+    /// empty, so the endpoint can still be listed, rotated (which seals a new one) or
+    /// deleted; its deliveries fail until then.
+    fn endpoint_from(&self, row: &Row) -> Endpoint {
         let id: Uuid = row.get("id");
         let events: Vec<String> = row.get("events");
-        Ok(Endpoint {
+        let secret = self
+            .open(id, row.get("secret_nonce"), row.get("secret_sealed"))
+            .unwrap_or_else(|e| {
+                tracing::warn!(endpoint = %id, error = %e, "webhook secret unreadable");
+                String::new()
+            });
+        Endpoint {
             id: EndpointId(id),
             org: OrgId::from_uuid(row.get("org_id")),
             url: row.get("url"),
             events: kinds(&events),
-            secret: self.open(id, row.get("secret_nonce"), row.get("secret_sealed"))?,
+            secret,
             created_ms: unms(row.get("created_at_ms")),
-        })
+        }
     }
 }
 
@@ -184,7 +193,12 @@ async fn emit_on(client: &impl GenericClient, event: &Event) -> Result<usize, Ba
         .execute(
             "WITH ev AS (
                  INSERT INTO tollgate_webhook_events (id, org_id, type, body, created_at_ms)
-                 VALUES ($1, $2, $3, $4, $5)
+                 SELECT $1, $2, $3, $4, $5
+                 WHERE EXISTS (
+                     SELECT 1 FROM tollgate_webhook_endpoints e
+                     WHERE e.org_id = $2
+                       AND (CASE WHEN $6::uuid IS NULL THEN $3 = ANY (e.events) ELSE e.id = $6 END)
+                 )
                  ON CONFLICT (id) DO NOTHING
                  RETURNING id
              )
@@ -267,21 +281,31 @@ impl WebhookStore for PostgresWebhookStore {
                 )
                 .await
                 .map_err(to_backend_error)?;
-            rows.iter().map(|r| this.endpoint_from(r)).collect()
+            Ok(rows.iter().map(|r| this.endpoint_from(r)).collect())
         })
     }
 
     fn delete_endpoint(&self, org: OrgId, id: EndpointId) -> BoxFuture<Result<bool, BackendError>> {
         let pool = self.pool.clone();
         Box::pin(async move {
-            let client = pool.get().await.map_err(to_backend_error)?;
-            let n = client
+            let mut client = pool.get().await.map_err(to_backend_error)?;
+            let tx = client.transaction().await.map_err(to_backend_error)?;
+            let n = tx
                 .execute(
                     "DELETE FROM tollgate_webhook_endpoints WHERE org_id = $1 AND id = $2",
                     &[org.as_uuid(), &id.0],
                 )
                 .await
                 .map_err(to_backend_error)?;
+            // The org's last endpoint: what was watched for it starts over with the next.
+            tx.execute(
+                "DELETE FROM tollgate_webhook_watch WHERE org_id = $1 AND NOT EXISTS
+                     (SELECT 1 FROM tollgate_webhook_endpoints WHERE org_id = $1)",
+                &[org.as_uuid()],
+            )
+            .await
+            .map_err(to_backend_error)?;
+            tx.commit().await.map_err(to_backend_error)?;
             Ok(n == 1)
         })
     }
@@ -405,26 +429,47 @@ impl WebhookStore for PostgresWebhookStore {
                 .await
                 .map_err(to_backend_error)?;
             let mut due = Vec::with_capacity(rows.len());
+            // A row this replica cannot send (an event type of a newer version, a secret
+            // sealed with another key) is failed on its own, never holding up the others.
+            let mut broken: Vec<(Uuid, String)> = Vec::new();
             for row in &rows {
+                let delivery: Uuid = row.get("delivery_id");
                 let kind: String = row.get("type");
                 let Some(kind) = EventType::parse(&kind) else {
+                    broken.push((delivery, format!("unknown event type {kind}")));
                     continue;
+                };
+                let secret = match this.open(
+                    row.get("id"),
+                    row.get("secret_nonce"),
+                    row.get("secret_sealed"),
+                ) {
+                    Ok(secret) => secret,
+                    Err(e) => {
+                        broken.push((delivery, e.to_string()));
+                        continue;
+                    }
                 };
                 let attempts: i32 = row.get("attempts");
                 due.push(DueDelivery {
-                    id: row.get("delivery_id"),
+                    id: delivery,
                     attempt: attempts.max(0) as u32 + 1,
                     url: row.get("url"),
-                    secret: this.open(
-                        row.get("id"),
-                        row.get("secret_nonce"),
-                        row.get("secret_sealed"),
-                    )?,
+                    secret,
                     event_id: row.get("event_id"),
                     kind,
                     body: row.get("body"),
                     event_ms: unms(row.get("created_at_ms")),
                 });
+            }
+            for (delivery, error) in broken {
+                let attempt = Attempt {
+                    at_ms: now_ms,
+                    status: None,
+                    error: Some(error),
+                    duration_ms: 0,
+                };
+                this.record_attempt(delivery, attempt, None).await?;
             }
             due.sort_by_key(|d| d.event_ms);
             Ok(due)
@@ -547,6 +592,24 @@ impl WebhookStore for PostgresWebhookStore {
                 });
             }
             Ok(Some(views))
+        })
+    }
+
+    fn purge_older_than(&self, cutoff_ms: u64) -> BoxFuture<Result<u64, BackendError>> {
+        let pool = self.pool.clone();
+        Box::pin(async move {
+            let client = pool.get().await.map_err(to_backend_error)?;
+            // Deliveries and attempts go with their event (ON DELETE CASCADE).
+            client
+                .execute(
+                    "DELETE FROM tollgate_webhook_events ev
+                     WHERE ev.created_at_ms < $1
+                       AND NOT EXISTS (SELECT 1 FROM tollgate_webhook_deliveries d
+                                       WHERE d.event_id = ev.id AND d.state = 'pending')",
+                    &[&ms(cutoff_ms)],
+                )
+                .await
+                .map_err(to_backend_error)
         })
     }
 

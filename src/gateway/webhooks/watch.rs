@@ -92,17 +92,17 @@ pub fn spawn(watched: Watched, options: &WebhookOptions) -> (Signals, JoinHandle
     let task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut with_endpoints: HashSet<OrgId> = HashSet::new();
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    match watched.webhooks.store.orgs_with_endpoints().await {
-                        Ok(orgs) => with_endpoints = orgs.into_iter().collect(),
+                    let with_endpoints: HashSet<OrgId> = match watched.webhooks.store.orgs_with_endpoints().await {
+                        Ok(orgs) => orgs.into_iter().collect(),
                         Err(e) => {
                             tracing::warn!(error = %e, "webhook watcher: listing endpoints failed");
                             continue;
                         }
-                    }
+                    };
+                    watched.webhooks.set_orgs(with_endpoints.clone());
                     for org in &with_endpoints {
                         if let Err(e) = scan(&watched, *org).await {
                             tracing::warn!(org = %org, error = %e, "webhook watcher: scan failed");
@@ -111,7 +111,7 @@ pub fn spawn(watched: Watched, options: &WebhookOptions) -> (Signals, JoinHandle
                 }
                 Some(signal) = rx.recv() => {
                     let org = match signal { Signal::Exhausted(o) | Signal::Charged(o) => o };
-                    if !with_endpoints.contains(&org) {
+                    if !watched.webhooks.has_endpoints(org) {
                         continue;
                     }
                     let done = match signal {
