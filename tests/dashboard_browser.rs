@@ -13,6 +13,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt as _;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -36,9 +37,18 @@ struct Driver {
 }
 
 impl Drop for Driver {
+    /// Ends ChromeDriver and every browser it started, also when the test failed half-way
+    /// (a browser left running would take CPU from every test after it): the driver runs in
+    /// a process group of its own, which is killed whole, and any process still using the
+    /// session's profile directory goes too.
     fn drop(&mut self) {
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-f", &self._profile.0.display().to_string()])
+            .status();
     }
 }
 
@@ -80,6 +90,7 @@ async fn driver() -> Option<Driver> {
         .arg(format!("--port={port}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
+        .process_group(0)
         .spawn()
         .expect("chromedriver starts");
     let profile =
