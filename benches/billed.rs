@@ -39,7 +39,13 @@
 //! org `i mod n`; ≤ 1 leaves it out): a billed request updates its org's account row twice
 //! (hold, commit), and those updates queue on the row's lock, each held until its commit is
 //! flushed to the WAL — so one org's rate is bounded by the server's commit latency, and
-//! this target shows how much of the gap is that bound.
+//! this target shows how much of the gap is that bound. It runs on a PostgreSQL gateway of its
+//! own (`postgres-many`), beside a twin without usage rollups
+//! (`postgres-no-rollups/<n>orgs`, `Config::usage_rollups = false`): the pair's throughput
+//! ratio, round by round, is what the rollups cost. `TOLLGATE_BILLED_AA=1` turns the twin's
+//! rollups on too — a control run: the ratio it prints is the pair's bias when nothing
+//! differs. Every gateway's request log is written out before each run. The three
+//! PostgreSQL gateways share one fresh schema, each with a request-path pool of 20.
 //!
 //! The targets run one after the other in `TOLLGATE_BILLED_ROUNDS` paired rounds (default 5;
 //! every other round in reverse order), then the one-org targets as many rounds at one
@@ -301,9 +307,19 @@ fn run_on(settings: &Settings, server_rt: &Runtime, client_rt: &Runtime) -> Resu
     let mut failures = Vec::new();
     match &db {
         Some(db) => {
-            // The same PostgreSQL gateway twice: with the usage rollups (the product) and
-            // without them, so their cost on the request path shows in the same run.
-            for (name, rollups) in [("postgres", true), (NO_ROLLUPS, false)] {
+            // With the usage rollups (the product) and without them, so their cost on the
+            // request path shows in the same run.
+            // `TOLLGATE_BILLED_AA=1`: the second gateway keeps its rollups too, a control
+            // run telling what the pair's ratio is when nothing differs between them.
+            let control = std::env::var("TOLLGATE_BILLED_AA").as_deref() == Ok("1");
+            if control {
+                println!("control run (TOLLGATE_BILLED_AA=1): both PostgreSQL gateways keep their rollups");
+            }
+            // Three gateways on one schema: the one-org target's, and a pair for the
+            // many-org targets that differs only in the rollups — each gateway carries one
+            // target, so neither of the pair inherits another target's caches, queues or
+            // log backlog.
+            for (name, rollups) in [("postgres", true), (MANY, true), (NO_ROLLUPS, control)] {
                 let started = url_in_schema(db.url(), db.schema()).and_then(|url| {
                     server_rt.block_on(BilledGateway::start(name, Some(url), rollups))
                 });
@@ -360,18 +376,20 @@ fn measure(
     // other's commits while different orgs' do not.
     let mut targets = Vec::new();
     for gw in gateways {
-        if gw.name == NO_ROLLUPS {
-            // Only beside the 16-org target: the rollups' cost is a question of many tenants.
-            if settings.orgs > 1 {
-                let name = format!("{NO_ROLLUPS}/{}orgs", settings.orgs);
+        // The many-org targets, one per gateway of the pair (the rollups' cost is a question
+        // of many tenants); the others carry the one-org target.
+        let many = match gw.name {
+            MANY => Some("postgres"),
+            NO_ROLLUPS => Some(NO_ROLLUPS),
+            _ => None,
+        };
+        match many {
+            Some(prefix) if settings.orgs > 1 => {
+                let name = format!("{prefix}/{}orgs", settings.orgs);
                 targets.push(server_rt.block_on(gw.target(name, settings.orgs))?);
             }
-            continue;
-        }
-        targets.push(server_rt.block_on(gw.target(gw.name.to_owned(), 1))?);
-        if gw.name == "postgres" && settings.orgs > 1 {
-            let name = format!("postgres/{}orgs", settings.orgs);
-            targets.push(server_rt.block_on(gw.target(name, settings.orgs))?);
+            Some(_) => {}
+            None => targets.push(server_rt.block_on(gw.target(gw.name.to_owned(), 1))?),
         }
     }
     for target in &targets {
@@ -421,7 +439,7 @@ fn measure(
     );
     if let Some(pg) = gateways.iter().find(|g| g.name == "postgres") {
         println!(
-            "postgres: fresh schema {}, the gateway's pool of 32 connections; server settings: {}",
+            "postgres: fresh schema {}, each gateway's request-path pool of {BENCH_POOL} connections; server settings: {}",
             pg.schema.as_deref().unwrap_or("?"),
             server_rt
                 .block_on(pg.durability())
@@ -539,6 +557,7 @@ impl BilledGateway {
             window: Duration::from_millis(1),
             burst: [u32::MAX; 4],
             usage_rollups,
+            database_pool_size: BENCH_POOL,
             ..Config::default()
         };
         let gateway = gateway::start(config)
@@ -979,6 +998,14 @@ async fn sanity_check_one(target: &Target, tenant: &Tenant) -> Result<(), String
 
 /// The PostgreSQL gateway without usage rollups (`Config::usage_rollups = false`).
 const NO_ROLLUPS: &str = "postgres-no-rollups";
+
+/// The PostgreSQL gateway of the many-org target with the rollups on (the pair of
+/// [`NO_ROLLUPS`]).
+const MANY: &str = "postgres-many";
+
+/// The request-path pool of each PostgreSQL gateway: three of them, each with its admin
+/// pool and listeners, stay under the server's 100 connections.
+const BENCH_POOL: usize = 20;
 
 /// Each PostgreSQL target against memory: the median of each round's own comparison (they
 /// ran back to back), the pooled figure beside it.
