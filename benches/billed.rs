@@ -45,7 +45,7 @@
 //! ratio, round by round, is what the rollups cost. `TOLLGATE_BILLED_AA=1` turns the twin's
 //! rollups on too — a control run: the ratio it prints is the pair's bias when nothing
 //! differs. Every gateway's request log is written out before each run. The three
-//! PostgreSQL gateways share one fresh schema, each with a request-path pool of 20.
+//! PostgreSQL gateways share one fresh schema; the pair's request-path pools are 16 each.
 //!
 //! The targets run one after the other in `TOLLGATE_BILLED_ROUNDS` paired rounds (default 5;
 //! every other round in reverse order), then the one-org targets as many rounds at one
@@ -439,7 +439,7 @@ fn measure(
     );
     if let Some(pg) = gateways.iter().find(|g| g.name == "postgres") {
         println!(
-            "postgres: fresh schema {}, each gateway's request-path pool of {BENCH_POOL} connections; server settings: {}",
+            "postgres: fresh schema {}, request-path pools of 32 (one org) and {PAIR_POOL} (each of the many-org pair) connections; server settings: {}",
             pg.schema.as_deref().unwrap_or("?"),
             server_rt
                 .block_on(pg.durability())
@@ -557,7 +557,11 @@ impl BilledGateway {
             window: Duration::from_millis(1),
             burst: [u32::MAX; 4],
             usage_rollups,
-            database_pool_size: BENCH_POOL,
+            database_pool_size: if matches!(name, MANY | NO_ROLLUPS) {
+                PAIR_POOL
+            } else {
+                gateway::backends::REQUEST_POOL_SIZE
+            },
             ..Config::default()
         };
         let gateway = gateway::start(config)
@@ -1003,9 +1007,10 @@ const NO_ROLLUPS: &str = "postgres-no-rollups";
 /// [`NO_ROLLUPS`]).
 const MANY: &str = "postgres-many";
 
-/// The request-path pool of each PostgreSQL gateway: three of them, each with its admin
-/// pool and listeners, stay under the server's 100 connections.
-const BENCH_POOL: usize = 20;
+/// The request-path pool of each gateway of the many-org pair; the one-org gateway keeps the
+/// default (32): the three, with their admin pools and listeners, stay under the server's 100
+/// connections.
+const PAIR_POOL: usize = 16;
 
 /// Each PostgreSQL target against memory: the median of each round's own comparison (they
 /// ran back to back), the pooled figure beside it.
