@@ -69,19 +69,23 @@ where
     Ok(Ok((viewer, headers, form, org, name)))
 }
 
-/// A 400 of a form: the page again with the message (HTML), or the JSON error.
-fn refused(
+/// A 400 of a form: `page` again with the message in its error slot (`set`) for a browser,
+/// or the JSON error; any other rejection as it is.
+fn refused<P: askama::Template>(
     headers: &HeaderMap,
     rejection: Rejection,
-    page: impl FnOnce(String) -> Response<GatewayBody>,
+    mut page: P,
+    set: impl FnOnce(&mut P, String),
 ) -> Answer {
     if rejection.code() != ErrorCode::InvalidRequest {
         return Err(rejection);
     }
     if wants_html(headers) {
-        let mut res = page(rejection.message().to_owned());
-        *res.status_mut() = StatusCode::BAD_REQUEST;
-        Ok(with_code(res, ErrorCode::InvalidRequest))
+        set(&mut page, rejection.message().to_owned());
+        Ok(with_code(
+            render(StatusCode::BAD_REQUEST, &page),
+            ErrorCode::InvalidRequest,
+        ))
     } else {
         Ok(json_error(rejection))
     }
@@ -262,15 +266,7 @@ where
         }
         Err(rejection) => {
             let page = keys_page(state, &viewer, org, name, true, None, None).await?;
-            refused(&headers, rejection, |message| {
-                render(
-                    StatusCode::BAD_REQUEST,
-                    &KeysPage {
-                        error: Some(message),
-                        ..page
-                    },
-                )
-            })
+            refused(&headers, rejection, page, |p, m| p.error = Some(m))
         }
     }
 }
@@ -300,15 +296,8 @@ where
         return refused(
             &headers,
             invalid("Tick the confirmation to revoke the key."),
-            |message| {
-                render(
-                    StatusCode::BAD_REQUEST,
-                    &KeysPage {
-                        error: Some(message),
-                        ..page
-                    },
-                )
-            },
+            page,
+            |p, m| p.error = Some(m),
         );
     }
     state
@@ -366,15 +355,7 @@ where
         }
         Err(rejection) => {
             let page = keys_page(state, &viewer, org, name, true, None, None).await?;
-            refused(&headers, rejection, |message| {
-                render(
-                    StatusCode::BAD_REQUEST,
-                    &KeysPage {
-                        error: Some(message),
-                        ..page
-                    },
-                )
-            })
+            refused(&headers, rejection, page, |p, m| p.error = Some(m))
         }
     }
 }
@@ -454,15 +435,7 @@ where
         }
         Err(rejection) => {
             let page = models_page(state, &viewer, org, name, true, None, None).await?;
-            refused(&headers, rejection, |message| {
-                render(
-                    StatusCode::BAD_REQUEST,
-                    &ModelsPage {
-                        error: Some(message),
-                        ..page
-                    },
-                )
-            })
+            refused(&headers, rejection, page, |p, m| p.error = Some(m))
         }
     }
 }
@@ -511,15 +484,7 @@ where
         }
         Err(rejection) => {
             let page = models_page(state, &viewer, org, name, true, None, None).await?;
-            refused(&headers, rejection, |message| {
-                render(
-                    StatusCode::BAD_REQUEST,
-                    &ModelsPage {
-                        error: Some(message),
-                        ..page
-                    },
-                )
-            })
+            refused(&headers, rejection, page, |p, m| p.error = Some(m))
         }
     }
 }
@@ -668,15 +633,7 @@ where
         }
         Err(rejection) => {
             let page = webhooks_page(state, &viewer, org, name, true, None, None, None).await?;
-            refused(&headers, rejection, |message| {
-                render(
-                    StatusCode::BAD_REQUEST,
-                    &WebhooksPage {
-                        error: Some(message),
-                        ..page
-                    },
-                )
-            })
+            refused(&headers, rejection, page, |p, m| p.error = Some(m))
         }
     }
 }
@@ -724,15 +681,8 @@ where
                 return refused(
                     &headers,
                     invalid("Tick the confirmation to remove the endpoint."),
-                    |message| {
-                        render(
-                            StatusCode::BAD_REQUEST,
-                            &WebhooksPage {
-                                error: Some(message),
-                                ..page
-                            },
-                        )
-                    },
+                    page,
+                    |p, m| p.error = Some(m),
                 );
             }
             store
