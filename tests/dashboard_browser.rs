@@ -516,7 +516,7 @@ async fn the_dashboards_journeys_in_a_real_browser() {
     assert_eq!(call(&gw, &model, &second).await, StatusCode::OK);
 
     // Webhooks: an endpoint, a test event delivered.
-    let (hook_url, _hits) = receiver().await;
+    let (hook_url, _hits) = common::receiver().await;
     goto(&c, &base, &format!("/dashboard/orgs/{org}/webhooks")).await;
     fill(&c, "#webhook-url", &hook_url).await;
     press(&c, "Add endpoint").await;
@@ -627,32 +627,4 @@ async fn the_dashboards_journeys_in_a_real_browser() {
         tour.dir.display()
     );
     gw.gw.shutdown().await;
-}
-
-/// A webhook receiver on loopback answering 200.
-async fn receiver() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hooks", listener.local_addr().unwrap());
-    let count = std::sync::Arc::new(AtomicUsize::new(0));
-    let seen = count.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let seen = seen.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |_req| {
-                    seen.fetch_add(1, Ordering::SeqCst);
-                    async {
-                        Ok::<_, std::convert::Infallible>(http::Response::new(
-                            http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
-                        ))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    (url, count)
 }

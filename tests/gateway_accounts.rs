@@ -1220,34 +1220,6 @@ fn chrono_date(days: u64) -> String {
     tollgate::core::time::rfc3339_from_ms(ms)[..10].to_owned()
 }
 
-/// A receiver of webhooks on loopback answering 200, counting what it got.
-async fn receiver() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hooks", listener.local_addr().unwrap());
-    let count = std::sync::Arc::new(AtomicUsize::new(0));
-    let seen = count.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let seen = seen.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |_req| {
-                    seen.fetch_add(1, Ordering::SeqCst);
-                    async {
-                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                            Bytes::from_static(b"ok"),
-                        )))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    (url, count)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_owner_manages_webhooks_in_the_dashboard_and_a_viewer_only_looks() {
     let mut config = common::test_config();
@@ -1259,7 +1231,7 @@ async fn an_owner_manages_webhooks_in_the_dashboard_and_a_viewer_only_looks() {
     let mut owner = signed_in(&gw, "hooks@example.com").await;
     let viewer = signed_in(&gw, "looks@example.com").await;
     let page_path = format!("/dashboard/orgs/{org}/webhooks");
-    let (url, received) = receiver().await;
+    let (url, received) = common::receiver().await;
 
     let empty = owner.get(&page_path).await;
     assert_eq!(empty.status, StatusCode::OK);
