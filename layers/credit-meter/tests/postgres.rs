@@ -551,3 +551,64 @@ async fn a_locked_org_in_a_shared_batch_does_not_stall_the_others() {
     assert_eq!(pots(&*ledger, free).await.2, 10);
     pg.cleanup().await;
 }
+
+/// A request that goes away while its hold is in a batch (a client hanging up under load)
+/// must not leave the hold to the sweeper: nobody would settle it, and its credits would be
+/// unavailable for a whole TTL (5 minutes by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_whose_request_went_away_during_its_batch_is_given_back() {
+    let Some(pg) = Pg::new().await else { return };
+    let clock = ManualClock::new(T0);
+    let ledger = pg.instance(&clock, Duration::from_secs(300)).await;
+    let org = OrgId::new();
+    ledger.subscribe(org, Plan::Basic).await.unwrap();
+    ledger.set_balance(org, 10).await.unwrap();
+
+    // The org's row is locked elsewhere, so the batch carrying these holds waits for it.
+    let mut locker = pg.db.pool().get().await.unwrap();
+    let tx = locker.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM tollgate_credit_accounts WHERE org = $1 FOR UPDATE",
+        &[org.as_uuid()],
+    )
+    .await
+    .unwrap();
+    let mut gone = Vec::new();
+    for _ in 0..4 {
+        let ledger = Arc::clone(&ledger);
+        gone.push(tokio::spawn(async move { ledger.hold(org, 2, None).await }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for task in &gone {
+        assert!(!task.is_finished(), "the batch waits for the locked row");
+        task.abort();
+    }
+    tx.rollback().await.unwrap();
+    drop(locker);
+
+    // The holds were placed after their callers had gone, then given back.
+    eventually("the abandoned holds are released", || async {
+        pots(&*ledger, org).await.2 == 0
+    })
+    .await;
+    let open: i64 = pg
+        .db
+        .pool()
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT count(*) FROM tollgate_credit_holds WHERE org = $1 AND forget_at_ms IS NULL",
+            &[org.as_uuid()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(open, 0);
+    assert_eq!(ledger.open_holds(), 0);
+    // All ten credits can be held again at once.
+    let again = held(&*ledger, org, 10, "0190a0a0-0000-7000-8000-000000000001").await;
+    ledger.commit(again).await.unwrap();
+    assert_eq!(pots(&*ledger, org).await, (0, 0, 0));
+    pg.cleanup().await;
+}

@@ -62,6 +62,10 @@ pub(super) trait Op: Send + Sync + 'static {
         None
     }
 
+    /// What to do with an answer whose caller has gone (its future was dropped while the
+    /// batch ran): whatever it took must be given back, as nobody will settle it.
+    fn orphaned(&self, _out: Self::Out) {}
+
     /// Runs `items` in one statement; one answer per item, in order. `lock_timeout`: a
     /// PostgreSQL `lock_timeout` value (`"0"`: as long as the statement may).
     fn run<'a>(
@@ -285,7 +289,9 @@ impl<O: Op> Batcher<O> {
         for ((item, tx), answer) in items.into_iter().zip(txs).zip(answers) {
             match answer {
                 Answer::Done(out) => {
-                    let _ = tx.send(Ok(out));
+                    if let Err(Ok(out)) = tx.send(Ok(out)) {
+                        self.op.orphaned(out);
+                    }
                 }
                 Answer::Busy => {
                     let org = O::org(&item);

@@ -67,7 +67,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
-use tokio::sync::mpsc;
 use tollgate_core::{BackendError, BoxFuture, Clock, KeyId, OrgId, Plan, RequestId, SharedClock};
 use tollgate_postgres::to_backend_error;
 
@@ -83,6 +82,7 @@ mod sql;
 
 use batch::{BatchConfig, Batcher, Isolated};
 use ops::{CommitItem, CommitOp, HoldItem, HoldOp, ReleaseItem, ReleaseOp};
+use releaser::Detached;
 use sql::*;
 
 mod embedded {
@@ -152,8 +152,8 @@ pub struct PostgresLedger {
     release_queue: usize,
     /// Open holds as last counted in the database, plus this instance's changes since.
     open_holds: Arc<AtomicI64>,
-    /// The background releaser's queue, started by the first detached release.
-    releases: OnceLock<mpsc::Sender<Hold>>,
+    /// Detached releases, made on first use (after the builder methods).
+    detached: OnceLock<Arc<Detached>>,
     dropped_releases: Arc<AtomicU64>,
 }
 
@@ -180,7 +180,7 @@ impl PostgresLedger {
             hold_ttl_ms: u64::try_from(DEFAULT_TTL.as_millis()).unwrap_or(u64::MAX),
             release_queue: DEFAULT_RELEASE_QUEUE,
             open_holds: Arc::new(AtomicI64::new(0)),
-            releases: OnceLock::new(),
+            detached: OnceLock::new(),
             dropped_releases: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -301,7 +301,10 @@ impl PostgresLedger {
             let isolated = Arc::new(Isolated::default());
             Batchers {
                 holds: Arc::new(Batcher::new(
-                    HoldOp(shared.clone()),
+                    HoldOp {
+                        shared: shared.clone(),
+                        orphans: Arc::clone(self.detached()),
+                    },
                     self.pool.clone(),
                     self.batch,
                     Arc::clone(&isolated),
@@ -322,23 +325,19 @@ impl PostgresLedger {
         })
     }
 
-    /// The queue of the background releaser, started on first use inside a tokio runtime.
-    fn release_sender(&self) -> Option<&mpsc::Sender<Hold>> {
-        if let Some(tx) = self.releases.get() {
-            return Some(tx);
-        }
-        let runtime = tokio::runtime::Handle::try_current().ok()?;
-        Some(self.releases.get_or_init(|| {
-            let (tx, rx) = mpsc::channel(self.release_queue);
-            runtime.spawn(releaser::release_worker(
-                self.pool.clone(),
-                Arc::clone(&self.clock),
-                Arc::clone(&self.open_holds),
-                self.hold_ttl(),
-                rx,
-            ));
-            tx
-        }))
+    /// Detached releases (their queue and background task start on first use).
+    fn detached(&self) -> &Arc<Detached> {
+        self.detached.get_or_init(|| {
+            Arc::new(Detached {
+                pool: self.pool.clone(),
+                clock: Arc::clone(&self.clock),
+                open_holds: Arc::clone(&self.open_holds),
+                ttl: self.hold_ttl(),
+                capacity: self.release_queue,
+                dropped: Arc::clone(&self.dropped_releases),
+                tx: OnceLock::new(),
+            })
+        })
     }
 }
 
@@ -473,22 +472,7 @@ impl Ledger for PostgresLedger {
     }
 
     fn release_detached(&self, hold: Hold) {
-        let queued = match self.release_sender() {
-            Some(tx) => tx.try_send(hold).map_err(|err| match err {
-                mpsc::error::TrySendError::Full(hold) | mpsc::error::TrySendError::Closed(hold) => {
-                    hold
-                }
-            }),
-            None => Err(hold),
-        };
-        if let Err(hold) = queued {
-            self.dropped_releases.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                org = %hold.org,
-                hold = %hold.id,
-                "release queue full; the sweeper will release the hold after its TTL"
-            );
-        }
+        self.detached().release(hold);
     }
 
     fn subscribe(&self, org: OrgId, plan: Plan) -> BoxFuture<Result<Account, BackendError>> {

@@ -12,6 +12,7 @@ use tollgate_core::{BackendError, KeyId, OrgId, SharedClock};
 use tollgate_postgres::to_backend_error;
 
 use super::batch::{Answer, Op};
+use super::releaser::Detached;
 use super::sql::{col, from_sql, to_sql};
 use crate::ledger::{CommitOutcome, Hold, HoldId, HoldOutcome, ReleaseOutcome};
 
@@ -63,7 +64,11 @@ pub(super) struct HoldItem {
     pub(super) key_limit: Option<u64>,
 }
 
-pub(super) struct HoldOp(pub(super) Shared);
+pub(super) struct HoldOp {
+    pub(super) shared: Shared,
+    /// Holds placed for requests that had gone by then are voided here.
+    pub(super) orphans: Arc<Detached>,
+}
 
 impl Op for HoldOp {
     type Item = HoldItem;
@@ -73,6 +78,12 @@ impl Op for HoldOp {
         item.org
     }
 
+    fn orphaned(&self, out: HoldOutcome) {
+        if let HoldOutcome::Held(hold) = out {
+            self.orphans.release(hold);
+        }
+    }
+
     fn run<'a>(
         &'a self,
         pool: &'a Pool,
@@ -80,9 +91,9 @@ impl Op for HoldOp {
         lock_timeout: &'a str,
     ) -> BoxFuture<'a, Result<Vec<Answer<HoldOutcome>>, BackendError>> {
         Box::pin(async move {
-            let now_ms = self.0.now_ms();
+            let now_ms = self.shared.now_ms();
             let now = to_sql(now_ms);
-            let expires_at = to_sql(now_ms.saturating_add(self.0.hold_ttl_ms));
+            let expires_at = to_sql(now_ms.saturating_add(self.shared.hold_ttl_ms));
             let orgs: Vec<uuid::Uuid> = items.iter().map(|i| *i.org.as_uuid()).collect();
             let amounts: Vec<i64> = items.iter().map(|i| to_sql(i.amount)).collect();
             let request_ids: Vec<Option<&str>> =
@@ -144,7 +155,7 @@ impl Op for HoldOp {
                     })
                 })
                 .collect::<Result<Vec<_>, BackendError>>();
-            self.0.open_holds.fetch_add(held, Ordering::Relaxed);
+            self.shared.open_holds.fetch_add(held, Ordering::Relaxed);
             answers
         })
     }

@@ -6,8 +6,8 @@
 //! response withheld) is refunded.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
@@ -58,6 +58,61 @@ pub(super) async fn release(
     })
 }
 
+/// The queue of detached releases and the background task that sends them, started by the
+/// first release made inside a tokio runtime. Shared by the ledger (for
+/// [`Ledger::release_detached`](crate::Ledger)) and its hold batches (for holds placed after
+/// their request had gone: nobody would ever settle them).
+pub(super) struct Detached {
+    pub(super) pool: Pool,
+    pub(super) clock: SharedClock,
+    pub(super) open_holds: Arc<AtomicI64>,
+    pub(super) ttl: Duration,
+    pub(super) capacity: usize,
+    pub(super) dropped: Arc<AtomicU64>,
+    pub(super) tx: OnceLock<mpsc::Sender<Hold>>,
+}
+
+impl Detached {
+    /// Queues a void of `hold`; when the queue is full (or there is no runtime) the hold is
+    /// left to the sweeper and counted.
+    pub(super) fn release(&self, hold: Hold) {
+        let queued = match self.sender() {
+            Some(tx) => tx.try_send(hold).map_err(|err| match err {
+                mpsc::error::TrySendError::Full(hold) | mpsc::error::TrySendError::Closed(hold) => {
+                    hold
+                }
+            }),
+            None => Err(hold),
+        };
+        if let Err(hold) = queued {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                org = %hold.org,
+                hold = %hold.id,
+                "release queue full; the sweeper will release the hold after its TTL"
+            );
+        }
+    }
+
+    fn sender(&self) -> Option<&mpsc::Sender<Hold>> {
+        if let Some(tx) = self.tx.get() {
+            return Some(tx);
+        }
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        Some(self.tx.get_or_init(|| {
+            let (tx, rx) = mpsc::channel(self.capacity);
+            runtime.spawn(release_worker(
+                self.pool.clone(),
+                Arc::clone(&self.clock),
+                Arc::clone(&self.open_holds),
+                self.ttl,
+                rx,
+            ));
+            tx
+        }))
+    }
+}
+
 struct Retry {
     hold: Hold,
     at: Instant,
@@ -67,7 +122,7 @@ struct Retry {
 
 /// Releases queued holds until the ledger is dropped and the queue is drained, retrying
 /// failed ones (oldest first) with back-off until `ttl` after they were queued.
-pub(super) async fn release_worker(
+async fn release_worker(
     pool: Pool,
     clock: SharedClock,
     open_holds: Arc<AtomicI64>,
