@@ -424,7 +424,7 @@ async fn replicas_starting_at_once_migrate_once() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(applied, 4, "V1 to V4, once each");
+    assert_eq!(applied, 5, "V1 to V5, once each");
     drop(client);
     pg.cleanup().await;
 }
@@ -605,10 +605,71 @@ async fn a_hold_whose_request_went_away_during_its_batch_is_given_back() {
         .unwrap()
         .get(0);
     assert_eq!(open, 0);
-    assert_eq!(ledger.open_holds(), 0);
+    eventually("the open-holds gauge is back to zero", || async {
+        ledger.open_holds() == 0
+    })
+    .await;
     // All ten credits can be held again at once.
     let again = held(&*ledger, org, 10, "0190a0a0-0000-7000-8000-000000000001").await;
     ledger.commit(again).await.unwrap();
     assert_eq!(pots(&*ledger, org).await, (0, 0, 0));
+    pg.cleanup().await;
+}
+
+/// Operators upgrade in place: holds placed by a replica of the previous release (a database
+/// at V4) are committed and released after V5 lands, by that replica (whose prepared
+/// statements still name the V4 functions) and by a new one, and every credit is accounted
+/// for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_placed_before_the_upgrade_to_v5_settle_after_it() {
+    let Some(pg) = Pg::new().await else { return };
+    let clock = ManualClock::new(T0);
+    PostgresLedger::migrate_to_version(pg.db.pool(), 4)
+        .await
+        .unwrap();
+    let old = Arc::new(PostgresLedger::new(pg.db.new_pool(), clock.clone()));
+    let (a, b) = (OrgId::new(), OrgId::new());
+    for org in [a, b] {
+        old.subscribe(org, Plan::Basic).await.unwrap();
+        old.set_balance(org, 100).await.unwrap();
+    }
+    let a1 = held(&*old, a, 10, "0190a0a0-0000-7000-8000-0000000000a1").await;
+    let a2 = held(&*old, a, 20, "0190a0a0-0000-7000-8000-0000000000a2").await;
+    let b1 = held(&*old, b, 30, "0190a0a0-0000-7000-8000-0000000000b1").await;
+    let b2 = held(&*old, b, 40, "0190a0a0-0000-7000-8000-0000000000b2").await;
+
+    PostgresLedger::migrate(pg.db.pool()).await.unwrap();
+    let new = pg.instance(&clock, Duration::from_secs(300)).await;
+    // The old replica commits one of each org, the new one the other commit and a release.
+    old.commit(a1).await.unwrap();
+    new.commit(b1).await.unwrap();
+    new.release(a2).await.unwrap();
+    old.commit(b2).await.unwrap();
+    assert_eq!(pots(&*new, a).await, (90, 0, 0));
+    assert_eq!(pots(&*new, b).await, (30, 0, 0));
+    // Both replicas keep placing holds that stop exactly at the balance.
+    for (i, ledger) in [&old, &new].into_iter().cycle().take(12).enumerate() {
+        let id = format!("0190a0a0-0000-7000-8000-{:012x}", 0xc00 + i);
+        match ledger
+            .hold(b, 10, tollgate_core::RequestId::parse(&id))
+            .await
+            .unwrap()
+        {
+            HoldOutcome::Held(hold) => {
+                ledger.commit(hold).await.unwrap();
+            }
+            HoldOutcome::Insufficient { available: 0 } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(pots(&*new, b).await, (0, 0, 0));
+    let charges = new
+        .entries(b)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == EntryKind::Charge)
+        .count();
+    assert_eq!(charges, 2 + 3, "b1, b2, then three holds of 10");
     pg.cleanup().await;
 }

@@ -203,6 +203,14 @@ impl PostgresLedger {
             .await
     }
 
+    /// Applies the migrations up to and including `version` only: a database as an earlier
+    /// release left it, for upgrade tests.
+    #[doc(hidden)]
+    pub async fn migrate_to_version(pool: &Pool, version: u32) -> Result<(), BackendError> {
+        let runner = embedded::migrations::runner().set_target(refinery::Target::Version(version));
+        tollgate_postgres::run_migrations(pool, Self::MIGRATION_SET, runner).await
+    }
+
     /// How long a hold nobody [extends](Ledger::extend_holds) stays open before the sweeper
     /// releases it: how long the holds of a crashed replica keep their credits. Every replica
     /// should use the same value.
