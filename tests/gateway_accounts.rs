@@ -1617,6 +1617,19 @@ async fn top_ups_and_paid_plans_wait_for_the_operator_who_approves_or_declines()
         .await;
     assert_eq!(again.status, StatusCode::NOT_FOUND, "decided once");
     assert_eq!(gw.balance().await, Some(before + 2_500));
+    // The application's answer lost after the ledger applied it (a commit that failed
+    // ambiguously) reopens the request; approving it again adds nothing more.
+    let id: uuid::Uuid = topup_approve
+        .trim_start_matches("/dashboard/pending/")
+        .trim_end_matches("/approve")
+        .parse()
+        .unwrap();
+    gw.gw.state().billing.reopen(id).await.unwrap();
+    let reapproved = op
+        .post_csrf("/dashboard/pending", &topup_approve, &[])
+        .await;
+    assert_eq!(reapproved.status, StatusCode::OK, "{}", reapproved.text());
+    assert_eq!(gw.balance().await, Some(before + 2_500), "applied once");
     let billing = owner.get(&page_path).await.text();
     assert!(
         billing.contains("Top-up") && billing.contains("+2,500"),

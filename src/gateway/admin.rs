@@ -14,7 +14,7 @@ use tollgate_api_key_auth::{KeyInfo, KeyStatus};
 use tollgate_core::time::rfc3339_from_ms;
 use tollgate_core::{
     BackendError, BoxError, Clock as _, ErrorCode, KeyId, ModelId, OrgId, Plan, Rejection,
-    SystemClock,
+    RequestId, SystemClock,
 };
 use tollgate_upstream_sign::ModelRecord;
 
@@ -351,6 +351,23 @@ pub(crate) async fn apply_top_up(
     state
         .ledger
         .top_up(org, amount)
+        .await
+        .map_err(counted(state))?
+        .ok_or_else(no_account)
+}
+
+/// Adds top-up credits for the billing request `reference`, once however often it is called.
+pub(crate) async fn apply_top_up_once(
+    state: &AppState,
+    org: OrgId,
+    amount: u64,
+    reference: uuid::Uuid,
+) -> Result<tollgate_credit_meter::Account, Rejection> {
+    let reference = RequestId::parse(&reference.to_string())
+        .ok_or_else(|| Rejection::new(ErrorCode::InternalError))?;
+    state
+        .ledger
+        .top_up_once(org, amount, reference)
         .await
         .map_err(counted(state))?
         .ok_or_else(no_account)

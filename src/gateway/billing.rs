@@ -420,7 +420,7 @@ impl BillingRequests for PostgresBillingRequests {
 
 use tollgate_core::{Clock as _, ErrorCode, Rejection, SystemClock};
 
-use super::admin::{apply_plan, apply_top_up};
+use super::admin::{apply_plan, apply_top_up_once};
 use super::state::AppState;
 
 fn backend(e: BackendError) -> Rejection {
@@ -484,7 +484,12 @@ pub async fn decide(
     if approve {
         let applied = match request.ask {
             Ask::PlanChange { plan } => apply_plan(state, request.org, plan).await,
-            Ask::TopUp { amount } => apply_top_up(state, request.org, amount).await.map(drop),
+            // Once per request: an approval whose first application failed after the ledger
+            // had applied it (its answer lost) reopens the request, and approving it again
+            // must not add the credits a second time.
+            Ask::TopUp { amount } => apply_top_up_once(state, request.org, amount, id)
+                .await
+                .map(drop),
         };
         if let Err(rejection) = applied {
             // Not applied: back in the list, to be approved again or declined.

@@ -209,7 +209,8 @@ pub struct LedgerEntry {
     pub delta_topup: i64,
     /// Plan credits + top-up credits after the change.
     pub balance_after: u64,
-    /// The request that was charged (charges only).
+    /// The request that was charged (charges) or refunded (refunds), or the reference of a
+    /// [`top_up_once`](Ledger::top_up_once).
     pub request_id: Option<String>,
 }
 
@@ -293,6 +294,18 @@ pub trait Ledger: Send + Sync + 'static {
     /// Adds top-up credits. `None`: unknown org.
     fn top_up(&self, org: OrgId, amount: u64) -> BoxFuture<Result<Option<Account>, BackendError>>;
 
+    /// Adds top-up credits once per `reference` (a payment's or a billing request's id): a
+    /// repeat with a reference the ledger has applied already changes nothing and returns the
+    /// account as it is, so a top-up whose answer was lost (a commit that failed ambiguously,
+    /// a crash after it) can be retried without adding the credits twice. The ledger row
+    /// carries the reference as its `request_id`. `None`: unknown org.
+    fn top_up_once(
+        &self,
+        org: OrgId,
+        amount: u64,
+        reference: RequestId,
+    ) -> BoxFuture<Result<Option<Account>, BackendError>>;
+
     /// Support adjustment: plan credits = `balance`, top-up credits = 0. `None`: unknown org.
     fn set_balance(
         &self,
@@ -367,6 +380,14 @@ impl<T: Ledger + ?Sized> Ledger for Arc<T> {
 
     fn top_up(&self, org: OrgId, amount: u64) -> BoxFuture<Result<Option<Account>, BackendError>> {
         (**self).top_up(org, amount)
+    }
+    fn top_up_once(
+        &self,
+        org: OrgId,
+        amount: u64,
+        reference: RequestId,
+    ) -> BoxFuture<Result<Option<Account>, BackendError>> {
+        (**self).top_up_once(org, amount, reference)
     }
 
     fn set_balance(

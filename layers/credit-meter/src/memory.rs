@@ -94,6 +94,9 @@ struct Book {
     key_held: HashMap<KeyId, u64>,
     /// The newest [`MAX_ENTRIES_PER_ORG`] ledger rows.
     entries: std::collections::VecDeque<LedgerEntry>,
+    /// References of the top-ups applied by [`Ledger::top_up_once`] (operator-approved, so
+    /// few; kept for the life of the process).
+    applied: std::collections::HashSet<RequestId>,
 }
 
 /// Ledger rows the memory ledger keeps per org, newest first out last: a process that runs
@@ -134,6 +137,7 @@ impl Book {
             key_spent: HashMap::new(),
             key_held: HashMap::new(),
             entries: std::collections::VecDeque::new(),
+            applied: std::collections::HashSet::new(),
         }
     }
 
@@ -597,6 +601,41 @@ impl MemoryLedger {
         Ok(Some(b.account()))
     }
 
+    fn top_up_once_now(
+        &self,
+        org: OrgId,
+        amount: u64,
+        reference: RequestId,
+    ) -> Result<Option<Account>, BackendError> {
+        let Some(book) = self.book(org) else {
+            return Ok(None);
+        };
+        let now = self.now();
+        let mut b = lock(&book);
+        b.renew(now);
+        if b.applied.contains(&reference) {
+            return Ok(Some(b.account()));
+        }
+        if b.balance()
+            .checked_add(amount)
+            .is_none_or(|total| total > MAX_CREDITS)
+        {
+            return Err(out_of_range("top-up of", amount));
+        }
+        if amount > 0 {
+            b.topup_credits += amount;
+            b.record(
+                now,
+                EntryKind::TopUp,
+                0,
+                delta(amount, 0),
+                Some(reference.clone()),
+            );
+        }
+        b.applied.insert(reference);
+        Ok(Some(b.account()))
+    }
+
     fn set_balance_now(&self, org: OrgId, balance: u64) -> Result<Option<Account>, BackendError> {
         if balance > MAX_CREDITS {
             return Err(out_of_range("balance", balance));
@@ -755,6 +794,15 @@ impl Ledger for MemoryLedger {
 
     fn top_up(&self, org: OrgId, amount: u64) -> BoxFuture<Result<Option<Account>, BackendError>> {
         Box::pin(ready(self.top_up_now(org, amount)))
+    }
+
+    fn top_up_once(
+        &self,
+        org: OrgId,
+        amount: u64,
+        reference: RequestId,
+    ) -> BoxFuture<Result<Option<Account>, BackendError>> {
+        Box::pin(ready(self.top_up_once_now(org, amount, reference)))
     }
 
     fn set_balance(

@@ -674,6 +674,16 @@ impl Ledger for DownLedger {
     > {
         Box::pin(async { Err(down()) })
     }
+    fn top_up_once(
+        &self,
+        _: tollgate_core::OrgId,
+        _: u64,
+        _: tollgate_core::RequestId,
+    ) -> tollgate_core::BoxFuture<
+        Result<Option<tollgate_credit_meter::Account>, tollgate_core::BackendError>,
+    > {
+        Box::pin(async { Err(down()) })
+    }
     fn set_balance(
         &self,
         _: tollgate_core::OrgId,

@@ -47,6 +47,7 @@ memory_suite!(
     unknown_orgs,
     a_hold_belongs_to_its_org,
     top_ups_and_adjustments,
+    a_top_up_with_a_reference_is_applied_once,
     holds_count_against_the_available_balance,
     a_hold_is_settled_once,
     a_detached_release_gives_the_credits_back,

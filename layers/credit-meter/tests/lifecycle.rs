@@ -371,6 +371,14 @@ impl Ledger for SlowLedger {
     fn top_up(&self, org: OrgId, amount: u64) -> BoxFuture<Result<Option<Account>, BackendError>> {
         self.inner.top_up(org, amount)
     }
+    fn top_up_once(
+        &self,
+        org: OrgId,
+        amount: u64,
+        reference: tollgate_core::RequestId,
+    ) -> BoxFuture<Result<Option<Account>, BackendError>> {
+        self.inner.top_up_once(org, amount, reference)
+    }
     fn set_balance(
         &self,
         org: OrgId,

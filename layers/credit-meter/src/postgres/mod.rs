@@ -523,6 +523,29 @@ impl Ledger for PostgresLedger {
         })
     }
 
+    fn top_up_once(
+        &self,
+        org: OrgId,
+        amount: u64,
+        reference: RequestId,
+    ) -> BoxFuture<Result<Option<Account>, BackendError>> {
+        let pool = self.admin_pool.clone();
+        let now = self.now();
+        Box::pin(async move {
+            if amount > MAX_CREDITS {
+                return Err(out_of_range("top-up of", amount));
+            }
+            let amount_sql = to_sql(amount);
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+                [org.as_uuid(), &amount_sql, &now, &reference.as_str()];
+            match query_opt(&pool, TOP_UP_ONCE, &params).await {
+                Ok(row) => row.as_ref().map(account_from_row).transpose(),
+                Err(err) if is_out_of_range(&err) => Err(out_of_range("top-up of", amount)),
+                Err(err) => Err(err),
+            }
+        })
+    }
+
     fn set_balance(
         &self,
         org: OrgId,

@@ -34,6 +34,7 @@ pub(super) const EXTEND: &str = "\
 pub(super) const SUBSCRIBE: &str = "SELECT * FROM tollgate_credit_subscribe($1, $2, $3, $4)";
 pub(super) const CANCEL: &str = "SELECT tollgate_credit_cancel($1, $2)";
 pub(super) const TOP_UP: &str = "SELECT * FROM tollgate_credit_top_up($1, $2, $3)";
+pub(super) const TOP_UP_ONCE: &str = "SELECT * FROM tollgate_credit_top_up_once($1, $2, $3, $4)";
 pub(super) const SET_BALANCE: &str = "SELECT * FROM tollgate_credit_set_balance($1, $2, $3)";
 pub(super) const ACCOUNT: &str = "SELECT * FROM tollgate_credit_account($1, $2)";
 pub(super) const ENTRIES: &str = "\

@@ -1044,3 +1044,73 @@ pub async fn racing_holds_of_a_limited_key_stop_at_its_limit(backend: &impl Back
         HoldOutcome::Held(_)
     ));
 }
+
+/// A top-up applied once per reference: retried after a lost answer (or approved twice), it
+/// adds its credits once; another reference, or the same one for another org, is its own.
+pub async fn a_top_up_with_a_reference_is_applied_once(backend: &impl Backend) {
+    let (_clock, ledger) = fresh(backend).await;
+    let (org, other) = (OrgId::new(), OrgId::new());
+    ledger.subscribe(org, Plan::Free).await.unwrap();
+    ledger.subscribe(other, Plan::Free).await.unwrap();
+    let first = RequestId::parse("5f0c1a52-1b1e-4a57-9a3e-6c1f2b9d0a11").unwrap();
+    let second = RequestId::parse("5f0c1a52-1b1e-4a57-9a3e-6c1f2b9d0a12").unwrap();
+
+    let a = ledger
+        .top_up_once(org, 40, first.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((a.plan_credits, a.topup_credits), (100, 40));
+    // The same reference again, even with another amount: nothing changes.
+    for amount in [40, 500] {
+        let a = ledger
+            .top_up_once(org, amount, first.clone())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((a.plan_credits, a.topup_credits), (100, 40));
+    }
+    let a = ledger.top_up_once(org, 5, second).await.unwrap().unwrap();
+    assert_eq!(a.topup_credits, 45);
+    // References are per org.
+    let b = ledger
+        .top_up_once(other, 7, first.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(b.topup_credits, 7);
+    // Unknown orgs: nothing, and the reference is not used up.
+    assert!(ledger
+        .top_up_once(OrgId::new(), 1, first.clone())
+        .await
+        .unwrap()
+        .is_none());
+
+    let rows: Vec<_> = ledger
+        .entries(org)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == EntryKind::TopUp)
+        .map(|e| (e.delta_topup, e.balance_after, e.request_id))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            (40, 140, Some(first.as_str().to_owned())),
+            (
+                5,
+                145,
+                Some("5f0c1a52-1b1e-4a57-9a3e-6c1f2b9d0a12".to_owned())
+            ),
+        ]
+    );
+
+    // Concurrent repeats of one reference: applied once.
+    let third = RequestId::parse("5f0c1a52-1b1e-4a57-9a3e-6c1f2b9d0a13").unwrap();
+    let tries = (0..16).map(|_| ledger.top_up_once(org, 100, third.clone()));
+    for outcome in futures_util::future::join_all(tries).await {
+        outcome.unwrap().unwrap();
+    }
+    assert_eq!(pots(&*ledger, org).await, (100, 145, 0));
+}
