@@ -102,6 +102,51 @@ async fn behaviour(store: Arc<dyn BillingRequests>) {
         .find(|r| r.id == r2.id)
         .unwrap();
     assert_eq!(r2_after.state, RequestState::Declined);
+
+    // Approved top-ups not marked applied are listed for the reconciliation, oldest decision
+    // first; applied ones, plan changes and declined ones are not.
+    let r4 = request(b, Ask::TopUp { amount: 9 }, 3_000);
+    store.create(r4.clone()).await.unwrap();
+    store
+        .decide(r3.id, RequestState::Approved, 8_000)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .decide(r4.id, RequestState::Approved, 9_000)
+        .await
+        .unwrap()
+        .unwrap();
+    let listed = || async {
+        store
+            .unapplied_top_ups(100)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.org == a || r.org == b)
+            .map(|r| r.id)
+            .collect::<Vec<_>>()
+    };
+    let r1_approved = decided.state == RequestState::Approved;
+    let expected = |ids: &[Uuid]| -> Vec<Uuid> {
+        let mut all = if r1_approved { vec![r1.id] } else { vec![] };
+        all.extend_from_slice(ids);
+        all
+    };
+    assert_eq!(listed().await, expected(&[r3.id, r4.id]));
+    store.mark_applied(r3.id, 9_500).await.unwrap();
+    assert_eq!(listed().await, expected(&[r4.id]));
+    // A reopened request is applied anew when approved again.
+    store.mark_applied(r4.id, 9_600).await.unwrap();
+    assert_eq!(listed().await, expected(&[]));
+    store.reopen(r4.id).await.unwrap();
+    assert_eq!(listed().await, expected(&[]), "pending, not approved");
+    store
+        .decide(r4.id, RequestState::Approved, 9_700)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(listed().await, expected(&[r4.id]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

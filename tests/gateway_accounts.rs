@@ -1630,6 +1630,12 @@ async fn top_ups_and_paid_plans_wait_for_the_operator_who_approves_or_declines()
         .await;
     assert_eq!(reapproved.status, StatusCode::OK, "{}", reapproved.text());
     assert_eq!(gw.balance().await, Some(before + 2_500), "applied once");
+    // Nothing is left for the reconciliation to do.
+    let state = gw.gw.state();
+    tollgate::gateway::billing::reconcile_top_ups(state)
+        .await
+        .unwrap();
+    assert_eq!(gw.balance().await, Some(before + 2_500));
     let billing = owner.get(&page_path).await.text();
     assert!(
         billing.contains("Top-up") && billing.contains("+2,500"),
@@ -1863,4 +1869,42 @@ async fn api_calls_show_on_the_overview_and_usage_pages_and_download() {
             .status,
         StatusCode::NOT_FOUND
     );
+}
+
+/// A replica that stopped between approving a top-up and applying it (or whose ledger failed,
+/// and then the reopen too) leaves an approved request without its credits; the
+/// reconciliation applies it, once, however often it runs.
+#[tokio::test]
+async fn an_approved_top_up_left_unapplied_is_applied_once_by_the_reconciliation() {
+    use tollgate::gateway::billing::{self, Ask, RequestState};
+
+    let gw = common::start(common::test_config()).await;
+    let org = demo_org(&gw);
+    let state = gw.gw.state();
+    let before = gw.balance().await.unwrap();
+    let asked = billing::ask(
+        state,
+        org,
+        Ask::TopUp { amount: 700 },
+        "payer@example.com".into(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(asked.state, RequestState::Pending);
+    // Approved, and then the process stopped: nothing applied.
+    state
+        .billing
+        .decide(asked.id, RequestState::Approved, 1)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(gw.balance().await, Some(before));
+
+    // (The gateway's own reconciliation job may get there first: either way, once.)
+    assert!(billing::reconcile_top_ups(state).await.unwrap() <= 1);
+    assert_eq!(gw.balance().await, Some(before + 700));
+    for _ in 0..3 {
+        assert_eq!(billing::reconcile_top_ups(state).await.unwrap(), 0);
+    }
+    assert_eq!(gw.balance().await, Some(before + 700), "once");
 }

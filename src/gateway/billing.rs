@@ -105,6 +105,14 @@ pub trait BillingRequests: Send + Sync + 'static {
     /// Puts a request taken by [`decide`](Self::decide) back to pending (its application
     /// failed).
     fn reopen(&self, id: Uuid) -> BoxFuture<Result<(), BackendError>>;
+    /// Records that an approved request was applied.
+    fn mark_applied(&self, id: Uuid, at_ms: u64) -> BoxFuture<Result<(), BackendError>>;
+    /// Approved top-ups not known to be applied (a replica stopped between the approval and
+    /// the ledger, or the ledger failed and so did the reopen), oldest first, at most `limit`.
+    fn unapplied_top_ups(
+        &self,
+        limit: usize,
+    ) -> BoxFuture<Result<Vec<BillingRequest>, BackendError>>;
 }
 
 /// What the payment step says of a new request.
@@ -136,6 +144,8 @@ impl PaymentStep for ManualApproval {
 #[derive(Debug, Default, Clone)]
 pub struct MemoryBillingRequests {
     inner: Arc<Mutex<HashMap<Uuid, BillingRequest>>>,
+    /// Approved requests known to be applied.
+    applied: Arc<Mutex<std::collections::HashSet<Uuid>>>,
 }
 
 impl MemoryBillingRequests {
@@ -206,15 +216,52 @@ impl BillingRequests for MemoryBillingRequests {
                 r.decided_ms = None;
             }
         });
+        self.applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
         ready(())
+    }
+
+    fn mark_applied(&self, id: Uuid, _at_ms: u64) -> BoxFuture<Result<(), BackendError>> {
+        self.applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id);
+        ready(())
+    }
+
+    fn unapplied_top_ups(
+        &self,
+        limit: usize,
+    ) -> BoxFuture<Result<Vec<BillingRequest>, BackendError>> {
+        let applied = self
+            .applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut list: Vec<_> = self.with(|m| {
+            m.values()
+                .filter(|r| {
+                    r.state == RequestState::Approved
+                        && matches!(r.ask, Ask::TopUp { .. })
+                        && !applied.contains(&r.id)
+                })
+                .cloned()
+                .collect()
+        });
+        list.sort_by_key(|r| (r.decided_ms, r.id));
+        list.truncate(limit);
+        ready(list)
     }
 }
 
 /// The migration set of the billing requests (history `tollgate_gateway_billing_migrations`).
 pub const MIGRATION_SET: &str = "gateway_billing";
 
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "V1__billing_requests",
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "V1__billing_requests",
     "CREATE TABLE tollgate_billing_requests (
          id            uuid PRIMARY KEY,
          org_id        uuid NOT NULL,
@@ -229,7 +276,18 @@ const MIGRATIONS: &[(&str, &str)] = &[(
      CREATE INDEX tollgate_billing_requests_pending ON tollgate_billing_requests (created_at_ms)
          WHERE state = 'pending';
      CREATE INDEX tollgate_billing_requests_org ON tollgate_billing_requests (org_id, created_at_ms);",
-)];
+    ),
+    (
+        // When an approved request was applied: an approved top-up without it is applied (once,
+        // by its reference in the ledger) by the reconciliation. Requests approved before this
+        // version were applied by it before their approval was answered.
+        "V2__applied",
+        "ALTER TABLE tollgate_billing_requests ADD COLUMN applied_at_ms bigint;
+     UPDATE tollgate_billing_requests SET applied_at_ms = decided_at_ms WHERE state = 'approved';
+     CREATE INDEX tollgate_billing_requests_unapplied ON tollgate_billing_requests (decided_at_ms)
+         WHERE state = 'approved' AND applied_at_ms IS NULL;",
+    ),
+];
 
 /// Requests in PostgreSQL, shared by every replica. Cloning shares the pool.
 #[derive(Clone)]
@@ -404,8 +462,9 @@ impl BillingRequests for PostgresBillingRequests {
             let client = pool.get().await.map_err(to_backend_error)?;
             client
                 .execute(
-                    "UPDATE tollgate_billing_requests SET state = 'pending', decided_at_ms = NULL
-                     WHERE id = $1",
+                    "UPDATE tollgate_billing_requests
+                        SET state = 'pending', decided_at_ms = NULL, applied_at_ms = NULL
+                      WHERE id = $1",
                     &[&id],
                 )
                 .await
@@ -413,12 +472,50 @@ impl BillingRequests for PostgresBillingRequests {
             Ok(())
         })
     }
+
+    fn mark_applied(&self, id: Uuid, at_ms: u64) -> BoxFuture<Result<(), BackendError>> {
+        let pool = self.pool.clone();
+        Box::pin(async move {
+            let client = pool.get().await.map_err(to_backend_error)?;
+            client
+                .execute(
+                    "UPDATE tollgate_billing_requests SET applied_at_ms = $2
+                      WHERE id = $1 AND state = 'approved'",
+                    &[&id, &ms(at_ms)],
+                )
+                .await
+                .map_err(to_backend_error)?;
+            Ok(())
+        })
+    }
+
+    fn unapplied_top_ups(
+        &self,
+        limit: usize,
+    ) -> BoxFuture<Result<Vec<BillingRequest>, BackendError>> {
+        let pool = self.pool.clone();
+        Box::pin(async move {
+            let client = pool.get().await.map_err(to_backend_error)?;
+            let rows = client
+                .query(
+                    &format!(
+                        "SELECT {COLUMNS} FROM tollgate_billing_requests
+                          WHERE state = 'approved' AND applied_at_ms IS NULL AND kind = 'top_up'
+                          ORDER BY decided_at_ms, id LIMIT $1"
+                    ),
+                    &[&(limit as i64)],
+                )
+                .await
+                .map_err(to_backend_error)?;
+            rows.iter().map(from_row).collect()
+        })
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Asking and deciding, for the dashboard.
 
-use tollgate_core::{Clock as _, ErrorCode, Rejection, SystemClock};
+use tollgate_core::{Clock as _, ErrorCode, Rejection, RequestId, SystemClock};
 
 use super::admin::{apply_plan, apply_top_up_once};
 use super::state::AppState;
@@ -498,8 +595,55 @@ pub async fn decide(
             }
             return Err(rejection);
         }
+        if let Err(e) = state.billing.mark_applied(id, SystemClock.now_ms()).await {
+            // Applied all the same; a top-up is applied again (once) by the reconciliation.
+            tracing::warn!(request = %id, error = %e, "an applied billing request could not be marked applied");
+        }
     }
     request.state = to;
     request.decided_ms = Some(now);
     Ok(request)
+}
+
+/// Applies the approved top-ups that are not known to be applied (see
+/// [`BillingRequests::unapplied_top_ups`]): each once, by its reference in the ledger, so a
+/// top-up that was applied after all adds nothing. Returns how many it saw through.
+pub async fn reconcile_top_ups(state: &AppState) -> Result<usize, BackendError> {
+    let mut applied = 0;
+    for request in state.billing.unapplied_top_ups(100).await? {
+        let Ask::TopUp { amount } = request.ask else {
+            continue;
+        };
+        let reference = RequestId::parse(&request.id.to_string())
+            .ok_or_else(|| BackendError::other("a billing request id is not a reference"))?;
+        match state
+            .ledger
+            .top_up_once(request.org, amount, reference)
+            .await?
+        {
+            Some(_) => {
+                tracing::warn!(
+                    request = %request.id,
+                    org = %request.org,
+                    amount,
+                    "an approved top-up not marked applied is applied now (the ledger applies \
+                     each request once)"
+                );
+                applied += 1;
+            }
+            None => {
+                tracing::error!(
+                    request = %request.id,
+                    org = %request.org,
+                    "an approved top-up's organization has no credit account; left unapplied"
+                );
+                continue;
+            }
+        }
+        state
+            .billing
+            .mark_applied(request.id, SystemClock.now_ms())
+            .await?;
+    }
+    Ok(applied)
 }

@@ -556,6 +556,20 @@ fn spawn_jobs(state: &Arc<AppState>, upkeep: Vec<state::Upkeep>) -> Vec<JoinHand
             }
         })
     };
+    // Approved top-ups a stopped replica (or a failed ledger) left unapplied: at start, then
+    // every few minutes. Each is applied once however many replicas see it.
+    let reconcile = {
+        let state = Arc::clone(state);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(300));
+            loop {
+                tick.tick().await;
+                if let Err(e) = billing::reconcile_top_ups(&state).await {
+                    tracing::warn!(error = %e, "billing reconciliation failed");
+                }
+            }
+        })
+    };
     let upkeep = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(60));
         loop {
@@ -565,5 +579,5 @@ fn spawn_jobs(state: &Arc<AppState>, upkeep: Vec<state::Upkeep>) -> Vec<JoinHand
             }
         }
     });
-    vec![renew, purge, upkeep]
+    vec![renew, purge, reconcile, upkeep]
 }
