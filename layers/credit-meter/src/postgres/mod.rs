@@ -15,7 +15,8 @@
 //! hold, its receipt and balance after its charge); a batch runs while the next one gathers,
 //! so a lone request is sent at once and a busy ledger sends one statement, and shares one WAL
 //! flush, for everything that arrived meanwhile (see `batch.rs` and
-//! `migrations/V3__group_commit.sql`). A billed request therefore costs at most two round
+//! `migrations/V3__group_commit.sql`); a batch locks its orgs' account rows in one pass, and
+//! its functions plan every lookup as an index probe (`migrations/V5__index_probes.sql`). A billed request therefore costs at most two round
 //! trips, and under load a small fraction of one.
 //!
 //! - `hold` renews the period if it is over, then takes the credits with one conditional

@@ -1,6 +1,6 @@
 //! The three batched operations of the hot path — holds, commits, releases — each one call of
-//! a `migrations/V3__group_commit.sql` function (as `V4__key_limits.sql` redefines them) per
-//! batch.
+//! a `migrations/V3__group_commit.sql` function (as `V4__key_limits.sql` and
+//! `V5__index_probes.sql` redefine them) per batch.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
