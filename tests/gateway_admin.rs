@@ -581,6 +581,20 @@ async fn an_org_is_created_subscribed_topped_up_moved_to_another_plan_and_adjust
         view["period_end"], changed["period_end"],
         "an adjustment keeps the period"
     );
+    // A top-up past what a balance can hold is the caller's mistake: 400, nothing changes.
+    for amount in [i64::MAX as u64, i64::MAX as u64 - 41] {
+        let refused = admin_expect(
+            &gw,
+            Method::POST,
+            &format!("{org_path}/credits"),
+            Some(json!({"amount": amount})),
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
+        assert_eq!(refused["code"], "INVALID_REQUEST", "{refused}");
+    }
+    let view = admin_expect(&gw, Method::GET, &org_path, None, StatusCode::OK).await;
+    assert_eq!(view["balance"], 42);
 
     // Every change of balance is a ledger row, and the rows add up.
     let entries = ledger_entries(&gw, &org).await;

@@ -348,12 +348,50 @@ pub(crate) async fn apply_top_up(
     org: OrgId,
     amount: u64,
 ) -> Result<tollgate_credit_meter::Account, Rejection> {
+    room_for(state, org, amount).await?;
     state
         .ledger
         .top_up(org, amount)
         .await
-        .map_err(counted(state))?
+        .map_err(top_up_error(state))?
         .ok_or_else(no_account)
+}
+
+/// 400 when `amount` would take the org's balance past what a balance can hold
+/// ([`MAX_CREDITS`](tollgate_credit_meter::MAX_CREDITS)).
+async fn room_for(state: &AppState, org: OrgId, amount: u64) -> Result<(), Rejection> {
+    let balance = state
+        .ledger
+        .account(org)
+        .await
+        .map_err(counted(state))?
+        .and_then(|a| a.balance())
+        .unwrap_or(0);
+    if balance
+        .checked_add(amount)
+        .is_none_or(|total| total > tollgate_credit_meter::MAX_CREDITS)
+    {
+        return Err(too_many_credits());
+    }
+    Ok(())
+}
+
+fn too_many_credits() -> Rejection {
+    invalid(format!(
+        "The top-up would take the balance past the most it can hold ({} credits).",
+        tollgate_credit_meter::MAX_CREDITS
+    ))
+}
+
+/// A ledger that refused the amount (a concurrent top-up took the room first) is a 400 too.
+fn top_up_error(state: &AppState) -> impl Fn(BackendError) -> Rejection + '_ {
+    move |e| {
+        if e.to_string().contains("out of range") {
+            too_many_credits()
+        } else {
+            counted(state)(e)
+        }
+    }
 }
 
 /// Adds top-up credits for the billing request `reference`, once however often it is called.
@@ -369,7 +407,7 @@ pub(crate) async fn apply_top_up_once(
         .ledger
         .top_up_once(org, amount, reference)
         .await
-        .map_err(counted(state))?
+        .map_err(top_up_error(state))?
         .ok_or_else(no_account)
 }
 
