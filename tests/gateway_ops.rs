@@ -97,9 +97,33 @@ async fn readiness_lists_every_backend() {
     assert_eq!(
         answer.json(),
         json!({"status": "ready", "backends": {
-            "ledger": true, "keys": true, "sessions": true, "rate_limits": true, "logs": true
+            "ledger": true, "keys": true, "sessions": true, "rate_limits": true, "logs": true,
+            "idempotency": true
         }})
     );
+}
+
+/// The idempotency store is a backend too: with it unreachable, keyed writes answer 503, and
+/// `/readyz` says which store it is.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn readiness_shows_an_unreachable_idempotency_store() {
+    let config = common::test_config();
+    let mut backends = memory_backends_with(SystemClock::shared(), config.hold_ttl);
+    // Nothing listens on port 1.
+    backends.idempotency = Arc::new(
+        tollgate_idempotency::RedisIdempotencyStore::open("redis://127.0.0.1:1")
+            .unwrap()
+            .with_timeout(Duration::from_millis(300)),
+    );
+    let gw = TestGateway::new(gateway::start_with(config, backends).await.unwrap());
+    let answer = gw
+        .send(gw.request(Method::GET, "/readyz", None, None))
+        .await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE, "{}", answer.text());
+    assert_eq!(answer.json()["status"], "unavailable");
+    assert_eq!(answer.json()["backends"]["idempotency"], false);
+    assert_eq!(answer.json()["backends"]["ledger"], true);
 }
 
 #[tokio::test]

@@ -323,6 +323,7 @@ pub async fn start_with(config: Config, backends: Backends) -> Result<RunningGat
         accounts: backends.accounts.clone(),
         webhooks: hooks,
         billing: backends.billing.clone(),
+        idempotency: backends.idempotency.clone(),
         payments: Arc::new(billing::ManualApproval),
         metrics: Arc::clone(&metrics),
         logger,

@@ -36,12 +36,19 @@ pub struct Report {
     pub rate_limits: bool,
     /// The request log sink.
     pub logs: bool,
+    /// The idempotency store (`Idempotency-Key` requests).
+    pub idempotency: bool,
 }
 
 impl Report {
     /// Whether every backend answered.
     pub fn ready(&self) -> bool {
-        self.ledger && self.keys && self.sessions && self.rate_limits && self.logs
+        self.ledger
+            && self.keys
+            && self.sessions
+            && self.rate_limits
+            && self.logs
+            && self.idempotency
     }
 
     /// The `/readyz` body.
@@ -51,6 +58,7 @@ impl Report {
             "backends": {
                 "ledger": self.ledger, "keys": self.keys, "sessions": self.sessions,
                 "rate_limits": self.rate_limits, "logs": self.logs,
+                "idempotency": self.idempotency,
             },
         })
     }
@@ -159,12 +167,20 @@ async fn probe(state: &AppState) -> Report {
     let logs = state
         .logs
         .query(tollgate_request_logger::LogQuery::new(probe));
-    let (ledger, keys, sessions, rate_limits, logs) = tokio::join!(
+    // Freeing a lease nobody holds: a round trip that changes nothing.
+    let lease = tollgate_idempotency::Lease::new(
+        "readiness",
+        &probe.to_string(),
+        tollgate_idempotency::LeaseToken::generate(),
+    );
+    let idempotency = state.idempotency.release(&lease);
+    let (ledger, keys, sessions, rate_limits, logs, idempotency) = tokio::join!(
         within(Box::pin(async move { ledger.await.is_ok() })),
         within(Box::pin(async move { keys.await.is_ok() })),
         within(Box::pin(async move { sessions.await.is_ok() })),
         within(Box::pin(async move { windows.await.is_ok() })),
         within(Box::pin(async move { logs.await.is_ok() })),
+        within(Box::pin(async move { idempotency.await.is_ok() })),
     );
     Report {
         ledger,
@@ -172,5 +188,6 @@ async fn probe(state: &AppState) -> Report {
         sessions,
         rate_limits,
         logs,
+        idempotency,
     }
 }

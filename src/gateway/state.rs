@@ -78,6 +78,8 @@ pub struct AppState {
     pub webhooks: Webhooks,
     /// Plan changes and top-ups asked for in the dashboard.
     pub billing: Arc<dyn BillingRequests>,
+    /// `Idempotency-Key` records (for the readiness probe; the layer holds its own handle).
+    pub idempotency: Arc<dyn IdempotencyStore>,
     /// What a new billing request goes through before it is applied.
     pub payments: Arc<dyn PaymentStep>,
     /// Request counters.
