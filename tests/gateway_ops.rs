@@ -120,7 +120,12 @@ async fn readiness_shows_an_unreachable_idempotency_store() {
     let answer = gw
         .send(gw.request(Method::GET, "/readyz", None, None))
         .await;
-    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE, "{}", answer.text());
+    assert_eq!(
+        answer.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        answer.text()
+    );
     assert_eq!(answer.json()["status"], "unavailable");
     assert_eq!(answer.json()["backends"]["idempotency"], false);
     assert_eq!(answer.json()["backends"]["ledger"], true);

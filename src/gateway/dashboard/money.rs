@@ -252,7 +252,9 @@ where
                     .await
                     .map(|_| {
                         format!(
-                            "{} plan requested: it is applied once approved.",
+                            "{} plan requested: after a cancellation it is applied once the \
+                             operator approves (a new period would hand out its monthly \
+                             credits again).",
                             title(plan)
                         )
                     }),
