@@ -456,3 +456,37 @@ async fn wrong_admin_tokens_lock_out_their_address_only() {
     let (status, _, _) = admin_from(&operator, addr, ADMIN_TOKEN).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+async fn operator_login_from(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    addr: SocketAddr,
+    token: &str,
+) -> StatusCode {
+    let body = format!("token={token}");
+    let req = Request::post(format!("http://{addr}/dashboard/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("accept", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    client.request(req).await.unwrap().status()
+}
+
+/// Wrong admin tokens on the dashboard's sign-in slow down the address that sends them, not
+/// the operator signing in from elsewhere.
+#[tokio::test]
+async fn wrong_operator_sign_ins_throttle_their_address_only() {
+    let gw = common::start(common::test_config()).await;
+    let addr = gw.gw.local_addr();
+    let attacker = client_from("127.0.0.1");
+    let operator = client_from("127.0.0.2");
+    for _ in 0..5 {
+        let status = operator_login_from(&attacker, addr, "not-the-token").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    // The attacker's address is throttled, even with the right token.
+    let status = operator_login_from(&attacker, addr, ADMIN_TOKEN).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    // The operator elsewhere signs in.
+    let status = operator_login_from(&operator, addr, ADMIN_TOKEN).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+}

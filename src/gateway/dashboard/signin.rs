@@ -25,8 +25,15 @@ type Answer = Result<Response<GatewayBody>, Rejection>;
 /// The one answer to every failed sign-in, whatever failed.
 const BAD_CREDENTIALS: &str = "The email or password is incorrect.";
 
-/// The throttle key of the operator's sign-ins.
-const OPERATOR_KEY: &str = "operator";
+/// The throttle key of the operator's sign-ins from `client`: per address, so wrong tokens
+/// sent from one place cannot lock the operator out everywhere (the token is a long random
+/// secret: it is guessing from one address that needs slowing down).
+fn operator_key(client: Option<std::net::IpAddr>) -> String {
+    match client {
+        Some(ip) => format!("operator:{ip}"),
+        None => "operator".to_owned(),
+    }
+}
 
 fn notice_for(query: &str) -> Option<String> {
     let done = form_urlencoded::parse(query.as_bytes())
@@ -135,6 +142,10 @@ where
     if !origin_ok(&headers) {
         return Err(forbidden("The request did not come from the dashboard."));
     }
+    let client = req
+        .extensions()
+        .get::<crate::gateway::app::PeerAddr>()
+        .map(|p| p.0.ip());
     let html = wants_html(&headers);
     let form = read_form(req).await?;
     let users = &state.accounts.users;
@@ -150,7 +161,7 @@ where
             return Ok(login_failure(state, html, bad_credentials()));
         };
         let gate = users
-            .sign_in_attempt(OPERATOR_KEY.to_owned())
+            .sign_in_attempt(operator_key(client))
             .await
             .map_err(|e| e.rejection())?;
         if let SignInGate::Throttled { until_ms } = gate {
@@ -160,7 +171,7 @@ where
             return Ok(login_failure(state, html, bad_credentials()));
         }
         users
-            .sign_in_succeeded(OPERATOR_KEY.to_owned())
+            .sign_in_succeeded(operator_key(client))
             .await
             .map_err(|e| e.rejection())?;
         return start_session(state, SessionSubject::Operator, "/dashboard/orgs").await;
