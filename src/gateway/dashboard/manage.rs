@@ -191,8 +191,8 @@ pub async fn keys(state: &Site<'_>, headers: &HeaderMap, segment: &str) -> Answe
     Ok(render(StatusCode::OK, &page))
 }
 
-/// The create form as the admin API's body: `expires_on` (a date, the key expiring at its
-/// start, UTC), `scopes` (`read,write`, `read`, `write`), `model_<id>` checkboxes (none:
+/// The create form as the admin API's body: `expires_on` (a date: the key works through
+/// that day and expires at its end, UTC), `scopes` (`read,write`, `read`, `write`), `model_<id>` checkboxes (none:
 /// every model), `credit_limit` (blank: none).
 fn key_body(form: &Form, models: &[String]) -> Result<Value, Rejection> {
     let mut body = json!({"name": form.get("name").trim()});
@@ -201,7 +201,10 @@ fn key_body(form: &Form, models: &[String]) -> Result<Value, Rejection> {
         let date = chrono::NaiveDate::parse_from_str(expires, "%Y-%m-%d").map_err(|_| {
             invalid("Choose an expiry date, or leave it empty for a key that never expires.")
         })?;
-        body["expires_at"] = json!(format!("{date}T00:00:00Z"));
+        let end = date.succ_opt().ok_or_else(|| {
+            invalid("Choose an expiry date, or leave it empty for a key that never expires.")
+        })?;
+        body["expires_at"] = json!(format!("{end}T00:00:00Z"));
     }
     let scopes: Vec<&str> = match form.get("scopes") {
         "" | "read,write" => vec!["read", "write"],
