@@ -73,7 +73,7 @@ pub enum LogFormat {
 /// The gateway's settings.
 #[derive(Clone)]
 pub struct Config {
-    /// `TOLLGATE_BIND`: the public listener (`/api`, `/healthz`).
+    /// `TOLLGATE_BIND`: the public listener (`/api`, `/dashboard`, `/healthz`).
     pub bind: SocketAddr,
     /// `TOLLGATE_ADMIN_BIND`: the internal listener (`/admin`, `/metrics`, `/readyz`,
     /// `/healthz`), or [`AdminBind::Public`].

@@ -54,7 +54,7 @@ pub struct Cli {
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Listeners")]
 pub(super) struct Listeners {
-    /// The public listener: the customer API (/api) and /healthz.
+    /// The public listener: the customer API (/api), the dashboard (/dashboard) and /healthz.
     #[arg(long, env = "TOLLGATE_BIND", value_name = "HOST:PORT", default_value = defaults::BIND)]
     pub(super) bind: SocketAddr,
 
