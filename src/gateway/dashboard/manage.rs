@@ -145,7 +145,11 @@ async fn keys_page(
                     thousands(used),
                     thousands(l)
                 ),
-                None => format!("{} credits this period, no limit", thousands(used)),
+                None => format!(
+                    "{} credit{} this period, no limit",
+                    thousands(used),
+                    if used == 1 { "" } else { "s" }
+                ),
             };
             KeyRow {
                 name: k.name.clone(),
