@@ -14,7 +14,7 @@ use tollgate_api_key_auth::{KeyInfo, KeyStatus};
 use tollgate_core::time::rfc3339_from_ms;
 use tollgate_core::{
     BackendError, BoxError, Clock as _, ErrorCode, KeyId, ModelId, OrgId, Plan, Rejection,
-    RequestId, SystemClock,
+    SystemClock,
 };
 use tollgate_upstream_sign::ModelRecord;
 
@@ -348,32 +348,12 @@ pub(crate) async fn apply_top_up(
     org: OrgId,
     amount: u64,
 ) -> Result<tollgate_credit_meter::Account, Rejection> {
-    room_for(state, org, amount).await?;
     state
         .ledger
         .top_up(org, amount)
         .await
         .map_err(top_up_error(state))?
         .ok_or_else(no_account)
-}
-
-/// 400 when `amount` would take the org's balance past what a balance can hold
-/// ([`MAX_CREDITS`](tollgate_credit_meter::MAX_CREDITS)).
-async fn room_for(state: &AppState, org: OrgId, amount: u64) -> Result<(), Rejection> {
-    let balance = state
-        .ledger
-        .account(org)
-        .await
-        .map_err(counted(state))?
-        .and_then(|a| a.balance())
-        .unwrap_or(0);
-    if balance
-        .checked_add(amount)
-        .is_none_or(|total| total > tollgate_credit_meter::MAX_CREDITS)
-    {
-        return Err(too_many_credits());
-    }
-    Ok(())
 }
 
 fn too_many_credits() -> Rejection {
@@ -383,7 +363,8 @@ fn too_many_credits() -> Rejection {
     ))
 }
 
-/// A ledger that refused the amount (a concurrent top-up took the room first) is a 400 too.
+/// A top-up the ledger refused because it would take the balance past what a balance can
+/// hold ([`MAX_CREDITS`](tollgate_credit_meter::MAX_CREDITS)) is the caller's mistake: 400.
 fn top_up_error(state: &AppState) -> impl Fn(BackendError) -> Rejection + '_ {
     move |e| {
         if e.to_string().contains("out of range") {
@@ -401,11 +382,9 @@ pub(crate) async fn apply_top_up_once(
     amount: u64,
     reference: uuid::Uuid,
 ) -> Result<tollgate_credit_meter::Account, Rejection> {
-    let reference = RequestId::parse(&reference.to_string())
-        .ok_or_else(|| Rejection::new(ErrorCode::InternalError))?;
     state
         .ledger
-        .top_up_once(org, amount, reference)
+        .top_up_once(org, amount, super::billing::reference(reference))
         .await
         .map_err(top_up_error(state))?
         .ok_or_else(no_account)

@@ -605,6 +605,11 @@ pub async fn decide(
     Ok(request)
 }
 
+/// The ledger reference of billing request `id` (a UUID is a valid request id).
+pub(crate) fn reference(id: Uuid) -> RequestId {
+    RequestId::parse(&id.to_string()).unwrap_or_else(RequestId::generate)
+}
+
 /// Applies the approved top-ups that are not known to be applied (see
 /// [`BillingRequests::unapplied_top_ups`]): each once, by its reference in the ledger, so a
 /// top-up that was applied after all adds nothing. Returns how many it saw through.
@@ -614,11 +619,9 @@ pub async fn reconcile_top_ups(state: &AppState) -> Result<usize, BackendError> 
         let Ask::TopUp { amount } = request.ask else {
             continue;
         };
-        let reference = RequestId::parse(&request.id.to_string())
-            .ok_or_else(|| BackendError::other("a billing request id is not a reference"))?;
         match state
             .ledger
-            .top_up_once(request.org, amount, reference)
+            .top_up_once(request.org, amount, reference(request.id))
             .await?
         {
             Some(_) => {

@@ -334,6 +334,36 @@ impl PostgresLedger {
         })
     }
 
+    /// A top-up (`TOP_UP`), or with a reference one applied once per reference
+    /// (`TOP_UP_ONCE`).
+    fn top_up_with(
+        &self,
+        org: OrgId,
+        amount: u64,
+        reference: Option<RequestId>,
+    ) -> BoxFuture<Result<Option<Account>, BackendError>> {
+        let pool = self.admin_pool.clone();
+        let now = self.now();
+        Box::pin(async move {
+            if amount > MAX_CREDITS {
+                return Err(out_of_range("top-up of", amount));
+            }
+            let amount_sql = to_sql(amount);
+            let answer = match &reference {
+                None => query_opt(&pool, TOP_UP, &[org.as_uuid(), &amount_sql, &now]).await,
+                Some(r) => {
+                    let r = r.as_str();
+                    query_opt(&pool, TOP_UP_ONCE, &[org.as_uuid(), &amount_sql, &now, &r]).await
+                }
+            };
+            match answer {
+                Ok(row) => row.as_ref().map(account_from_row).transpose(),
+                Err(err) if is_out_of_range(&err) => Err(out_of_range("top-up of", amount)),
+                Err(err) => Err(err),
+            }
+        })
+    }
+
     /// Detached releases (their queue and background task start on first use).
     fn detached(&self) -> &Arc<Detached> {
         self.detached.get_or_init(|| {
@@ -509,19 +539,7 @@ impl Ledger for PostgresLedger {
     }
 
     fn top_up(&self, org: OrgId, amount: u64) -> BoxFuture<Result<Option<Account>, BackendError>> {
-        let pool = self.admin_pool.clone();
-        let now = self.now();
-        Box::pin(async move {
-            if amount > MAX_CREDITS {
-                return Err(out_of_range("top-up of", amount));
-            }
-            let amount_sql = to_sql(amount);
-            match query_opt(&pool, TOP_UP, &[org.as_uuid(), &amount_sql, &now]).await {
-                Ok(row) => row.as_ref().map(account_from_row).transpose(),
-                Err(err) if is_out_of_range(&err) => Err(out_of_range("top-up of", amount)),
-                Err(err) => Err(err),
-            }
-        })
+        self.top_up_with(org, amount, None)
     }
 
     fn top_up_once(
@@ -530,21 +548,7 @@ impl Ledger for PostgresLedger {
         amount: u64,
         reference: RequestId,
     ) -> BoxFuture<Result<Option<Account>, BackendError>> {
-        let pool = self.admin_pool.clone();
-        let now = self.now();
-        Box::pin(async move {
-            if amount > MAX_CREDITS {
-                return Err(out_of_range("top-up of", amount));
-            }
-            let amount_sql = to_sql(amount);
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-                [org.as_uuid(), &amount_sql, &now, &reference.as_str()];
-            match query_opt(&pool, TOP_UP_ONCE, &params).await {
-                Ok(row) => row.as_ref().map(account_from_row).transpose(),
-                Err(err) if is_out_of_range(&err) => Err(out_of_range("top-up of", amount)),
-                Err(err) => Err(err),
-            }
-        })
+        self.top_up_with(org, amount, Some(reference))
     }
 
     fn set_balance(
